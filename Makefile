@@ -1,0 +1,27 @@
+# Two quick-start commands (README): `make demo` and `make test`. Both install into .venv first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_PIN := torch==2.13.0   # the CPU build on this machine's disk; a newer pin pulls a multi-GB CUDA build
+
+.PHONY: install demo test test-slow clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_PIN)"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+demo: install
+	$(PY) -m collab.demo
+
+test: install
+	$(PY) -m pytest
+
+test-slow: install
+	$(PY) -m pytest -m slow
+
+clean:
+	rm -rf $(VENV) .pytest_cache runs

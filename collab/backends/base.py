@@ -1,0 +1,83 @@
+"""The one interface the method needs from a VLM, split at the vision/decoder boundary.
+
+Splitting lets the server encode once and reuse the global visual tokens: for the first pass,
+for the attention read when the gate fires, and again (beside the local tokens) for the refined
+pass. Visual features are plain tensors (n_images, tokens_per_image, hidden) so they can travel
+between processes.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from collab.uncertainty import TokenScores
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    """What callers need to know about the loaded model."""
+
+    model_name: str
+    encoder_size: tuple[int, int]  # (width, height) the vision tower takes
+    grid: tuple[int, int]  # (rows, cols) of visual tokens per image
+    tokens_per_image: int  # visual tokens in the prompt per image (may include a CLS token)
+    num_layers: int  # decoder layers (for attention layer choice)
+    hidden_size: int
+    device: str
+    dtype: str
+
+
+@dataclass
+class Generation:
+    """One decoded answer with what the gate needs."""
+
+    answer: str
+    token_ids: list[int]  # generated ids, EOS included if emitted
+    n_answer_tokens: int  # ids before the first EOS
+    logits: torch.Tensor  # (steps, vocab) float32, raw (unprocessed) logits of each step, on CPU
+    scores: TokenScores
+
+
+class VLMBackend(ABC):
+    """A vision-language model split into encode / decode / attention."""
+
+    info: BackendInfo
+
+    @abstractmethod
+    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """Encoder-resolution RGB images -> pixel tensor (n, 3, H, W) on the model device."""
+
+    @abstractmethod
+    def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Pixels -> visual tokens (n, tokens_per_image, hidden) in the decoder's embedding space."""
+
+    @abstractmethod
+    def generate(self, features: Sequence[torch.Tensor], question: str) -> Generation:
+        """Greedy answer from 1 image (first pass) or 2 images (global, local: refined pass).
+
+        features: one (tokens_per_image, hidden) tensor per image, in prompt order.
+        """
+
+    @abstractmethod
+    def attention_grid(
+        self,
+        features: torch.Tensor,
+        prompt_question: str,
+        answer_ids: Sequence[int],
+        layer: int,
+        query_rows: str,
+    ) -> np.ndarray:
+        """Attention of one decoder layer to the image's visual tokens, as a (rows, cols) grid.
+
+        features: (tokens_per_image, hidden) of the global image. answer_ids: the first-pass
+        answer tokens appended after the prompt (empty for the generic prompt).
+        """
+
+    def encode_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        return self.encode(self.preprocess(images))

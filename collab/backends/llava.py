@@ -1,0 +1,215 @@
+"""LLaVA-family backend on Hugging Face transformers (`LlavaForConditionalGeneration`).
+
+The split path reproduces what `model.generate(input_ids, pixel_values)` does internally: the
+prompt carries the image token once per visual token (as LlavaProcessor expands it), the token
+embeddings at those positions are replaced by the projected visual features, and the decoder
+generates from `inputs_embeds`. Doing the merge ourselves lets the server keep the global
+features and reuse them for the attention read and the refined pass without re-encoding.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from collab.attention import query_rows as select_query_rows
+from collab.attention import to_grid, visual_attention
+from collab.backends.base import BackendInfo, Generation, VLMBackend
+from collab.config import ModelConfig
+from collab.uncertainty import answer_length, token_scores
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class ModelLoadError(RuntimeError):
+    """The configured model could not be loaded; the message says where it looked."""
+
+
+def resolve_model_path(path: str, search_roots: Sequence[Path] = ()) -> str:
+    """A local directory (absolute, cwd-relative, or relative to one of `search_roots`) or a hub id."""
+    candidate = Path(path).expanduser()
+    if candidate.is_dir():
+        return str(candidate.resolve())
+    if not candidate.is_absolute():
+        for root in search_roots:
+            if (root / candidate).is_dir():
+                return str((root / candidate).resolve())
+    return path
+
+
+class LlavaBackend(VLMBackend):
+    """A loaded LLaVA model, tokenizer and image processor, split for the two-stage protocol."""
+
+    def __init__(self, model, tokenizer, image_processor, config: ModelConfig, name: str = "llava"):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.config = config
+        cfg = model.config
+        self.image_token_id = int(cfg.image_token_id)
+        self.image_token = tokenizer.convert_ids_to_tokens(self.image_token_id)
+        if self.image_token is None or self.image_token == tokenizer.unk_token:
+            raise ModelLoadError(f"tokenizer has no token for image_token_id={self.image_token_id}")
+        vision = cfg.vision_config
+        side = int(vision.image_size) // int(vision.patch_size)
+        self.cls_tokens = 1 if cfg.vision_feature_select_strategy == "full" else 0
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.eos_ids = frozenset(self._eos_ids())
+        pad = tokenizer.pad_token_id
+        self.pad_token_id = pad if pad is not None else min(self.eos_ids, default=0)
+        self.info = BackendInfo(
+            model_name=name,
+            encoder_size=(int(vision.image_size), int(vision.image_size)),
+            grid=(side, side),
+            tokens_per_image=side * side + self.cls_tokens,
+            num_layers=int(cfg.text_config.num_hidden_layers),
+            hidden_size=int(cfg.text_config.hidden_size),
+            device=str(self.device),
+            dtype=str(self.dtype).replace("torch.", ""),
+        )
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, config: ModelConfig, search_roots: Sequence[Path] = ()) -> "LlavaBackend":
+        """Load with transformers' from_pretrained from a local directory or a hub id.
+
+        `local_files_only` (default on) means nothing is downloaded at run time: a hub id works
+        only if it is already in the local cache.
+        """
+        from transformers import AutoImageProcessor, AutoTokenizer, LlavaForConditionalGeneration
+
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        path = resolve_model_path(config.path, search_roots)
+        kwargs = {"local_files_only": config.local_files_only}
+        try:
+            model = LlavaForConditionalGeneration.from_pretrained(
+                path, dtype=_DTYPES[config.dtype], attn_implementation=config.attn_implementation, **kwargs
+            )
+            tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+            image_processor = AutoImageProcessor.from_pretrained(path, **kwargs)
+        except (OSError, ValueError) as exc:
+            where = f"directory {path}" if Path(path).is_dir() else f"hub id or path {path!r} (no such directory)"
+            raise ModelLoadError(f"cannot load a LLaVA model from {where}: {exc}") from exc
+        model.to(config.device)
+        return cls(model, tokenizer, image_processor, config, name=Path(path).name or path)
+
+    def _eos_ids(self) -> list[int]:
+        eos = self.model.generation_config.eos_token_id
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        if eos is None:
+            return []
+        return list(eos) if isinstance(eos, (list, tuple)) else [int(eos)]
+
+    # ------------------------------------------------------------------ prompts
+    def prompt_ids(self, template: str, question: str, n_images: int) -> torch.Tensor:
+        """Token ids of the filled template, each image placeholder expanded to its visual tokens."""
+        placeholder = self.config.image_placeholder
+        if placeholder in question or self.image_token in question:
+            raise ValueError("the question must not contain the image placeholder token")
+        if template.count(placeholder) != n_images:
+            raise ValueError(f"template has {template.count(placeholder)} image placeholders, expected {n_images}")
+        expanded = template.replace(placeholder, self.image_token * self.info.tokens_per_image)
+        text = expanded.replace("{question}", question)
+        ids = self.tokenizer(text, return_tensors="pt", add_special_tokens=True)["input_ids"]
+        found = int((ids == self.image_token_id).sum())
+        if found != n_images * self.info.tokens_per_image:
+            raise ValueError(f"prompt has {found} image tokens, expected {n_images * self.info.tokens_per_image}")
+        return ids.to(self.device)
+
+    def merge_embeddings(
+        self, input_ids: torch.Tensor, features: Sequence[torch.Tensor], prompt_len: int | None = None
+    ) -> torch.Tensor:
+        """Token embeddings with the visual features written over the prompt's image-token positions.
+
+        Tokens after `prompt_len` (a generated answer fed back) keep their text embedding even if
+        one is the image token, exactly as in `model.generate`'s later steps.
+        """
+        embeds = self.model.get_input_embeddings()(input_ids)
+        visual = torch.cat([f.reshape(-1, f.shape[-1]) for f in features]).to(embeds.device, embeds.dtype)
+        mask = input_ids == self.image_token_id
+        if prompt_len is not None:
+            mask[:, prompt_len:] = False
+        mask = mask.unsqueeze(-1)
+        if int(mask.sum()) != visual.shape[0]:
+            raise ValueError(f"{int(mask.sum())} image tokens but {visual.shape[0]} visual features")
+        return embeds.masked_scatter(mask, visual)
+
+    # ------------------------------------------------------------------ stages
+    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        if not images:
+            raise ValueError("no images to preprocess")
+        pixels = self.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
+        return pixels.to(self.device, self.dtype)
+
+    @torch.inference_mode()
+    def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        cfg = self.model.config
+        out = self.model.get_image_features(
+            pixel_values=pixel_values.to(self.device, self.dtype),
+            vision_feature_layer=cfg.vision_feature_layer,
+            vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+        )
+        features = out.pooler_output if hasattr(out, "pooler_output") else out
+        return torch.stack(list(features))
+
+    @torch.inference_mode()
+    def generate(self, features: Sequence[torch.Tensor], question: str) -> Generation:
+        if len(features) not in (1, 2):
+            raise ValueError(f"expected 1 (global) or 2 (global, local) images, got {len(features)}")
+        template = self.config.prompt_template if len(features) == 1 else self.config.refine_template
+        ids = self.prompt_ids(template, question, len(features))
+        embeds = self.merge_embeddings(ids, features)
+        out = self.model.generate(
+            inputs_embeds=embeds,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=self.config.max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            output_logits=True,
+            return_dict_in_generate=True,
+            pad_token_id=self.pad_token_id,
+        )
+        token_ids = out.sequences[0].tolist()
+        logits = torch.cat(out.logits, dim=0).float().cpu()
+        n_answer = answer_length(token_ids, self.eos_ids)
+        answer = self.tokenizer.decode(token_ids[:n_answer], skip_special_tokens=True).strip()
+        return Generation(answer, token_ids, n_answer, logits, token_scores(logits))
+
+    @torch.inference_mode()
+    def attention_grid(
+        self,
+        features: torch.Tensor,
+        prompt_question: str,
+        answer_ids: Sequence[int],
+        layer: int,
+        query_rows: str,
+    ) -> np.ndarray:
+        prompt = self.prompt_ids(self.config.prompt_template, prompt_question, 1)
+        answer = torch.as_tensor(list(answer_ids), dtype=torch.long, device=self.device).reshape(1, -1)
+        ids = torch.cat([prompt, answer], dim=1)
+        embeds = self.merge_embeddings(ids, [features], prompt_len=prompt.shape[1])
+        out = self.model(
+            inputs_embeds=embeds,
+            attention_mask=torch.ones_like(ids),
+            output_attentions=True,
+            use_cache=False,
+            logits_to_keep=1,
+        )
+        if not out.attentions or out.attentions[0] is None:
+            raise RuntimeError(
+                "the model returned no attention maps: load it with attn_implementation='eager' "
+                f"(configured: {self.config.attn_implementation!r})"
+            )
+        positions = (prompt[0] == self.image_token_id).nonzero().flatten()[self.cls_tokens :]
+        rows = select_query_rows(prompt.shape[1], answer.shape[1], query_rows)
+        return to_grid(visual_attention(out.attentions, layer, rows, positions), self.info.grid)

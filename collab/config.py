@@ -1,0 +1,167 @@
+"""One typed configuration for the method, read from YAML.
+
+Every knob of the two-stage protocol lives here so that the in-process pipeline, the Serve
+deployments and the evaluation read the same values. A bad file fails with a message that names
+the offending field (pydantic's own error paths).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ScoreKind = Literal["min_entropy", "shannon", "margin"]
+PolicyName = Literal["never", "always", "random", "entropy"]
+QueryRows = Literal["last_input", "answer", "all"]
+
+LLAVA15_PROMPT = "USER: <image>\n{question} Answer the question using a single word or phrase. ASSISTANT:"
+LLAVA15_REFINE_PROMPT = (
+    "USER: <image>\n<image>\n{question} Answer the question using a single word or phrase. ASSISTANT:"
+)
+GENERIC_PROMPT = "Write a general description of the image."
+
+
+class _Strict(BaseModel):
+    """Unknown keys are errors: a typo in YAML must not be silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    """Which VLM to load and where to run it."""
+
+    path: str = Field("models/collab-tiny-llava", description="Hub id or local directory for from_pretrained.")
+    family: Literal["llava"] = "llava"
+    device: str = Field("cpu", description="torch device string: cpu, cuda, cuda:1, mps.")
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    attn_implementation: Literal["eager", "sdpa"] = Field(
+        "eager", description="Attention maps are read from the decoder: eager returns them, sdpa does not."
+    )
+    prompt_template: str = Field(LLAVA15_PROMPT, description="First pass; one <image> placeholder, {question}.")
+    refine_template: str = Field(
+        LLAVA15_REFINE_PROMPT, description="Refined pass; two <image> placeholders (global, local), {question}."
+    )
+    image_placeholder: str = "<image>"
+    max_new_tokens: int = Field(10, ge=1, le=512)
+    num_threads: int | None = Field(None, ge=1, description="torch.set_num_threads for CPU replicas.")
+    local_files_only: bool = Field(True, description="Never reach a model hub at run time.")
+
+    @model_validator(mode="after")
+    def _placeholders(self) -> "ModelConfig":
+        if self.prompt_template.count(self.image_placeholder) != 1:
+            raise ValueError(f"prompt_template must contain exactly one {self.image_placeholder}")
+        if self.refine_template.count(self.image_placeholder) != 2:
+            raise ValueError(f"refine_template must contain exactly two {self.image_placeholder} (global, local)")
+        for name in ("prompt_template", "refine_template"):
+            if "{question}" not in getattr(self, name):
+                raise ValueError(f"{name} must contain {{question}}")
+        return self
+
+
+class AttentionConfig(_Strict):
+    """Where attention is read: ViCrop's defaults for LLaVA-1.5 (layer 14, last input token)."""
+
+    layer: int = Field(14, description="Decoder layer index; negative counts from the end.")
+    query_rows: QueryRows = Field(
+        "last_input",
+        description="last_input: the token that predicts the first answer token (ViCrop); "
+        "answer: the generated tokens as queries; all: both.",
+    )
+    generic_prompt: str = GENERIC_PROMPT
+    relative: bool = Field(True, description="Divide by the generic-prompt map (ViCrop's rel-att).")
+    epsilon: float = Field(1e-6, gt=0, description="Added to the generic map before dividing.")
+
+
+class GateConfig(_Strict):
+    """When to ask the edge for a crop. `entropy` is the paper's policy; the rest are baselines."""
+
+    policy: PolicyName = "entropy"
+    score: ScoreKind = "min_entropy"
+    threshold: float = Field(
+        0.5, description="Refine when uncertainty >= threshold (bits for entropies, 1 - margin for margin)."
+    )
+    aggregation_length: int | None = Field(None, ge=1, description="Average over the first L answer tokens; None = all.")
+    random_rate: float = Field(0.5, ge=0.0, le=1.0, description="Refine probability of the `random` policy.")
+    seed: int = 0
+
+
+class RoIConfig(_Strict):
+    """ViCrop's multi-scale sliding-window search."""
+
+    ratios: list[float] = Field(default_factory=lambda: [1.0, 1.2, 1.4, 1.6, 1.8, 2.0], min_length=1)
+    base_side: int | None = Field(
+        None, ge=1, description="Base box side in original pixels; None = the encoder resolution."
+    )
+
+    @field_validator("ratios")
+    @classmethod
+    def _positive(cls, v: list[float]) -> list[float]:
+        if any(r <= 0 for r in v):
+            raise ValueError("ratios must be > 0")
+        return v
+
+
+class ImagingConfig(_Strict):
+    """How the edge makes and encodes images."""
+
+    global_mode: Literal["resize", "pad"] = Field(
+        "resize", description="resize: stretch the original to the encoder square; pad: letterbox, keep aspect."
+    )
+    format: Literal["jpeg", "png"] = "jpeg"
+    jpeg_quality: int = Field(90, ge=1, le=100)
+    pad_color: tuple[int, int, int] = (0, 0, 0)
+
+
+class CollabConfig(_Strict):
+    """The whole method configuration."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    attention: AttentionConfig = Field(default_factory=AttentionConfig)
+    gate: GateConfig = Field(default_factory=GateConfig)
+    roi: RoIConfig = Field(default_factory=RoIConfig)
+    imaging: ImagingConfig = Field(default_factory=ImagingConfig)
+
+
+class ConfigError(ValueError):
+    """A configuration file that cannot be used; the message names the file and field."""
+
+
+def load_config(path: str | Path, overrides: dict | None = None) -> CollabConfig:
+    """Read a YAML file into a CollabConfig. Relative model paths resolve against the repo root."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
+    if overrides:
+        raw = _deep_merge(raw, overrides)
+    return parse_config(raw, source=str(path))
+
+
+def parse_config(raw: dict, source: str = "<config>") -> CollabConfig:
+    """Validate a dict; errors list each bad field as a dotted path."""
+    try:
+        return CollabConfig.model_validate(raw)
+    except ValidationError as exc:
+        lines = [f"{source}: invalid configuration"]
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err["loc"]) or "<root>"
+            lines.append(f"  {where}: {err['msg']}")
+        raise ConfigError("\n".join(lines)) from None
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out

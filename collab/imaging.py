@@ -1,0 +1,117 @@
+"""Edge-side imaging: normalise the original, make the global and local images, encode payloads.
+
+Bytes are the currency of the method, so every payload is the exact encoded file the edge sends
+(`Payload.nbytes == len(Payload.data)`), and the server decodes the same bytes, JPEG artefacts
+included.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from collab.geometry import Box, CanvasGeometry, GlobalMode
+
+ImageFormat = Literal["jpeg", "png"]
+RESAMPLE = Image.Resampling.BICUBIC
+
+
+@dataclass(frozen=True)
+class Payload:
+    """An encoded image as it travels on the uplink."""
+
+    data: bytes
+    format: ImageFormat
+    size: tuple[int, int]  # (width, height) of the encoded image
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.data)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Upright 8-bit RGB from any PIL mode: EXIF orientation applied, alpha composited on white,
+    16/32-bit and float greyscale rescaled to 8 bits (a plain convert would clip them)."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(image, dtype=np.float64)
+        hi = 65535.0 if image.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        if image.mode == "F" and arr.max(initial=0) <= 1.0:
+            hi = 1.0
+        arr8 = np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr8, mode="L").convert("RGB")
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
+
+
+def load_image(source: str | Path | bytes | Image.Image) -> Image.Image:
+    """Open a path, bytes or PIL image as upright RGB (first frame of a multi-frame file)."""
+    if isinstance(source, Image.Image):
+        return to_rgb(source)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        image = Image.open(io.BytesIO(bytes(source)))
+    else:
+        image = Image.open(Path(source))
+    image.load()
+    return to_rgb(image)
+
+
+def make_global_image(
+    original: Image.Image,
+    canvas_size: tuple[int, int],
+    mode: GlobalMode = "resize",
+    pad_color: tuple[int, int, int] = (0, 0, 0),
+) -> tuple[Image.Image, CanvasGeometry]:
+    """The low-resolution global image the edge sends first, and its exact coordinate map."""
+    geometry = CanvasGeometry.create(original.size, canvas_size, mode)
+    resized = original.resize(geometry.content_size, RESAMPLE)
+    if mode == "resize":
+        return resized, geometry
+    canvas = Image.new("RGB", geometry.canvas_size, tuple(pad_color))
+    canvas.paste(resized, geometry.offset)
+    return canvas, geometry
+
+
+def crop_local_image(original: Image.Image, box: Box, canvas_size: tuple[int, int]) -> Image.Image:
+    """Crop the RoI from the ORIGINAL image and resize it to the encoder resolution."""
+    width, height = original.size
+    clamped = box.clamp_to(width, height)
+    if clamped != box:
+        raise ValueError(f"box {box.as_list()} lies outside the {width}x{height} image")
+    return original.crop((box.x0, box.y0, box.x1, box.y1)).resize(tuple(canvas_size), RESAMPLE)
+
+
+def encode_image(image: Image.Image, fmt: ImageFormat = "jpeg", quality: int = 90) -> Payload:
+    """Encode as the edge would; JPEG quality 1-100, PNG lossless."""
+    buf = io.BytesIO()
+    if fmt == "jpeg":
+        if not 1 <= quality <= 100:
+            raise ValueError(f"JPEG quality must be 1-100, got {quality}")
+        image.convert("RGB").save(buf, format="JPEG", quality=quality)
+    elif fmt == "png":
+        image.save(buf, format="PNG")
+    else:
+        raise ValueError(f"unknown image format {fmt!r}; expected 'jpeg' or 'png'")
+    return Payload(buf.getvalue(), fmt, image.size)
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """Server side: the received bytes as RGB."""
+    return load_image(data)
+
+
+def full_resolution_bytes(original: Image.Image, fmt: ImageFormat = "jpeg", quality: int = 90) -> int:
+    """Bytes of sending the whole original: the high-resolution reference cost."""
+    return encode_image(original, fmt, quality).nbytes

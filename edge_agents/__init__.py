@@ -1,0 +1,1 @@
+"""Simulated edge devices speaking the public HTTP protocol (issue 5)."""

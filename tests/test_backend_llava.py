@@ -1,0 +1,118 @@
+"""The split path (encode, then decode from merged embeddings) must be the model's own function."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from collab.attention import query_rows
+from collab.backends import ModelLoadError, load_backend
+from collab.config import ModelConfig
+
+QUESTION = "what number is in the red circle ?"
+
+
+def images(n, size=32, seed=0):
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def monolithic_generate(backend, imgs, template):
+    """What a user of plain transformers would run: input_ids + pixel_values into generate."""
+    ids = backend.prompt_ids(template, QUESTION, len(imgs))
+    pixels = backend.preprocess(imgs)
+    with torch.inference_mode():
+        out = backend.model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            pixel_values=pixels,
+            max_new_tokens=backend.config.max_new_tokens,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            pad_token_id=backend.pad_token_id,
+        )
+    new_tokens = out.sequences[0, ids.shape[1] :].tolist()
+    return new_tokens, torch.cat(out.logits).float()
+
+
+@pytest.mark.parametrize("n_images", [1, 2])
+def test_split_path_equals_model_generate(tiny_backend, n_images):
+    imgs = images(n_images)
+    template = tiny_backend.config.prompt_template if n_images == 1 else tiny_backend.config.refine_template
+    ref_tokens, ref_logits = monolithic_generate(tiny_backend, imgs, template)
+    features = tiny_backend.encode_images(imgs)
+    ours = tiny_backend.generate(list(features), QUESTION)
+    assert ours.token_ids == ref_tokens
+    assert ours.logits.shape == ref_logits.shape
+    assert torch.allclose(ours.logits, ref_logits, atol=1e-5, rtol=0)
+
+
+def test_encoder_is_batch_invariant(tiny_backend):
+    imgs = images(3, seed=1)
+    batched = tiny_backend.encode_images(imgs)
+    single = torch.cat([tiny_backend.encode_images([im]) for im in imgs])
+    assert batched.shape == (3, tiny_backend.info.tokens_per_image, tiny_backend.info.hidden_size)
+    assert torch.allclose(batched, single, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["last_input", "answer", "all"])
+def test_attention_grid_reads_the_right_rows(tiny_backend, mode):
+    img = images(1, seed=2)
+    features = tiny_backend.encode_images(img)[0]
+    gen = tiny_backend.generate([features], QUESTION)
+    answer = gen.token_ids[: gen.n_answer_tokens] or gen.token_ids[:1]
+    grid = tiny_backend.attention_grid(features, QUESTION, answer, layer=-1, query_rows=mode)
+    # Reference: the monolithic forward over prompt + answer with pixel_values, eager attention.
+    prompt = tiny_backend.prompt_ids(tiny_backend.config.prompt_template, QUESTION, 1)
+    ids = torch.cat([prompt, torch.tensor([answer])], dim=1)
+    with torch.inference_mode():
+        out = tiny_backend.model(
+            input_ids=ids, pixel_values=tiny_backend.preprocess(img), output_attentions=True, use_cache=False
+        )
+    att = out.attentions[-1][0]  # (heads, q, k)
+    positions = (prompt[0] == tiny_backend.image_token_id).nonzero().flatten()
+    rows = query_rows(prompt.shape[1], len(answer), mode)
+    expected = att[:, rows][:, :, positions].mean(dim=(0, 1)).reshape(tiny_backend.info.grid).numpy()
+    assert grid.shape == tiny_backend.info.grid
+    np.testing.assert_allclose(grid, expected, atol=1e-6)
+    assert np.all(grid > 0)
+
+
+def test_attention_layer_out_of_range(tiny_backend):
+    features = tiny_backend.encode_images(images(1))[0]
+    with pytest.raises(ValueError, match="out of range"):
+        tiny_backend.attention_grid(features, QUESTION, [], layer=99, query_rows="last_input")
+
+
+def test_question_cannot_smuggle_image_tokens(tiny_backend):
+    features = tiny_backend.encode_images(images(1))[0]
+    with pytest.raises(ValueError, match="image placeholder"):
+        tiny_backend.generate([features], "what is <image> here")
+
+
+def test_backend_info_matches_model(tiny_backend):
+    info = tiny_backend.info
+    assert info.encoder_size == (32, 32) and info.grid == (4, 4) and info.tokens_per_image == 16
+    assert info.num_layers == 2 and info.device == "cpu" and info.dtype == "float32"
+
+
+def test_sdpa_gives_clear_error_for_attention(tiny_config):
+    cfg = tiny_config.model.model_copy(update={"attn_implementation": "sdpa"})
+    backend = load_backend(cfg)
+    features = backend.encode_images(images(1))[0]
+    with pytest.raises(RuntimeError, match="eager"):
+        backend.attention_grid(features, QUESTION, [], layer=-1, query_rows="last_input")
+
+
+def test_missing_model_path_is_a_clear_error(tmp_path):
+    with pytest.raises(ModelLoadError, match="no-such-model"):
+        load_backend(ModelConfig(path=str(tmp_path / "no-such-model")))
+
+
+def test_bfloat16_runs(tiny_config):
+    backend = load_backend(tiny_config.model.model_copy(update={"dtype": "bfloat16"}))
+    features = backend.encode_images(images(1))
+    assert features.dtype == torch.bfloat16
+    gen = backend.generate([features[0]], QUESTION)
+    assert gen.logits.dtype == torch.float32 and np.isfinite(gen.scores.min_entropy).all()

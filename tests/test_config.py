@@ -1,0 +1,50 @@
+from pathlib import Path
+
+import pytest
+
+from collab.config import CollabConfig, ConfigError, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_shipped_configs_load():
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        assert isinstance(load_config(path), CollabConfig), path
+
+
+def test_bad_field_is_named(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("gate:\n  threshold: high\nroi:\n  ratios: [1.0, -2]\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(bad)
+    message = str(err.value)
+    assert "gate.threshold" in message and "roi.ratios" in message and str(bad) in message
+
+
+def test_unknown_key_is_an_error(tmp_path):
+    bad = tmp_path / "typo.yaml"
+    bad.write_text("gate:\n  treshold: 0.3\n")
+    with pytest.raises(ConfigError, match="gate.treshold"):
+        load_config(bad)
+
+
+def test_templates_must_have_placeholders(tmp_path):
+    bad = tmp_path / "tpl.yaml"
+    bad.write_text("model:\n  refine_template: 'USER: <image> {question}'\n")
+    with pytest.raises(ConfigError, match="two <image>"):
+        load_config(bad)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(tmp_path / "list.yaml")
+
+
+def test_overrides_merge_deeply(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("gate:\n  threshold: 0.3\n  score: shannon\n")
+    cfg = load_config(f, overrides={"gate": {"threshold": 0.9}})
+    assert cfg.gate.threshold == 0.9 and cfg.gate.score == "shannon"
