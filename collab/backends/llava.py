@@ -44,6 +44,18 @@ def resolve_model_path(path: str, search_roots: Sequence[Path] = ()) -> str:
     return path
 
 
+def expand_prompt(
+    template: str, question: str, n_images: int, placeholder: str, image_token: str, tokens_per_image: int
+) -> str:
+    """Fill the template, each image placeholder expanded to one image token per visual token
+    (what LlavaProcessor does), so the text tokenises to exactly the positions the features fill."""
+    if placeholder in question:
+        raise ValueError("the question must not contain the image placeholder token")
+    if template.count(placeholder) != n_images:
+        raise ValueError(f"template has {template.count(placeholder)} image placeholders, expected {n_images}")
+    return template.replace(placeholder, image_token * tokens_per_image).replace("{question}", question)
+
+
 class LlavaBackend(VLMBackend):
     """A loaded LLaVA model, tokenizer and image processor, split for the two-stage protocol."""
 
@@ -113,13 +125,11 @@ class LlavaBackend(VLMBackend):
     # ------------------------------------------------------------------ prompts
     def prompt_ids(self, template: str, question: str, n_images: int) -> torch.Tensor:
         """Token ids of the filled template, each image placeholder expanded to its visual tokens."""
-        placeholder = self.config.image_placeholder
-        if placeholder in question or self.image_token in question:
+        if self.image_token in question:
             raise ValueError("the question must not contain the image placeholder token")
-        if template.count(placeholder) != n_images:
-            raise ValueError(f"template has {template.count(placeholder)} image placeholders, expected {n_images}")
-        expanded = template.replace(placeholder, self.image_token * self.info.tokens_per_image)
-        text = expanded.replace("{question}", question)
+        text = expand_prompt(
+            template, question, n_images, self.config.image_placeholder, self.image_token, self.info.tokens_per_image
+        )
         ids = self.tokenizer(text, return_tensors="pt", add_special_tokens=True)["input_ids"]
         found = int((ids == self.image_token_id).sum())
         if found != n_images * self.info.tokens_per_image:
