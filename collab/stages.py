@@ -45,15 +45,27 @@ def attention_map(
     answer_ids: list[int],
     cfg: AttentionConfig,
 ) -> np.ndarray:
-    """The (relative) attention grid that the RoI search reads."""
+    """The (relative) attention grid that the RoI search reads, at the configured layer."""
+    return attention_maps(backend, global_features, question, answer_ids, cfg, [cfg.layer])[0]
+
+
+def attention_maps(
+    backend: VLMBackend,
+    global_features: torch.Tensor,
+    question: str,
+    answer_ids: list[int],
+    cfg: AttentionConfig,
+    layers: list[int],
+) -> list[np.ndarray]:
+    """(Relative) attention grids at several layers from two forward passes (question, generic)."""
     rows_need_answer = cfg.query_rows != "last_input"
-    question_map = backend.attention_grid(
-        global_features, question, answer_ids if rows_need_answer else [], cfg.layer, cfg.query_rows
+    question_maps = backend.attention_grids(
+        global_features, question, answer_ids if rows_need_answer else [], layers, cfg.query_rows
     )
     if not cfg.relative:
-        return question_map
-    generic_map = backend.attention_grid(global_features, cfg.generic_prompt, [], cfg.layer, "last_input")
-    return relative_attention(question_map, generic_map, cfg.epsilon)
+        return question_maps
+    generic_maps = backend.attention_grids(global_features, cfg.generic_prompt, [], layers, "last_input")
+    return [relative_attention(q, g, cfg.epsilon) for q, g in zip(question_maps, generic_maps)]
 
 
 def locate(

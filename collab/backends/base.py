@@ -65,19 +65,25 @@ class VLMBackend(ABC):
         """
 
     @abstractmethod
-    def attention_grid(
+    def attention_grids(
         self,
         features: torch.Tensor,
         prompt_question: str,
         answer_ids: Sequence[int],
-        layer: int,
+        layers: Sequence[int],
         query_rows: str,
-    ) -> np.ndarray:
-        """Attention of one decoder layer to the image's visual tokens, as a (rows, cols) grid.
+    ) -> list[np.ndarray]:
+        """Attention of decoder layers to the image's visual tokens, one (rows, cols) grid per layer.
 
+        One forward pass serves every layer (a layer sweep costs no more than one layer).
         features: (tokens_per_image, hidden) of the global image. answer_ids: the first-pass
         answer tokens appended after the prompt (empty for the generic prompt).
         """
+
+    def attention_grid(
+        self, features: torch.Tensor, prompt_question: str, answer_ids: Sequence[int], layer: int, query_rows: str
+    ) -> np.ndarray:
+        return self.attention_grids(features, prompt_question, answer_ids, [layer], query_rows)[0]
 
     def encode_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
         return self.encode(self.preprocess(images))

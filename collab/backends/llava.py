@@ -196,14 +196,14 @@ class LlavaBackend(VLMBackend):
         return Generation(answer, token_ids, n_answer, logits, token_scores(logits))
 
     @torch.inference_mode()
-    def attention_grid(
+    def attention_grids(
         self,
         features: torch.Tensor,
         prompt_question: str,
         answer_ids: Sequence[int],
-        layer: int,
+        layers: Sequence[int],
         query_rows: str,
-    ) -> np.ndarray:
+    ) -> list[np.ndarray]:
         prompt = self.prompt_ids(self.config.prompt_template, prompt_question, 1)
         answer = torch.as_tensor(list(answer_ids), dtype=torch.long, device=self.device).reshape(1, -1)
         ids = torch.cat([prompt, answer], dim=1)
@@ -222,4 +222,4 @@ class LlavaBackend(VLMBackend):
             )
         positions = (prompt[0] == self.image_token_id).nonzero().flatten()[self.cls_tokens :]
         rows = select_query_rows(prompt.shape[1], answer.shape[1], query_rows)
-        return to_grid(visual_attention(out.attentions, layer, rows, positions), self.info.grid)
+        return [to_grid(visual_attention(out.attentions, layer, rows, positions), self.info.grid) for layer in layers]

@@ -1,0 +1,1 @@
+"""Evaluation of the method: `python -m collab.eval --help`."""

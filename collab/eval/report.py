@@ -1,0 +1,152 @@
+"""Aggregate per-item outcomes into the report: policies, separability, sweep, RoI quality, layers.
+
+Report keys are stable so runs can be compared: `policies.<name>.{accuracy, refine_rate,
+extra_bytes_mean, total_bytes_mean}`, `separability.<score>.{overlap, bhattacharyya, auc}`,
+`roi.{hit_rate, mean_iou, area_fraction}`, `sweep` (list of points), `layers`, `aggregation`,
+`stages`, `n`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from collab.eval.runner import ItemOutcome, decisions, policy_result
+from collab.geometry import Box
+from collab.policies import PolicySpec, stable_uniform
+from collab.uncertainty import SCORE_KINDS, separability
+
+
+def correct_mask(outcomes: list[ItemOutcome]) -> np.ndarray:
+    """A first-pass answer counts as correct when its VQA accuracy is at least 0.5."""
+    return np.array([o.first_acc >= 0.5 for o in outcomes])
+
+
+def separability_table(outcomes: list[ItemOutcome], length: str = "all", bins: int = 20) -> dict:
+    """Incorrect vs correct first-pass answers, per score kind (the paper's Table II)."""
+    correct = correct_mask(outcomes)
+    if correct.all() or not correct.any():
+        return {k: None for k in SCORE_KINDS}
+    out = {}
+    for kind in SCORE_KINDS:
+        u = np.array([o.uncertainty(kind, length) for o in outcomes])
+        out[kind] = separability(u[~correct], u[correct], bins).as_dict()
+    return out
+
+
+def expected_random_accuracy(outcomes: list[ItemOutcome], rate: float) -> float:
+    """Expected accuracy of refining a random `rate` of the queries (exact, no sampling noise)."""
+    first = np.array([o.first_acc for o in outcomes])
+    refined = np.array([o.refined_acc for o in outcomes])
+    return float(((1 - rate) * first + rate * refined).mean())
+
+
+def threshold_sweep(outcomes: list[ItemOutcome], spec: PolicySpec, points: int = 25) -> list[dict]:
+    """Accuracy vs extra bytes of `entropy` over thresholds, with random at the matched rate."""
+    length = "all" if spec.aggregation_length is None else str(spec.aggregation_length)
+    u = np.array([o.uncertainty(spec.score, length) for o in outcomes])
+    thresholds = sorted(set(np.quantile(u, np.linspace(0, 1, points)).tolist()) | {float(u.max()) + 1e-9, spec.threshold})
+    local = np.array([o.local_bytes for o in outcomes])
+    rows = []
+    for t in thresholds:
+        refine = u >= t
+        res = policy_result(outcomes, refine)
+        rows.append(
+            {
+                "threshold": float(t),
+                "refine_rate": res["refine_rate"],
+                "accuracy": res["accuracy"],
+                "extra_bytes_mean": res["extra_bytes_mean"],
+                "random_accuracy": expected_random_accuracy(outcomes, res["refine_rate"]),
+                "random_extra_bytes_mean": float(local.mean() * res["refine_rate"]),
+            }
+        )
+    return rows
+
+
+def calibrate_threshold(outcomes: list[ItemOutcome], spec: PolicySpec, tolerance: float = 0.005) -> float:
+    """The highest threshold (fewest refinements) whose accuracy is within `tolerance` of `always`."""
+    always = policy_result(outcomes, np.ones(len(outcomes), dtype=bool))["accuracy"]
+    ok = [p for p in threshold_sweep(outcomes, spec, points=101) if p["accuracy"] >= always - tolerance]
+    return max(p["threshold"] for p in ok) if ok else float("-inf")
+
+
+def roi_quality(outcomes: list[ItemOutcome], kind: str | None = "fine") -> dict:
+    """Hit rate (GT centre in box), mean IoU and box area fraction over items with a target box."""
+    rows = [o for o in outcomes if o.target_box is not None and (kind is None or o.kind == kind)]
+    if not rows:
+        return {"hit_rate": None, "mean_iou": None, "area_fraction": None, "n": 0}
+    hits, ious, areas = [], [], []
+    for o in rows:
+        box, target = Box.from_seq(o.roi_box), Box.from_seq(o.target_box)
+        hits.append(box.contains_point(*target.center))
+        ious.append(box.iou(target))
+        areas.append(box.area / float(o.original_size[0] * o.original_size[1]))
+    return {
+        "hit_rate": float(np.mean(hits)),
+        "mean_iou": float(np.mean(ious)),
+        "area_fraction": float(np.mean(areas)),
+        "n": len(rows),
+    }
+
+
+def layer_sweep(outcomes: list[ItemOutcome], kind: str | None = "fine") -> dict[str, float]:
+    rows = [o for o in outcomes if o.layer_hits and (kind is None or o.kind == kind)]
+    if not rows:
+        return {}
+    layers = sorted(rows[0].layer_hits)
+    return {str(layer): float(np.mean([o.layer_hits[layer] for o in rows])) for layer in layers}
+
+
+def stage_table(outcomes: list[ItemOutcome]) -> dict:
+    """Accuracy per kind and stage, and how the second stage changed answers (always refine)."""
+    kinds = sorted({o.kind for o in outcomes if o.kind}) or [None]
+    table = {}
+    for kind in kinds + (["all"] if kinds != [None] else []):
+        rows = [o for o in outcomes if kind in ("all", None) or o.kind == kind]
+        first = np.array([o.first_acc >= 0.5 for o in rows])
+        refined = np.array([o.refined_acc >= 0.5 for o in rows])
+        gt = [o.gt_refined_acc for o in rows if o.gt_refined_acc is not None]
+        table[str(kind)] = {
+            "n": len(rows),
+            "first_pass": float(np.mean([o.first_acc for o in rows])),
+            "refined_roi": float(np.mean([o.refined_acc for o in rows])),
+            "refined_gt_crop": float(np.mean(gt)) if gt else None,
+            "right_to_wrong": int((first & ~refined).sum()),
+            "wrong_to_right": int((~first & refined).sum()),
+        }
+    return table
+
+
+def build_report(outcomes: list[ItemOutcome], spec: PolicySpec, policies: list[str]) -> dict:
+    """The whole report for one evaluated split."""
+    n = len(outcomes)
+    results = {}
+    for name in policies:
+        if name == "never":
+            refine = np.zeros(n, dtype=bool)
+        elif name == "always":
+            refine = np.ones(n, dtype=bool)
+        elif name == "random":
+            refine = np.array([stable_uniform(spec.seed, o.question_id) < spec.random_rate for o in outcomes])
+        else:
+            refine = decisions(outcomes, PolicySpec(**{**spec.__dict__, "name": "entropy"}))
+        results[name] = policy_result(outcomes, refine)
+    if "entropy" in results:
+        rate = results["entropy"]["refine_rate"]
+        results["entropy"]["random_at_same_rate_accuracy"] = expected_random_accuracy(outcomes, rate)
+    full = float(np.mean([o.full_bytes for o in outcomes]))
+    return {
+        "n": n,
+        "policies": results,
+        "separability": separability_table(outcomes),
+        "aggregation": {length: separability_table(outcomes, length) for length in ("1", "2", "all")},
+        "sweep": threshold_sweep(outcomes, spec),
+        "roi": {**roi_quality(outcomes, "fine"), "all_targets": roi_quality(outcomes, None)},
+        "layers": layer_sweep(outcomes, "fine"),
+        "stages": stage_table(outcomes),
+        "bytes": {
+            "global_mean": float(np.mean([o.global_bytes for o in outcomes])),
+            "local_mean": float(np.mean([o.local_bytes for o in outcomes])),
+            "full_resolution_mean": full,
+        },
+    }

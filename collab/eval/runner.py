@@ -1,0 +1,212 @@
+"""Run every item once through all the paths the evaluation compares, and keep the outcomes.
+
+Every policy's result is a pure function of these per-item outcomes (first-pass answer and
+scores, refined answer from our RoI, refined answer from the ground-truth crop), because the
+protocol is deterministic given the gate's decision. So one run per item serves every policy,
+every threshold of the sweep and every random rate — the same numbers the pipeline would give
+query by query (a test checks that equivalence).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from collab import stages
+from collab.backends.base import VLMBackend
+from collab.config import CollabConfig
+from collab.data.vqa import vqa_accuracy
+from collab.geometry import Box
+from collab.imaging import crop_local_image, decode_image, encode_image, load_image, make_global_image
+from collab.policies import PolicySpec
+from collab.roi import box_around
+from collab.uncertainty import SCORE_KINDS, aggregate, uncertainty
+
+AGGREGATIONS = {"1": 1, "2": 2, "all": None}
+
+
+@dataclass
+class EvalItem:
+    """A question with its ground truth and a way to get the original image."""
+
+    question_id: str
+    question: str
+    answers: list[str]
+    load: Callable[[], Image.Image]
+    kind: str | None = None
+    target_box: list[int] | None = None
+
+
+@dataclass
+class ItemOutcome:
+    """What happened to one item on every path; JSON-serialisable except `attention`."""
+
+    question_id: str
+    question: str
+    kind: str | None
+    answers: list[str]
+    original_size: tuple[int, int]
+    target_box: list[int] | None
+    global_bytes: int
+    full_bytes: int
+    first_answer: str
+    first_acc: float
+    # uncertainties[L][kind], L in {"1", "2", "all"}; higher = more unsure
+    uncertainties: dict[str, dict[str, float]]
+    roi_box: list[int]
+    roi_ratio: float
+    local_bytes: int
+    refined_answer: str
+    refined_acc: float
+    gt_local_bytes: int | None = None
+    gt_refined_answer: str | None = None
+    gt_refined_acc: float | None = None
+    layer_hits: dict[int, bool] = field(default_factory=dict)
+    attention: np.ndarray | None = None  # relative map at the configured layer (kept for plots)
+
+    def uncertainty(self, kind: str, length: str = "all") -> float:
+        return self.uncertainties[length][kind]
+
+
+def gt_crop_box(target: list[int], width: int, height: int, base_side: int) -> Box:
+    """The oracle crop: the RoI search's smallest box that holds the target, centred on it."""
+    side = max(base_side, 1.25 * max(target[2] - target[0], target[3] - target[1]))
+    return box_around((target[0] + target[2]) / 2, (target[1] + target[3]) / 2, side, width, height)
+
+
+def hit(box: Box | list[int], target: list[int]) -> bool:
+    """RoI hit: the ground-truth box's centre lies inside the chosen box."""
+    b = box if isinstance(box, Box) else Box.from_seq(box)
+    return b.contains_point((target[0] + target[2]) / 2, (target[1] + target[3]) / 2)
+
+
+class Evaluator:
+    """Runs items through the backend with one configuration."""
+
+    def __init__(self, backend: VLMBackend, config: CollabConfig, layers: list[int] | None = None, keep_attention: int = 8):
+        self.backend = backend
+        self.config = config
+        self.layers = layers if layers is not None else list(range(backend.info.num_layers))
+        self.keep_attention = keep_attention
+        info = backend.info
+        self.base_side = config.roi.base_side or max(info.encoder_size)
+
+    def _send(self, image: Image.Image):
+        im = self.config.imaging
+        payload = encode_image(image, im.format, im.jpeg_quality)
+        return payload.nbytes, self.backend.encode_images([decode_image(payload.data)])[0]
+
+    def run_item(self, item: EvalItem, index: int = 0) -> ItemOutcome:
+        cfg, info, backend = self.config, self.backend.info, self.backend
+        original = load_image(item.load())
+        size = info.encoder_size
+        global_image, _ = make_global_image(original, size, cfg.imaging.global_mode, cfg.imaging.pad_color)
+        global_bytes, global_features = self._send(global_image)
+        full_bytes = encode_image(original, cfg.imaging.format, cfg.imaging.jpeg_quality).nbytes
+
+        gen = backend.generate([global_features], item.question)
+        uncertainties = {
+            name: {
+                kind: uncertainty(kind, aggregate(gen.scores.get(kind), gen.n_answer_tokens, length))
+                for kind in SCORE_KINDS
+            }
+            for name, length in AGGREGATIONS.items()
+        }
+        answer_ids = gen.token_ids[: gen.n_answer_tokens]
+        layers = sorted(set(self.layers) | {cfg.attention.layer % info.num_layers})
+        maps = stages.attention_maps(backend, global_features, item.question, answer_ids, cfg.attention, layers)
+        by_layer = dict(zip(layers, maps))
+        chosen = by_layer[cfg.attention.layer % info.num_layers]
+        roi = stages.locate(chosen, original.size, size, cfg.imaging.global_mode, cfg.roi)
+        local_bytes, local_features = self._send(crop_local_image(original, roi.box, size))
+        refined = stages.refined_pass(backend, global_features, local_features, item.question)
+
+        outcome = ItemOutcome(
+            question_id=item.question_id,
+            question=item.question,
+            kind=item.kind,
+            answers=item.answers,
+            original_size=original.size,
+            target_box=item.target_box,
+            global_bytes=global_bytes,
+            full_bytes=full_bytes,
+            first_answer=gen.answer,
+            first_acc=vqa_accuracy(gen.answer, item.answers),
+            uncertainties=uncertainties,
+            roi_box=roi.box.as_list(),
+            roi_ratio=roi.ratio,
+            local_bytes=local_bytes,
+            refined_answer=refined.answer,
+            refined_acc=vqa_accuracy(refined.answer, item.answers),
+            attention=chosen if index < self.keep_attention else None,
+        )
+        if item.target_box is not None:
+            for layer in self.layers:
+                layer_roi = stages.locate(by_layer[layer], original.size, size, cfg.imaging.global_mode, cfg.roi)
+                outcome.layer_hits[layer] = hit(layer_roi.box, item.target_box)
+            gt_box = gt_crop_box(item.target_box, *original.size, self.base_side)
+            gt_bytes, gt_features = self._send(crop_local_image(original, gt_box, size))
+            gt_refined = stages.refined_pass(backend, global_features, gt_features, item.question)
+            outcome.gt_local_bytes = gt_bytes
+            outcome.gt_refined_answer = gt_refined.answer
+            outcome.gt_refined_acc = vqa_accuracy(gt_refined.answer, item.answers)
+        return outcome
+
+    def run(self, items: Iterable[EvalItem], total: int | None = None, desc: str = "evaluating") -> list[ItemOutcome]:
+        return [self.run_item(item, i) for i, item in enumerate(tqdm(items, total=total, desc=desc, dynamic_ncols=True))]
+
+
+# ------------------------------------------------------------------------------ policy outcomes
+
+
+def decisions(outcomes: list[ItemOutcome], spec: PolicySpec) -> np.ndarray:
+    """The gate's decision for every item under `spec` (same rule as collab.policies)."""
+    from collab.policies import should_refine
+
+    length = "all" if spec.aggregation_length is None else str(spec.aggregation_length)
+    if length not in AGGREGATIONS:
+        length = "all"
+    return np.array(
+        [should_refine(spec, o.uncertainty(spec.score, length), o.question_id) for o in outcomes], dtype=bool
+    )
+
+
+def policy_result(outcomes: list[ItemOutcome], refine: np.ndarray) -> dict:
+    """Accuracy, refine rate and bytes for a given set of per-item decisions."""
+    acc = np.where(refine, [o.refined_acc for o in outcomes], [o.first_acc for o in outcomes])
+    extra = np.where(refine, [o.local_bytes for o in outcomes], 0)
+    global_bytes = np.array([o.global_bytes for o in outcomes])
+    out = {
+        "accuracy": float(acc.mean()),
+        "refine_rate": float(refine.mean()),
+        "extra_bytes_mean": float(extra.mean()),
+        "total_bytes_mean": float((global_bytes + extra).mean()),
+        "n": len(outcomes),
+    }
+    kinds = sorted({o.kind for o in outcomes if o.kind})
+    if kinds:
+        out["accuracy_by_kind"] = {
+            k: float(np.mean([a for a, o in zip(acc, outcomes) if o.kind == k])) for k in kinds
+        }
+    return out
+
+
+def synthetic_items(seed: int, n: int) -> Iterator[EvalItem]:
+    from collab.data.synthetic import generate_items
+
+    for it in generate_items(seed, n):
+        yield EvalItem(it.question_id, it.question, it.answers, (lambda im=it.image: im), it.kind, it.target_box)
+
+
+def dataset_items(path: str | Path, limit: int | None = None) -> list[EvalItem]:
+    from collab.data.vqa import load_dataset
+
+    return [
+        EvalItem(ex.question_id, ex.question, ex.answers, ex.load_image, ex.kind, list(ex.target_box) if ex.target_box else None)
+        for ex in load_dataset(path, limit=limit)
+    ]

@@ -1,0 +1,91 @@
+"""collab.eval on a tiny split: the report has its stable keys and agrees with the pipeline."""
+
+import json
+
+import numpy as np
+import pytest
+
+from collab.eval.__main__ import main as eval_main
+from collab.eval.report import calibrate_threshold, threshold_sweep
+from collab.eval.runner import Evaluator, decisions, policy_result, synthetic_items
+from collab.pipeline import ReferencePipeline
+from collab.policies import PolicySpec
+
+SPLIT = (31, 6)
+
+
+@pytest.fixture(scope="module")
+def outcomes(tiny_backend, tiny_config):
+    return Evaluator(tiny_backend, tiny_config).run(synthetic_items(*SPLIT), total=SPLIT[1])
+
+
+def test_cli_writes_report_with_stable_keys(tiny_model_dir, tiny_config, tmp_path):
+    cfg = tmp_path / "cfg.yaml"
+    import yaml
+
+    cfg.write_text(yaml.safe_dump(tiny_config.model_dump(mode="json")))
+    out = tmp_path / "eval"
+    assert eval_main(["--synthetic", "31:6", "--config", str(cfg), "--out", str(out), "--threshold", "0.1"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["n"] == 6
+    for name in ("never", "always", "random", "entropy"):
+        for key in ("accuracy", "refine_rate", "extra_bytes_mean", "total_bytes_mean"):
+            assert isinstance(report["policies"][name][key], float), (name, key)
+    assert report["policies"]["never"]["refine_rate"] == 0.0
+    assert report["policies"]["always"]["refine_rate"] == 1.0
+    for key in ("hit_rate", "mean_iou"):
+        assert key in report["roi"]
+    assert set(report["separability"]) == {"min_entropy", "shannon", "margin"}
+    assert set(report["aggregation"]) == {"1", "2", "all"}
+    assert isinstance(report["sweep"], list) and report["sweep"]
+    assert set(report["layers"]) <= {"0", "1"}
+    assert report["config"]["model"]["path"] == str(tiny_model_dir) and report["dataset"]["seed"] == 31
+    for png in ("separability.png", "sweep.png", "examples.png"):
+        assert (out / png).stat().st_size > 1000
+    assert len((out / "items.jsonl").read_text().splitlines()) == 6
+
+
+def test_cli_rejects_calibrating_on_the_evaluated_split(capsys):
+    assert eval_main(["--synthetic", "5:3", "--calibrate", "5:3"]) == 2
+    assert "different seed" in capsys.readouterr().err
+
+
+def test_cli_bad_split_spec():
+    with pytest.raises(SystemExit):
+        eval_main(["--synthetic", "five"])
+
+
+@pytest.mark.parametrize("policy", ["entropy", "always", "never"])
+def test_derived_policy_matches_pipeline(outcomes, tiny_backend, tiny_config, policy):
+    """Scoring policies from cached outcomes == running the pipeline query by query."""
+    threshold = float(np.median([o.uncertainty("min_entropy") for o in outcomes]))
+    spec = PolicySpec(name=policy, threshold=threshold)
+    derived = decisions(outcomes, spec)
+    pipe = ReferencePipeline(tiny_backend, tiny_config)
+    items = list(synthetic_items(*SPLIT))
+    for item, outcome, refine in zip(items, outcomes, derived):
+        rec = pipe.run(item.load(), item.question, question_id=item.question_id, policy=spec)
+        assert rec.refined == bool(refine)
+        assert rec.first_answer == outcome.first_answer
+        if rec.refined:
+            assert rec.box == outcome.roi_box and rec.local_bytes == outcome.local_bytes
+            assert rec.answer == outcome.refined_answer
+
+
+def test_sweep_endpoints_are_never_and_always(outcomes):
+    spec = PolicySpec(name="entropy")
+    sweep = threshold_sweep(outcomes, spec)
+    rates = [p["refine_rate"] for p in sweep]
+    assert min(rates) == 0.0 and max(rates) == 1.0
+    always = policy_result(outcomes, np.ones(len(outcomes), dtype=bool))
+    top = max(sweep, key=lambda p: p["refine_rate"])
+    assert top["accuracy"] == pytest.approx(always["accuracy"])
+    assert top["random_accuracy"] == pytest.approx(always["accuracy"])
+
+
+def test_calibrated_threshold_meets_tolerance(outcomes):
+    spec = PolicySpec(name="entropy")
+    t = calibrate_threshold(outcomes, spec, tolerance=0.0)
+    refine = np.array([o.uncertainty("min_entropy") >= t for o in outcomes])
+    always = policy_result(outcomes, np.ones(len(outcomes), dtype=bool))["accuracy"]
+    assert policy_result(outcomes, refine)["accuracy"] >= always
