@@ -1,0 +1,45 @@
+"""VisionEncoder: image bytes -> visual tokens, dynamically batched across concurrent requests."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import asdict
+
+import torch
+from ray import serve
+
+from collab.imaging import decode_image
+from deployments.args import AppArgs
+from deployments.common import load_model
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=32)
+class VisionEncoder:
+    def __init__(self, args: AppArgs):
+        self.config, self.backend = load_model(args)
+        self.encode.set_max_batch_size(args.encoder_batch.max_batch_size)
+        self.encode.set_batch_wait_timeout_s(args.encoder_batch.batch_wait_timeout_s)
+        self.batch_sizes: list[int] = []
+
+    def info(self) -> dict:
+        return asdict(self.backend.info)
+
+    def _encode(self, images: list[bytes]) -> list[torch.Tensor]:
+        pixels = self.backend.preprocess([decode_image(b) for b in images])
+        return [f.cpu() for f in self.backend.encode(pixels)]
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    async def encode(self, images: list[bytes]) -> list[torch.Tensor]:
+        """Batched: one vision-tower pass for every request that arrived within the wait window."""
+        self.batch_sizes.append(len(images))
+        del self.batch_sizes[:-1000]
+        return await asyncio.to_thread(self._encode, images)
+
+    async def encode_unbatched(self, image: bytes) -> torch.Tensor:
+        """One image per pass (the baseline of the batching benchmark)."""
+        return (await asyncio.to_thread(self._encode, [image]))[0]
+
+    def stats(self) -> dict:
+        sizes = self.batch_sizes or [0]
+        return {"batches": len(self.batch_sizes), "mean_batch_size": sum(sizes) / len(sizes), "time": time.time()}

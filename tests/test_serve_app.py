@@ -1,0 +1,187 @@
+"""The Serve application on a real local Ray cluster (2 CPUs, loopback): HTTP protocol end to end,
+consistency with the in-process pipeline, session errors, replica restart, autoscaling."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import pytest
+
+from collab.data.synthetic import generate_items
+from collab.pipeline import ReferencePipeline
+from deployments.app import compose
+from deployments.args import AppArgs
+from edge_agents.client import EdgeClient
+from serve_helpers import free_port, running_replicas, start_serve, wait_for, write_collab_config
+
+APP = "collab"
+FAST_AUTOSCALE = {
+    "min_replicas": 1,
+    "max_replicas": 2,
+    "target_ongoing_requests": 1,
+    "upscale_delay_s": 1,
+    "downscale_delay_s": 4,
+    "look_back_period_s": 1,
+    "metrics_interval_s": 0.5,
+}
+
+
+@pytest.fixture(scope="module")
+def served(tiny_config, tmp_path_factory):
+    port = free_port()
+    serve = start_serve(port)
+    cfg = write_collab_config(tiny_config, tmp_path_factory.mktemp("serve") / "collab.yaml")
+    args = {"config": str(cfg), "sessions": {"ttl_s": 30, "max_sessions": 100, "max_bytes": 2**24}}
+    serve.run(compose(AppArgs.model_validate(args), {"FirstPassDecoder": {"autoscaling_config": FAST_AUTOSCALE}}), name=APP, route_prefix="/")
+    url = f"http://127.0.0.1:{port}"
+    yield url
+    serve.delete(APP)
+    serve.shutdown()
+    import ray
+
+    ray.shutdown()
+
+
+@pytest.fixture()
+def client(served):
+    c = EdgeClient(served, client_id="edge-test")
+    yield c
+    c.close()
+
+
+def items(n, seed=404):
+    return list(generate_items(seed, n))
+
+
+def test_health_and_models(served):
+    assert httpx.get(f"{served}/healthz").json() == {"status": "ok"}
+    info = httpx.get(f"{served}/v1/models").json()
+    assert info["encoder_size"] == [32, 32] and set(info["policies"]) == {"never", "always", "random", "entropy"}
+    schema = httpx.get(f"{served}/openapi.json").json()
+    assert "/v1/query" in schema["paths"] and "/v1/refine" in schema["paths"]
+
+
+def test_two_stage_query_over_http(client):
+    item = items(1)[0]
+    never = client.ask(item.image, item.question, policy="never")
+    assert never.stage == 1 and never.local_bytes == 0 and never.global_bytes > 0
+    always = client.ask(item.image, item.question, policy="always")
+    assert always.stage == 2 and always.local_bytes > 0 and always.box is not None
+    assert always.first_answer == never.answer
+    x0, y0, x1, y1 = always.box
+    assert 0 <= x0 < x1 <= item.width and 0 <= y0 < y1 <= item.height
+
+
+def test_dag_matches_reference_pipeline(client, tiny_backend, tiny_config):
+    pipeline = ReferencePipeline(tiny_backend, tiny_config)
+    batch = items(4, seed=405)
+    threshold = sorted(pipeline.run(it.image, it.question, question_id=it.question_id, policy=pipeline.policy(name="never")).uncertainty for it in batch)[2]
+    for policy in ("always", "entropy", "random"):
+        spec = pipeline.policy(name=policy, threshold=threshold)
+        for it in batch:
+            ref = pipeline.run(it.image, it.question, question_id=it.question_id, policy=spec)
+            got = client.ask(it.image, it.question, policy=policy, threshold=threshold, question_id=it.question_id)
+            assert got.stage == ref.stage, (policy, it.question_id)
+            assert got.answer == ref.answer and got.first_answer == ref.first_answer
+            assert got.score == pytest.approx(ref.uncertainty, abs=1e-5)
+            assert got.box == ref.box
+            assert got.global_bytes == ref.global_bytes and got.local_bytes == ref.local_bytes
+
+
+def _need_roi(served, item, client_id="owner"):
+    c = EdgeClient(served, client_id=client_id)
+    from edge_agents.client import global_upload
+
+    payload = global_upload(item.image, c.models(), c.imaging)
+    r = httpx.post(f"{served}/v1/query", data={"question": item.question, "original_width": item.width,
+                   "original_height": item.height, "policy": "always", "client_id": client_id},
+                   files={"image": ("g.jpg", payload.data, "image/jpeg")})
+    c.close()
+    assert r.status_code == 200 and r.json()["status"] == "need_roi"
+    return r.json()
+
+
+def test_session_errors_and_idempotent_replay(served):
+    item = items(1, seed=406)[0]
+    first = _need_roi(served, item)
+    from edge_agents.client import EdgeImaging, local_upload
+
+    local = local_upload(item.image, first["box"], first["local_size"], EdgeImaging())
+    files = {"image": ("l.jpg", local.data, "image/jpeg")}
+    assert httpx.post(f"{served}/v1/refine", data={"session_id": "0" * 32, "client_id": "owner"}, files=files).status_code == 404
+    assert httpx.post(f"{served}/v1/refine", data={"session_id": first["session_id"], "client_id": "thief"}, files=files).status_code == 403
+    ok = httpx.post(f"{served}/v1/refine", data={"session_id": first["session_id"], "client_id": "owner"}, files=files)
+    assert ok.status_code == 200 and ok.json()["stage"] == 2 and not ok.json()["replayed"]
+    again = httpx.post(f"{served}/v1/refine", data={"session_id": first["session_id"], "client_id": "owner"}, files=files)
+    assert again.status_code == 200 and again.json()["replayed"] and again.json()["answer"] == ok.json()["answer"]
+    other = local_upload(item.image, [0, 0, 40, 40], first["local_size"], EdgeImaging())
+    conflict = httpx.post(f"{served}/v1/refine", data={"session_id": first["session_id"], "client_id": "owner"},
+                          files={"image": ("l.jpg", other.data, "image/jpeg")})
+    assert conflict.status_code == 409 and "error" in conflict.json()
+
+
+def test_bad_requests_are_4xx(served):
+    r = httpx.post(f"{served}/v1/query", data={"question": "q", "original_width": "10", "original_height": "10"},
+                   files={"image": ("g.jpg", b"", "image/jpeg")})
+    assert r.status_code == 400
+    r = httpx.post(f"{served}/v1/query", data={"question": "   ", "original_width": "10", "original_height": "10"},
+                   files={"image": ("g.jpg", b"x", "image/jpeg")})
+    assert r.status_code == 422
+    r = httpx.post(f"{served}/v1/query", data={"question": "q", "original_width": "0", "original_height": "10"},
+                   files={"image": ("g.jpg", b"x", "image/jpeg")})
+    assert r.status_code == 422
+    r = httpx.post(f"{served}/v1/query", data={"question": "q", "original_width": "10", "original_height": "10", "policy": "sometimes"},
+                   files={"image": ("g.jpg", b"x", "image/jpeg")})
+    assert r.status_code == 422
+
+
+def test_replica_killed_and_restarted(served, client):
+    import ray
+
+    item = items(1, seed=407)[0]
+    before = client.ask(item.image, item.question, policy="always")
+    replicas = [a for a in ray.util.list_named_actors(all_namespaces=True) if "RefinedDecoder" in a["name"]]
+    assert replicas, "no RefinedDecoder replica actor found"
+    ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]), no_restart=True)
+
+    def healthy():
+        try:
+            return client.ask(item.image, item.question, policy="always").answer == before.answer
+        except Exception:
+            return False
+
+    assert wait_for(healthy, timeout=90, interval=1.0)
+    for _ in range(3):  # and it keeps working
+        assert client.ask(item.image, item.question, policy="always").answer == before.answer
+
+
+def test_first_pass_autoscales_up_and_down(served):
+    assert wait_for(lambda: running_replicas(APP, "FirstPassDecoder") == 1, timeout=60)
+    stop = threading.Event()
+    batch = items(6, seed=408)
+
+    def load(i):
+        c = EdgeClient(served, client_id=f"load-{i}")
+        k = 0
+        while not stop.is_set():
+            it = batch[k % len(batch)]
+            try:
+                c.ask(it.image, it.question, policy="never")
+            except Exception:
+                time.sleep(0.1)
+            k += 1
+        c.close()
+
+    threads = [threading.Thread(target=load, args=(i,), daemon=True) for i in range(6)]
+    for t in threads:
+        t.start()
+    try:
+        scaled_up = wait_for(lambda: running_replicas(APP, "FirstPassDecoder") >= 2, timeout=60)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)
+    assert scaled_up, "FirstPassDecoder did not scale up under load"
+    assert wait_for(lambda: running_replicas(APP, "FirstPassDecoder") == 1, timeout=90), "did not scale back down"
