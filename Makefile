@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
-	$(PY) -m collab.demo
+	$(PY) -m edge_agents.demo
 
 test: install
 	$(PY) -m pytest

@@ -78,6 +78,12 @@ def error(status: int, message: str, headers: dict | None = None) -> HTTPExcepti
     return HTTPException(status_code=status, detail=message, headers=headers)
 
 
+@app.exception_handler(HTTPException)
+async def _json_errors(request, exc: HTTPException):
+    """Every error is JSON: {"error": message, "status": code} (registered before serve.ingress wraps the app)."""
+    return JSONResponse({"error": exc.detail, "status": exc.status_code}, status_code=exc.status_code, headers=exc.headers)
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=200)
 @serve.ingress(app)
 class Gateway:
@@ -217,8 +223,3 @@ class Gateway:
                          first_answer=meta["first_answer"], bytes_received=len(data), timings_ms=timings)
         await self.sessions.complete.remote(session_id, image_digest, reply.model_dump())
         return reply
-
-
-@app.exception_handler(HTTPException)
-async def _json_errors(request, exc: HTTPException):
-    return JSONResponse({"error": exc.detail, "status": exc.status_code}, status_code=exc.status_code, headers=exc.headers)

@@ -36,6 +36,14 @@ def served(tiny_config, tmp_path_factory):
     args = {"config": str(cfg), "sessions": {"ttl_s": 30, "max_sessions": 100, "max_bytes": 2**24}}
     serve.run(compose(AppArgs.model_validate(args), {"FirstPassDecoder": {"autoscaling_config": FAST_AUTOSCALE}}), name=APP, route_prefix="/")
     url = f"http://127.0.0.1:{port}"
+
+    def routed():  # the proxy learns the route shortly after serve.run returns
+        try:
+            return httpx.get(f"{url}/healthz", timeout=5).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    assert wait_for(routed, timeout=60)
     yield url
     serve.delete(APP)
     serve.shutdown()
@@ -178,7 +186,8 @@ def test_first_pass_autoscales_up_and_down(served):
     for t in threads:
         t.start()
     try:
-        scaled_up = wait_for(lambda: running_replicas(APP, "FirstPassDecoder") >= 2, timeout=60)
+        # a new replica imports torch and loads the model: tens of seconds on 2 busy cores
+        scaled_up = wait_for(lambda: running_replicas(APP, "FirstPassDecoder") >= 2, timeout=150)
     finally:
         stop.set()
         for t in threads:

@@ -283,6 +283,7 @@ def train(recipe: Recipe, out_dir: Path, log_path: Path | None = None, init_towe
           pretrain_only: bool = False) -> Path:
     torch.manual_seed(recipe.seed)
     torch.set_num_threads(recipe.threads)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(VOCABULARY)
     model = build_tiny_llava(tokenizer, recipe.spec, seed=recipe.seed)
     model.set_attn_implementation("sdpa")  # fast training; the served model is loaded with eager

@@ -1,0 +1,151 @@
+"""Serve DAG vs in-process pipeline, and encoder batching, measured in one run on this machine.
+
+    python -m benchmarks.serve_bench [--config configs/default.yaml] [--requests 40] [--clients 8]
+
+Prints (and writes to --out as JSON):
+- p50 latency at 1 client, DAG over HTTP vs the in-process reference pipeline (same queries,
+  edge work included in both), and their ratio (target <= 1.3x);
+- saturated throughput, DAG with --clients concurrent edges vs the pipeline with as many threads
+  as cores (target >= 0.8x);
+- VisionEncoder batched vs unbatched throughput with 16 concurrent callers (target >= 2x);
+- per-hop overhead: DAG latency minus the stages' own compute time, per query, divided by hops.
+Starts its own local Ray + Serve on loopback (2 CPUs) unless --url points at a running app.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def percentile(values, q):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
+
+
+def queries(n, seed=9090):
+    from collab.data.synthetic import generate_items
+
+    return [(it.image, it.question, it.question_id) for it in generate_items(seed, n)]
+
+
+def timed(fn, items):
+    lat = []
+    for image, q, qid in items:
+        t = time.perf_counter()
+        fn(image, q, qid)
+        lat.append((time.perf_counter() - t) * 1000)
+    return lat
+
+
+def throughput(fn, items, workers):
+    start = time.perf_counter()
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(lambda x: fn(*x), items))
+    return len(items) / (time.perf_counter() - start)
+
+
+async def encoder_throughput(handle, method: str, payload: bytes, callers: int, per_caller: int) -> float:
+    async def caller():
+        for _ in range(per_caller):
+            await getattr(handle, method).remote(payload)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(caller() for _ in range(callers)))
+    return callers * per_caller / (time.perf_counter() - start)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.serve_bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default=str(REPO / "configs" / "default.yaml"))
+    p.add_argument("--policy", default="entropy", choices=["never", "always", "random", "entropy"])
+    p.add_argument("--requests", type=int, default=40, help="queries per measurement")
+    p.add_argument("--clients", type=int, default=8, help="concurrent edges for the saturated DAG run")
+    p.add_argument("--out", default="runs/serve_bench.json")
+    args = p.parse_args(argv)
+
+    import ray
+    from ray import serve
+
+    from collab.backends import load_backend
+    from collab.config import load_config
+    from collab.pipeline import ReferencePipeline
+    from deployments.app import compose
+    from deployments.args import AppArgs
+    from edge_agents.client import EdgeClient, global_upload
+
+    config = load_config(args.config)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": 8011})
+    serve.run(compose(AppArgs(config=args.config)), name="bench", route_prefix="/")
+    url = "http://127.0.0.1:8011"
+    items = queries(args.requests)
+
+    backend = load_backend(config.model, search_roots=[REPO])
+    pipeline = ReferencePipeline(backend, config)
+    spec = pipeline.policy(name=args.policy)
+    client = EdgeClient(url, client_id="bench")
+
+    def via_dag(image, q, qid):
+        return client.ask(image, q, policy=args.policy, question_id=qid)
+
+    def in_process(image, q, qid):
+        return pipeline.run(image, q, question_id=qid, policy=spec)
+
+    timed(via_dag, items[:5]), timed(in_process, items[:5])  # warm-up
+    dag_lat, ref_lat = timed(via_dag, items), timed(in_process, items)
+    results = [via_dag(*x) for x in items[:10]]
+    compute = [sum(v for k, v in r.server_ms.items() if "total" not in k) for r in results]
+    stage_lat = [sum(v for k, v in r.server_ms.items() if k in ("total", "refine_total")) for r in results]
+    hops = [4 if r.stage == 2 else 2 for r in results]  # gateway->encoder->first pass (+ roi, sessions, refined)
+    overhead = statistics.median((s - c) / h for s, c, h in zip(stage_lat, compute, hops))
+
+    clients = [EdgeClient(url, client_id=f"bench-{i}") for i in range(args.clients)]
+    pool_items = [(x, clients[i % len(clients)]) for i, x in enumerate(items * 2)]
+
+    def dag_any(x, c):
+        return c.ask(x[0], x[1], policy=args.policy, question_id=x[2])
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(args.clients) as pool:
+        list(pool.map(lambda a: dag_any(*a), pool_items))
+    dag_tput = len(pool_items) / (time.perf_counter() - start)
+    ref_tput = throughput(in_process, items * 2, os.cpu_count() or 2)
+
+    handle = serve.get_deployment_handle("VisionEncoder", app_name="bench")
+    payload = global_upload(items[0][0], client.models(), client.imaging).data
+    asyncio.run(encoder_throughput(handle, "encode", payload, 4, 2))
+    batched = asyncio.run(encoder_throughput(handle, "encode", payload, 16, 8))
+    unbatched = asyncio.run(encoder_throughput(handle, "encode_unbatched", payload, 16, 8))
+
+    report = {
+        "machine": f"{os.cpu_count()} CPUs",
+        "config": args.config,
+        "policy": args.policy,
+        "p50_latency_ms": {"dag": percentile(dag_lat, 50), "in_process": percentile(ref_lat, 50)},
+        "p50_latency_ratio": percentile(dag_lat, 50) / percentile(ref_lat, 50),
+        "throughput_qps": {"dag": dag_tput, "in_process": ref_tput, "dag_clients": args.clients},
+        "throughput_ratio": dag_tput / ref_tput,
+        "encoder_qps_16_callers": {"batched": batched, "unbatched": unbatched},
+        "encoder_batching_speedup": batched / unbatched,
+        "per_hop_overhead_ms": overhead,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+    serve.shutdown()
+    ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
