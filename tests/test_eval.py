@@ -89,3 +89,15 @@ def test_calibrated_threshold_meets_tolerance(outcomes):
     refine = np.array([o.uncertainty("min_entropy") >= t for o in outcomes])
     always = policy_result(outcomes, np.ones(len(outcomes), dtype=bool))["accuracy"]
     assert policy_result(outcomes, refine)["accuracy"] >= always
+
+
+def test_set_overrides_parse_as_yaml():
+    from collab.config import ConfigError
+    from collab.eval.__main__ import parse_sets
+
+    assert parse_sets(["attention.layer=2", "attention.relative=false", "gate.score=shannon"]) == {
+        "attention": {"layer": 2, "relative": False},
+        "gate": {"score": "shannon"},
+    }
+    with pytest.raises(ConfigError):
+        parse_sets(["attention.layer"])

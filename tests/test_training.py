@@ -68,3 +68,11 @@ def test_scale_curriculum_promotes_only_when_reading():
     for _ in range(10):
         c.update(1.0)
     assert c.get() == 4.5
+
+
+def test_warm_start_continues_from_a_saved_model(tmp_path):
+    first = train(toy_recipe(), tmp_path / "a", None)
+    again = train(toy_recipe(), tmp_path / "b", tmp_path / "log.jsonl", init_model=first)
+    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert any("init_model" in r for r in rows) and not any(r.get("stage") == 1 for r in rows)
+    assert (again / "model.safetensors").exists()

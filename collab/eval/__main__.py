@@ -36,6 +36,23 @@ def split_spec(text: str) -> tuple[int, int]:
     return seed_i, n_i
 
 
+def parse_sets(items: list[str]) -> dict:
+    """['attention.layer=2', ...] -> {'attention': {'layer': 2}} (values parsed as YAML)."""
+    import yaml
+
+    out: dict = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m collab.eval",
@@ -49,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="with --dataset: first N questions only")
     p.add_argument("--config", default=str(REPO_ROOT / "configs" / "default.yaml"), help="YAML config (default: %(default)s)")
     p.add_argument("--model", help="override model.path")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config field, e.g. --set attention.layer=2 --set attention.relative=false (YAML values)")
     p.add_argument("--policies", default="never,always,random,entropy", help="comma list of %s (default: %%(default)s)" % ",".join(POLICIES))
     p.add_argument("--threshold", type=float, help="entropy threshold (default: config gate.threshold)")
     p.add_argument("--calibrate", type=split_spec, metavar="SEED:N", help="pick the threshold on a separate synthetic split: "
@@ -71,7 +90,10 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --calibrate must use a different seed than the evaluated split", file=sys.stderr)
         return 2
     try:
-        config = load_config(args.config, {"model": {"path": args.model}} if args.model else None)
+        overrides = parse_sets(args.set)
+        if args.model:
+            overrides.setdefault("model", {})["path"] = args.model
+        config = load_config(args.config, overrides or None)
         backend = load_backend(config.model, search_roots=[REPO_ROOT])
     except (ConfigError, ModelLoadError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -70,6 +70,7 @@ class Recipe:
     fine_fraction: float = 0.5
     negative_fraction: float = 0.15
     curriculum: list = field(default_factory=lambda: [[300, 1], [700, 2], [1200, 3], [None, MAX_OBJECTS]])
+    curriculum_offset: int = 0  # warm starts: begin the objects-per-scene curriculum (and data stream) here
     eval_every: int = 200
     eval_batches: int = 3
     eval_seed: int = 777_000  # never a benchmark seed
@@ -279,8 +280,16 @@ def evaluate(model, stream: BatchStream, recipe: Recipe) -> dict:
     return {k: float(np.mean(v)) for k, v in stats.items() if v}
 
 
+def save_checkpoint(model, tokenizer, recipe: Recipe, out_dir: Path, step: int) -> None:
+    """save_pretrained with eager attention in the config (the served model reads attention maps)."""
+    model.set_attn_implementation("eager")
+    save_tiny_llava(out_dir, model, tokenizer, build_image_processor(recipe.spec))
+    (Path(out_dir) / "training_recipe.json").write_text(json.dumps({**asdict(recipe), "saved_at_step": step}, indent=2))
+    model.set_attn_implementation("sdpa")
+
+
 def train(recipe: Recipe, out_dir: Path, log_path: Path | None = None, init_tower: Path | None = None,
-          pretrain_only: bool = False) -> Path:
+          pretrain_only: bool = False, init_model: Path | None = None) -> Path:
     torch.manual_seed(recipe.seed)
     torch.set_num_threads(recipe.threads)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
@@ -306,7 +315,12 @@ def train(recipe: Recipe, out_dir: Path, log_path: Path | None = None, init_towe
             log_file.flush()
 
     log({"recipe": asdict(recipe)})
-    if init_tower:
+    if init_model:  # warm start: continue stage 2 from a saved model (same tokenizer and sizes)
+        from transformers import LlavaForConditionalGeneration
+
+        model = LlavaForConditionalGeneration.from_pretrained(init_model, attn_implementation="sdpa")
+        log({"init_model": str(init_model)})
+    elif init_tower:
         model.model.vision_tower.load_state_dict(torch.load(init_tower, weights_only=True))
         log({"init_tower": str(init_tower)})
     elif recipe.pretrain_steps:
@@ -315,7 +329,8 @@ def train(recipe: Recipe, out_dir: Path, log_path: Path | None = None, init_towe
     if pretrain_only:
         return Path(out_dir)
 
-    stream = BatchStream(spec, tokenizer, recipe.batch, recipe.seed, recipe.curriculum, recipe.local_fraction)
+    stream = BatchStream(spec, tokenizer, recipe.batch, recipe.seed, recipe.curriculum, recipe.local_fraction,
+                         start=recipe.curriculum_offset)
     loader = _loader(stream, recipe.workers)
     tower = list(model.model.vision_tower.parameters())
     tower_ids = {id(p) for p in tower}
@@ -331,7 +346,7 @@ def train(recipe: Recipe, out_dir: Path, log_path: Path | None = None, init_towe
     for step, batch in enumerate(loader):
         if step >= recipe.steps:
             break
-        frozen = step < recipe.freeze_tower_steps
+        frozen = step < recipe.freeze_tower_steps and init_model is None
         for p in tower:
             p.requires_grad_(not frozen)
         loss, _, correct = answer_loss(model, batch, recipe.eos_weight)
@@ -342,15 +357,14 @@ def train(recipe: Recipe, out_dir: Path, log_path: Path | None = None, init_towe
         sched.step()
         ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
         bar.update(1)
-        bar.set_postfix(loss=f"{ema:.3f}", objs=stream.max_objects(step))
+        bar.set_postfix(loss=f"{ema:.3f}", objs=stream.max_objects(step + recipe.curriculum_offset))
         if step % recipe.eval_every == 0 or step == recipe.steps - 1:
             metrics = evaluate(model, stream, recipe)
             bar.write(f"step {step}: " + " ".join(f"{k}={v:.3f}" for k, v in sorted(metrics.items())))
             log({"stage": 2, "step": step, "loss_ema": ema, **metrics})
+            save_checkpoint(model, tokenizer, recipe, out_dir, step)  # a usable model if training is stopped early
     bar.close()
-    model.set_attn_implementation("eager")
-    save_tiny_llava(out_dir, model, tokenizer, build_image_processor(recipe.spec))
-    (Path(out_dir) / "training_recipe.json").write_text(json.dumps(asdict(recipe), indent=2))
+    save_checkpoint(model, tokenizer, recipe, out_dir, recipe.steps)
     log({"done": True, "minutes": round((time.time() - started) / 60, 1)})
     if log_file:
         log_file.close()
@@ -375,15 +389,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workers", type=int, default=defaults.workers, help="data-rendering worker processes")
     p.add_argument("--init-tower", help="start stage 2 from this stage-1 tower checkpoint (skips stage 1)")
     p.add_argument("--pretrain-only", action="store_true", help="run stage 1 only and save the tower checkpoint")
+    p.add_argument("--init-model", help="continue stage 2 from a saved model directory (skips stage 1)")
+    p.add_argument("--curriculum-offset", type=int, default=0, help="start the objects-per-scene curriculum at this step")
     args = p.parse_args(argv)
     recipe = Recipe(
         seed=args.seed, pretrain_steps=args.pretrain_steps, steps=args.steps, batch=args.batch, lr=args.lr,
-        eval_every=args.eval_every, threads=args.threads, workers=args.workers,
+        eval_every=args.eval_every, threads=args.threads, workers=args.workers, curriculum_offset=args.curriculum_offset,
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     train(recipe, out, Path(args.log) if args.log else out / "training_log.jsonl",
-          Path(args.init_tower) if args.init_tower else None, args.pretrain_only)
+          Path(args.init_tower) if args.init_tower else None, args.pretrain_only,
+          Path(args.init_model) if args.init_model else None)
     print(f"saved to {out}")
 
 
