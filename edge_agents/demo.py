@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.url:
         env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"), "HF_HUB_OFFLINE": "1"}
         print(f"starting: serve run {args.serve_config}", flush=True)
-        proc = subprocess.Popen(["serve", "run", args.serve_config], cwd=REPO, env=env,
+        serve_cli = Path(sys.executable).with_name("serve")  # the venv's CLI, even when it is not on PATH
+        proc = subprocess.Popen([str(serve_cli) if serve_cli.exists() else "serve", "run", args.serve_config], cwd=REPO, env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         wait_ready(url, proc, args.timeout)

@@ -8,8 +8,31 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_shipped_configs_load():
-    for path in sorted((REPO / "configs").glob("*.yaml")):
+    import yaml
+
+    collab_configs = [p for p in sorted((REPO / "configs").glob("*.yaml")) if "applications" not in yaml.safe_load(p.read_text())]
+    assert len(collab_configs) >= 2
+    for path in collab_configs:
         assert isinstance(load_config(path), CollabConfig), path
+
+
+def test_serve_configs_name_real_deployments_and_valid_args():
+    import yaml
+
+    from deployments.args import AppArgs
+
+    names = {"Gateway", "VisionEncoder", "FirstPassDecoder", "RoISearch", "RefinedDecoder", "SessionStore"}
+    for path in (REPO / "serve_config.yaml", REPO / "configs" / "serve_gpu.yaml"):
+        app = yaml.safe_load(path.read_text())["applications"][0]
+        assert app["import_path"] == "deployments.app:build_app"
+        args = AppArgs.model_validate(app["args"])
+        assert isinstance(load_config(args.config_path()), CollabConfig)
+        deployments = {d["name"]: d for d in app["deployments"]}
+        assert set(deployments) == names, path
+        for d in deployments.values():
+            scaling = d.get("autoscaling_config")
+            if scaling:
+                assert d["max_ongoing_requests"] > scaling["target_ongoing_requests"], (path, d["name"])
 
 
 def test_bad_field_is_named(tmp_path):
