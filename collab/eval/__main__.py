@@ -12,15 +12,15 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from collab.backends import ModelLoadError, load_backend
 from collab.config import ConfigError, load_config
 from collab.eval import plots
 from collab.eval.report import build_report, calibrate_threshold
-from collab.eval.runner import Evaluator, EvalItem, dataset_items, synthetic_items
-from collab.policies import POLICIES
+from collab.eval.runner import Evaluator, EvalItem, dataset_items, decisions, synthetic_items
+from collab.policies import POLICIES, PolicySpec
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -107,15 +107,13 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
 
-    from collab.policies import PolicySpec
-
     spec = PolicySpec.from_gate(config.gate, threshold=args.threshold)
     calibration = None
     if args.calibrate:
         seed, n = args.calibrate
         cal = Evaluator(backend, config, layers=[]).run(synthetic_items(seed, n), total=n, desc=f"calibrating {seed}:{n}")
         threshold = calibrate_threshold(cal, spec, args.tolerance)
-        spec = PolicySpec(**{**spec.__dict__, "threshold": threshold})
+        spec = replace(spec, threshold=threshold)
         calibration = {"split": f"synthetic {seed}:{n}", "threshold": threshold, "tolerance": args.tolerance}
 
     if args.synthetic:
@@ -132,12 +130,10 @@ def main(argv: list[str] | None = None) -> int:
 
     # `random` defaults to entropy's refine rate so the two are compared at equal bytes.
     if args.random_rate is None and "entropy" in policies:
-        from collab.eval.runner import decisions
-
-        rate = float(decisions(outcomes, PolicySpec(**{**spec.__dict__, "name": "entropy"})).mean())
+        rate = float(decisions(outcomes, replace(spec, name="entropy")).mean())
     else:
         rate = args.random_rate if args.random_rate is not None else spec.random_rate
-    spec = PolicySpec(**{**spec.__dict__, "random_rate": rate})
+    spec = replace(spec, random_rate=rate)
     report = build_report(outcomes, spec, policies)
     report.update(
         {

@@ -8,6 +8,8 @@ extra_bytes_mean, total_bytes_mean}`, `separability.<score>.{overlap, bhattachar
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from collab.eval.runner import ItemOutcome, decisions, policy_result
@@ -129,7 +131,7 @@ def build_report(outcomes: list[ItemOutcome], spec: PolicySpec, policies: list[s
         elif name == "random":
             refine = np.array([stable_uniform(spec.seed, o.question_id) < spec.random_rate for o in outcomes])
         else:
-            refine = decisions(outcomes, PolicySpec(**{**spec.__dict__, "name": "entropy"}))
+            refine = decisions(outcomes, replace(spec, name="entropy"))
         results[name] = policy_result(outcomes, refine)
     if "entropy" in results:
         rate = results["entropy"]["refine_rate"]

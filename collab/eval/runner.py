@@ -23,9 +23,9 @@ from collab.config import CollabConfig
 from collab.data.vqa import vqa_accuracy
 from collab.geometry import Box
 from collab.imaging import crop_local_image, decode_image, encode_image, load_image, make_global_image
-from collab.policies import PolicySpec
+from collab.policies import PolicySpec, should_refine
 from collab.roi import box_around
-from collab.uncertainty import SCORE_KINDS, aggregate, uncertainty
+from collab.uncertainty import answer_uncertainties
 
 AGGREGATIONS = {"1": 1, "2": 2, "all": None}
 
@@ -111,11 +111,7 @@ class Evaluator:
 
         gen = backend.generate([global_features], item.question)
         uncertainties = {
-            name: {
-                kind: uncertainty(kind, aggregate(gen.scores.get(kind), gen.n_answer_tokens, length))
-                for kind in SCORE_KINDS
-            }
-            for name, length in AGGREGATIONS.items()
+            name: answer_uncertainties(gen.scores, gen.n_answer_tokens, length) for name, length in AGGREGATIONS.items()
         }
         answer_ids = gen.token_ids[: gen.n_answer_tokens]
         layers = sorted(set(self.layers) | {cfg.attention.layer % info.num_layers})
@@ -166,8 +162,6 @@ class Evaluator:
 
 def decisions(outcomes: list[ItemOutcome], spec: PolicySpec) -> np.ndarray:
     """The gate's decision for every item under `spec` (same rule as collab.policies)."""
-    from collab.policies import should_refine
-
     length = "all" if spec.aggregation_length is None else str(spec.aggregation_length)
     if length not in AGGREGATIONS:
         length = "all"
