@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from dataclasses import asdict
 
 import torch
@@ -41,5 +40,6 @@ class VisionEncoder:
         return (await asyncio.to_thread(self._encode, [image]))[0]
 
     def stats(self) -> dict:
+        """Recent batch sizes (last 1,000 batches): how much dynamic batching is happening."""
         sizes = self.batch_sizes or [0]
-        return {"batches": len(self.batch_sizes), "mean_batch_size": sum(sizes) / len(sizes), "time": time.time()}
+        return {"batches": len(self.batch_sizes), "mean_batch_size": sum(sizes) / len(sizes)}
