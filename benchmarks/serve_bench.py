@@ -23,7 +23,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from collab.paths import DEFAULT_CONFIG, REPO_ROOT
+
 
 
 def percentile(values, q):
@@ -65,7 +66,7 @@ async def encoder_throughput(handle, method: str, payload: bytes, callers: int, 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.serve_bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default=str(REPO / "configs" / "default.yaml"))
+    p.add_argument("--config", default=str(DEFAULT_CONFIG))
     p.add_argument("--policy", default="entropy", choices=["never", "always", "random", "entropy"])
     p.add_argument("--requests", type=int, default=40, help="queries per measurement")
     p.add_argument("--clients", type=int, default=8, help="concurrent edges for the saturated DAG run")
@@ -90,7 +91,7 @@ def main(argv=None) -> int:
     url = "http://127.0.0.1:8011"
     items = queries(args.requests)
 
-    backend = load_backend(config.model, search_roots=[REPO])
+    backend = load_backend(config.model, search_roots=[REPO_ROOT])
     pipeline = ReferencePipeline(backend, config)
     spec = pipeline.policy(name=args.policy)
     client = EdgeClient(url, client_id="bench")

@@ -9,14 +9,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
-
 from collab.backends import ModelLoadError, load_backend
 from collab.config import ConfigError, load_config
+from collab.paths import DEFAULT_CONFIG, REPO_ROOT
 from collab.pipeline import ReferencePipeline
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = REPO_ROOT / "configs" / "default.yaml"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from collab.paths import REPO_ROOT
 
 
 class SessionArgs(BaseModel):

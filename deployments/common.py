@@ -8,7 +8,8 @@ import torch
 
 from collab.backends import load_backend
 from collab.config import CollabConfig, load_config
-from deployments.args import REPO_ROOT, AppArgs
+from collab.paths import REPO_ROOT
+from deployments.args import AppArgs
 
 log = logging.getLogger("ray.serve")
 

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import httpx
 
-REPO = Path(__file__).resolve().parents[1]
+from collab.paths import REPO_ROOT as REPO
+
 
 
 def wait_ready(url: str, proc: subprocess.Popen | None, timeout: float) -> None:

@@ -101,3 +101,14 @@ def test_set_overrides_parse_as_yaml():
     }
     with pytest.raises(ConfigError):
         parse_sets(["attention.layer"])
+
+
+def test_gate_aggregation_length_is_scored_not_replaced(tiny_backend, tiny_config):
+    """A gate with L=3 is evaluated on L=3 scores (not silently on all tokens)."""
+    config = tiny_config.model_copy(update={"gate": tiny_config.gate.model_copy(update={"aggregation_length": 3})})
+    outcomes = Evaluator(tiny_backend, config, layers=[]).run(synthetic_items(31, 2), total=2)
+    assert {"1", "2", "3", "all"} <= set(outcomes[0].uncertainties)
+    spec = PolicySpec(name="entropy", aggregation_length=3, threshold=0.0)
+    assert decisions(outcomes, spec).all()
+    with pytest.raises(ValueError, match="L=4"):
+        decisions(outcomes, PolicySpec(name="entropy", aggregation_length=4))

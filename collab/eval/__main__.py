@@ -20,9 +20,9 @@ from collab.config import ConfigError, load_config
 from collab.eval import plots
 from collab.eval.report import build_report, calibrate_threshold
 from collab.eval.runner import Evaluator, EvalItem, dataset_items, decisions, synthetic_items
+from collab.paths import DEFAULT_CONFIG, REPO_ROOT
 from collab.policies import POLICIES, PolicySpec
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def split_spec(text: str) -> tuple[int, int]:
@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--synthetic", type=split_spec, metavar="SEED:N", help="generate N synthetic items with SEED")
     src.add_argument("--dataset", metavar="PATH", help="local dataset: our layout, TextVQA json or VQAv2 files")
     p.add_argument("--limit", type=int, help="with --dataset: first N questions only")
-    p.add_argument("--config", default=str(REPO_ROOT / "configs" / "default.yaml"), help="YAML config (default: %(default)s)")
+    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: %(default)s)")
     p.add_argument("--model", help="override model.path")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config field, e.g. --set attention.layer=2 --set attention.relative=false (YAML values)")

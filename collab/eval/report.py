@@ -12,7 +12,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from collab.eval.runner import ItemOutcome, decisions, policy_result
+from collab.eval.runner import ItemOutcome, decisions, length_key, policy_result
 from collab.geometry import Box
 from collab.policies import PolicySpec, stable_uniform
 from collab.uncertainty import SCORE_KINDS, separability
@@ -44,8 +44,7 @@ def expected_random_accuracy(outcomes: list[ItemOutcome], rate: float) -> float:
 
 def threshold_sweep(outcomes: list[ItemOutcome], spec: PolicySpec, points: int = 25) -> list[dict]:
     """Accuracy vs extra bytes of `entropy` over thresholds, with random at the matched rate."""
-    length = "all" if spec.aggregation_length is None else str(spec.aggregation_length)
-    u = np.array([o.uncertainty(spec.score, length) for o in outcomes])
+    u = np.array([o.uncertainty(spec.score, length_key(spec.aggregation_length)) for o in outcomes])
     thresholds = sorted(set(np.quantile(u, np.linspace(0, 1, points)).tolist()) | {float(u.max()) + 1e-9, spec.threshold})
     local = np.array([o.local_bytes for o in outcomes])
     rows = []

@@ -27,7 +27,12 @@ from collab.policies import PolicySpec, should_refine
 from collab.roi import box_around
 from collab.uncertainty import answer_uncertainties
 
-AGGREGATIONS = {"1": 1, "2": 2, "all": None}
+AGGREGATIONS = {"1": 1, "2": 2, "all": None}  # the aggregation-length ablation; the gate's own L is added
+
+
+def length_key(aggregation_length: int | None) -> str:
+    """Key of ItemOutcome.uncertainties for an aggregation length (None = all answer tokens)."""
+    return "all" if aggregation_length is None else str(aggregation_length)
 
 
 @dataclass
@@ -110,8 +115,9 @@ class Evaluator:
         full_bytes = encode_image(original, cfg.imaging.format, cfg.imaging.jpeg_quality).nbytes
 
         gen = backend.generate([global_features], item.question)
+        lengths = {**AGGREGATIONS, length_key(cfg.gate.aggregation_length): cfg.gate.aggregation_length}
         uncertainties = {
-            name: answer_uncertainties(gen.scores, gen.n_answer_tokens, length) for name, length in AGGREGATIONS.items()
+            name: answer_uncertainties(gen.scores, gen.n_answer_tokens, length) for name, length in lengths.items()
         }
         answer_ids = gen.token_ids[: gen.n_answer_tokens]
         layers = sorted(set(self.layers) | {cfg.attention.layer % info.num_layers})
@@ -162,9 +168,10 @@ class Evaluator:
 
 def decisions(outcomes: list[ItemOutcome], spec: PolicySpec) -> np.ndarray:
     """The gate's decision for every item under `spec` (same rule as collab.policies)."""
-    length = "all" if spec.aggregation_length is None else str(spec.aggregation_length)
-    if length not in AGGREGATIONS:
-        length = "all"
+    length = length_key(spec.aggregation_length)
+    if outcomes and length not in outcomes[0].uncertainties:
+        raise ValueError(f"outcomes hold no scores aggregated over L={spec.aggregation_length}; "
+                         f"evaluate with gate.aggregation_length={spec.aggregation_length}")
     return np.array(
         [should_refine(spec, o.uncertainty(spec.score, length), o.question_id) for o in outcomes], dtype=bool
     )
