@@ -1,90 +1,90 @@
-"""The main job in one command: start the Serve app, send a few edge queries, print what happened.
+"""The main job in one command: start the Serve app, send a few edge queries, then a short load.
 
-    python -m edge_agents.demo                  # `serve run serve_config.yaml`, 8 synthetic queries
+    python -m edge_agents.demo                  # `serve run serve_config.yaml`, 8 queries, 4 agents x 20 s
     python -m edge_agents.demo --url http://127.0.0.1:8000   # against an app that is already running
 
-Each line shows the question, the answer and its stage, the gate's score, the RoI box, and the
-bytes each upload cost against sending the full-resolution original.
+First each query is shown: the question, the answer and its stage, the gate's score, the RoI box,
+and the bytes each upload cost against sending the full-resolution original. Then a handful of
+edge agents (Ray actors, configs/loadtest/default.yaml's device mix) load the app and the
+load-test summary is printed (files in runs/demo_load/).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import signal
-import subprocess
 import sys
-import time
-from pathlib import Path
-
-import httpx
+from contextlib import nullcontext
 
 from collab.paths import REPO_ROOT as REPO
 
 
+def show_queries(url: str, n: int, seed: int, policy: str) -> None:
+    from collab.data.synthetic import generate_items
+    from collab.imaging import encode_image
+    from edge_agents.client import EdgeClient
 
-def wait_ready(url: str, proc: subprocess.Popen | None, timeout: float) -> None:
-    end = time.time() + timeout
-    while time.time() < end:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"`serve run` exited with code {proc.returncode}; see its log above")
-        try:
-            if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise TimeoutError(f"the app did not answer at {url} within {timeout:.0f} s")
+    client = EdgeClient(url, client_id="demo-edge")
+    info = client.models()
+    print(f"model {info['model']} encoder {info['encoder_size']} policy {policy}\n")
+    correct = total_bytes = full_bytes = 0
+    for item in generate_items(seed, n):
+        r = client.ask(item.image, item.question, policy=policy, question_id=item.question_id)
+        full = encode_image(item.image, "jpeg", 90).nbytes
+        ok = r.answer == item.answer
+        correct += ok
+        total_bytes += r.global_bytes + r.local_bytes
+        full_bytes += full
+        print(f"{item.question:40s} -> {r.answer:8s} ({'right' if ok else 'wrong, ' + item.answer:9s}) stage {r.stage} "
+              f"score {r.score:.2f} box {r.box} bytes {r.global_bytes}+{r.local_bytes} (full-res {full})")
+    print(f"\n{correct}/{n} correct; uplink {total_bytes / n / 1024:.1f} KiB/query "
+          f"vs {full_bytes / n / 1024:.1f} KiB for full-resolution originals")
+    client.close()
+
+
+def short_load(url: str, agents: int, duration: float, policy: str, out: str) -> int:
+    from pathlib import Path
+
+    from edge_agents import report
+    from edge_agents.config import load_loadtest_config
+    from edge_agents.loadtest import connect_ray, run_load, write_outputs
+
+    config = load_loadtest_config(REPO / "configs/loadtest/default.yaml",
+                                  {"url": url, "agents": agents, "policy": policy, "workload.duration_s": duration, "workload.ramp_up_s": 2})
+    print(f"\nload: {agents} edge agents for {duration:.0f} s (configs/loadtest/default.yaml device mix)", flush=True)
+    import ray
+
+    connect_ray(None)
+    try:
+        result = run_load(config)
+    finally:
+        ray.shutdown()  # leave the cluster before `serve run` is stopped
+    summary = write_outputs(result, config, Path(out))
+    print("\n" + report.table(summary))
+    print(f"\nfiles in {out}/; a longer load: python -m edge_agents.loadtest --help")
+    return 1 if summary["failed"] else 0
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m edge_agents.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--serve-config", default=str(REPO / "serve_config.yaml"), help="config for `serve run` (default: %(default)s)")
     p.add_argument("--url", help="use an already running app instead of starting one")
-    p.add_argument("--n", type=int, default=8, help="queries to send (default: %(default)s)")
+    p.add_argument("--n", type=int, default=8, help="queries to show one by one (default: %(default)s)")
     p.add_argument("--seed", type=int, default=2024, help="synthetic benchmark seed (default: %(default)s)")
     p.add_argument("--policy", default="entropy", choices=["never", "always", "random", "entropy"])
+    p.add_argument("--agents", type=int, default=4, help="edge agents in the short load, 0 to skip it (default: %(default)s)")
+    p.add_argument("--duration", type=float, default=20, help="seconds of load (default: %(default)s)")
+    p.add_argument("--out", default=str(REPO / "runs/demo_load"), help="load-test output directory (default: %(default)s)")
     p.add_argument("--timeout", type=float, default=180, help="seconds to wait for the app to start")
     args = p.parse_args(argv)
 
-    from collab.data.synthetic import generate_items
-    from collab.imaging import encode_image
-    from edge_agents.client import EdgeClient
+    from edge_agents.app_process import serve_app, wait_ready
 
-    proc = None
     url = args.url or "http://127.0.0.1:8000"
-    if not args.url:
-        env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"), "HF_HUB_OFFLINE": "1"}
-        print(f"starting: serve run {args.serve_config}", flush=True)
-        serve_cli = Path(sys.executable).with_name("serve")  # the venv's CLI, even when it is not on PATH
-        proc = subprocess.Popen([str(serve_cli) if serve_cli.exists() else "serve", "run", args.serve_config], cwd=REPO, env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        wait_ready(url, proc, args.timeout)
-        client = EdgeClient(url, client_id="demo-edge")
-        info = client.models()
-        print(f"model {info['model']} encoder {info['encoder_size']} policy {args.policy}\n")
-        correct = total_bytes = full_bytes = 0
-        for item in generate_items(args.seed, args.n):
-            r = client.ask(item.image, item.question, policy=args.policy, question_id=item.question_id)
-            full = encode_image(item.image, "jpeg", 90).nbytes
-            ok = r.answer == item.answer
-            correct += ok
-            total_bytes += r.global_bytes + r.local_bytes
-            full_bytes += full
-            print(f"{item.question:40s} -> {r.answer:8s} ({'right' if ok else 'wrong, ' + item.answer:9s}) stage {r.stage} "
-                  f"score {r.score:.2f} box {r.box} bytes {r.global_bytes}+{r.local_bytes} (full-res {full})")
-        print(f"\n{correct}/{args.n} correct; uplink {total_bytes / args.n / 1024:.1f} KiB/query "
-              f"vs {full_bytes / args.n / 1024:.1f} KiB for full-resolution originals")
-        client.close()
-    finally:
-        if proc is not None:
-            os.killpg(proc.pid, signal.SIGTERM)  # `serve run` stops its cluster on SIGTERM
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-    return 0
+    if args.url:
+        wait_ready(url, None, args.timeout)
+    with serve_app(args.serve_config, url, args.timeout) if not args.url else nullcontext():
+        show_queries(url, args.n, args.seed, args.policy)
+        return short_load(url, args.agents, args.duration, args.policy, args.out) if args.agents else 0
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 import os
 
+import httpx
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -37,3 +38,32 @@ def tiny_backend(tiny_config):
     from collab.backends import load_backend
 
     return load_backend(tiny_config.model)
+
+
+@pytest.fixture(scope="session")
+def served(tiny_config, tmp_path_factory):
+    """The app on a real local Ray (2 CPUs, loopback), shared by every test that needs HTTP."""
+    from deployments.app import compose
+    from deployments.args import AppArgs
+    from serve_helpers import APP, FAST_AUTOSCALE, free_port, start_serve, wait_for, write_collab_config
+
+    port = free_port()
+    serve = start_serve(port)
+    cfg = write_collab_config(tiny_config, tmp_path_factory.mktemp("serve") / "collab.yaml")
+    args = {"config": str(cfg), "sessions": {"ttl_s": 30, "max_sessions": 100, "max_bytes": 2**24}}
+    serve.run(compose(AppArgs.model_validate(args), {"FirstPassDecoder": {"autoscaling_config": FAST_AUTOSCALE}}), name=APP, route_prefix="/")
+    url = f"http://127.0.0.1:{port}"
+
+    def routed():  # the proxy learns the route shortly after serve.run returns
+        try:
+            return httpx.get(f"{url}/healthz", timeout=5).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    assert wait_for(routed, timeout=60)
+    yield url
+    serve.delete(APP)
+    serve.shutdown()
+    import ray
+
+    ray.shutdown()

@@ -8,6 +8,17 @@ from pathlib import Path
 
 import yaml
 
+APP = "collab"
+FAST_AUTOSCALE = {
+    "min_replicas": 1,
+    "max_replicas": 2,
+    "target_ongoing_requests": 1,
+    "upscale_delay_s": 1,
+    "downscale_delay_s": 4,
+    "look_back_period_s": 1,
+    "metrics_interval_s": 0.5,
+}
+
 
 def free_port() -> int:
     with socket.socket() as s:

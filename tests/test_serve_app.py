@@ -11,45 +11,8 @@ import pytest
 
 from collab.data.synthetic import generate_items
 from collab.pipeline import ReferencePipeline
-from deployments.app import compose
-from deployments.args import AppArgs
 from edge_agents.client import EdgeClient
-from serve_helpers import free_port, running_replicas, start_serve, wait_for, write_collab_config
-
-APP = "collab"
-FAST_AUTOSCALE = {
-    "min_replicas": 1,
-    "max_replicas": 2,
-    "target_ongoing_requests": 1,
-    "upscale_delay_s": 1,
-    "downscale_delay_s": 4,
-    "look_back_period_s": 1,
-    "metrics_interval_s": 0.5,
-}
-
-
-@pytest.fixture(scope="module")
-def served(tiny_config, tmp_path_factory):
-    port = free_port()
-    serve = start_serve(port)
-    cfg = write_collab_config(tiny_config, tmp_path_factory.mktemp("serve") / "collab.yaml")
-    args = {"config": str(cfg), "sessions": {"ttl_s": 30, "max_sessions": 100, "max_bytes": 2**24}}
-    serve.run(compose(AppArgs.model_validate(args), {"FirstPassDecoder": {"autoscaling_config": FAST_AUTOSCALE}}), name=APP, route_prefix="/")
-    url = f"http://127.0.0.1:{port}"
-
-    def routed():  # the proxy learns the route shortly after serve.run returns
-        try:
-            return httpx.get(f"{url}/healthz", timeout=5).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    assert wait_for(routed, timeout=60)
-    yield url
-    serve.delete(APP)
-    serve.shutdown()
-    import ray
-
-    ray.shutdown()
+from serve_helpers import APP, running_replicas, wait_for
 
 
 @pytest.fixture()

@@ -1,0 +1,54 @@
+"""Start `serve run serve_config.yaml` as a child process and wait until it answers (demo, load test)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+from collab.paths import REPO_ROOT
+
+DEFAULT_SERVE_CONFIG = REPO_ROOT / "serve_config.yaml"
+
+
+def wait_ready(url: str, proc: subprocess.Popen | None, timeout: float) -> None:
+    """Return once GET /v1/models answers 200; a clear error if the app died or never answered."""
+    end = time.time() + timeout
+    while True:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"`serve run` exited with code {proc.returncode}; see its log above")
+        try:
+            if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.time() >= end:
+            hint = "" if proc is not None else "; start it with `serve run serve_config.yaml` (or pass --start-app)"
+            raise TimeoutError(f"no collab app answered at {url} within {timeout:.0f} s{hint}")
+        time.sleep(1)
+
+
+@contextmanager
+def serve_app(serve_config: str | Path = DEFAULT_SERVE_CONFIG, url: str = "http://127.0.0.1:8000", timeout: float = 180, quiet: bool = True):
+    """`serve run` in its own process group; SIGTERM (which stops its Ray cluster) on exit."""
+    env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"), "HF_HUB_OFFLINE": "1"}
+    serve_cli = Path(sys.executable).with_name("serve")  # the venv's CLI, even when it is not on PATH
+    out = subprocess.DEVNULL if quiet else None
+    print(f"starting: serve run {serve_config}", flush=True)
+    proc = subprocess.Popen([str(serve_cli) if serve_cli.exists() else "serve", "run", str(serve_config)], cwd=REPO_ROOT,
+                            env=env, stdout=out, stderr=out, start_new_session=True)
+    try:
+        wait_ready(url, proc, timeout)
+        yield proc
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)

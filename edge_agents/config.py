@@ -1,0 +1,136 @@
+"""Typed load-test configuration, read from YAML (configs/loadtest/*.yaml) and CLI overrides."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+Policy = Literal["never", "always", "random", "entropy"]
+
+
+class LoadTestConfigError(ValueError):
+    """A load-test config that cannot be used; the message names the file and the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DeviceProfile(_Strict):
+    """One kind of edge device: its uplink, how it encodes images, and which policy it asks for."""
+
+    name: str = "phone-4g"
+    uplink_mbps: float = Field(10.0, gt=0, description="private uplink rate (ignored when a shared channel is set)")
+    rtt_ms: float = Field(40.0, ge=0, description="round-trip time of one HTTP exchange")
+    jitter_ms: float = Field(5.0, ge=0, description="uniform RTT jitter, +/- this many ms")
+    jpeg_quality: int = Field(90, ge=1, le=95)
+    policy: Policy | None = Field(None, description="policy the device asks for; None = the workload's")
+    threshold: float | None = Field(None, description="entropy threshold in bits; None = the server's")
+    weight: float = Field(1.0, gt=0, description="share of the agents with this profile")
+
+
+class ChannelSettings(_Strict):
+    """A multi-access uplink shared by all agents (off when capacity_mbps is None)."""
+
+    capacity_mbps: float | None = Field(None, gt=0)
+    discipline: Literal["ps", "fifo"] = "ps"
+
+
+class RetrySettings(_Strict):
+    """Idempotent retries on transient failures (connection errors, 502/503/504, 429)."""
+
+    max_attempts: int = Field(6, ge=1)
+    backoff_s: float = Field(0.2, ge=0, description="first backoff; doubles each attempt, with full jitter")
+    backoff_max_s: float = Field(5.0, ge=0)
+    request_timeout_s: float = Field(120.0, gt=0, description="HTTP timeout of one attempt")
+
+
+class Workload(_Strict):
+    """How queries arrive: closed loop (each agent waits think time after an answer) or open loop
+    (Poisson arrivals at rate_qps per agent, answers or not)."""
+
+    mode: Literal["closed", "open"] = "closed"
+    think_time_s: float = Field(0.5, ge=0, description="closed loop: mean think time after each answer")
+    think_distribution: Literal["fixed", "exponential"] = "exponential"
+    rate_qps: float = Field(0.5, gt=0, description="open loop: mean arrival rate per agent")
+    max_in_flight: int = Field(16, ge=1, description="open loop: per-agent bound on queries in flight (later arrivals wait)")
+    duration_s: float = Field(30.0, gt=0, description="agents stop starting queries after this")
+    ramp_up_s: float = Field(5.0, ge=0, description="agent i starts at ramp_up_s * i / agents")
+    drain_s: float = Field(300.0, ge=0, description="after the duration, wait this long for queries in flight")
+
+
+class Source(_Strict):
+    """Where the agents' images and questions come from: a synthetic split or a local dataset
+    (our layout: a folder with questions.jsonl and images/; or TextVQA / VQAv2 files)."""
+
+    synthetic: str | None = Field("2024:256", description="SEED:N, generated on the fly")
+    dataset: str | None = Field(None, description="path of a local dataset (replaces synthetic)")
+    limit: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if self.dataset:
+            self.synthetic = None
+        if not self.synthetic and not self.dataset:
+            raise ValueError("set source.synthetic (SEED:N) or source.dataset (PATH)")
+        if self.synthetic and not re.fullmatch(r"\d+:\d+", self.synthetic):
+            raise ValueError(f"source.synthetic must look like SEED:N, got {self.synthetic!r}")
+        return self
+
+
+class LoadTestConfig(_Strict):
+    url: str = "http://127.0.0.1:8000"
+    agents: int = Field(8, ge=1)
+    agents_per_actor: int = Field(8, ge=1, description="agents hosted per Ray actor process (1 = one actor each)")
+    policy: Policy = "entropy"
+    seed: int = 0
+    app_name: str = Field("collab", description="Serve application whose replicas are plotted")
+    metrics_port: int | None = Field(None, description="serve Prometheus metrics of the edge side here (issue 6)")
+    workload: Workload = Workload()
+    source: Source = Source()
+    channel: ChannelSettings = ChannelSettings()
+    retry: RetrySettings = RetrySettings()
+    profiles: list[DeviceProfile] = Field(default_factory=lambda: [DeviceProfile()], min_length=1)
+
+    def profile_for(self, agent_index: int) -> DeviceProfile:
+        """Deterministic mix: agent i gets the profile whose weight band holds (i + 0.5) / agents."""
+        total = sum(p.weight for p in self.profiles)
+        point = (agent_index + 0.5) / self.agents * total
+        acc = 0.0
+        for profile in self.profiles:
+            acc += profile.weight
+            if point < acc:
+                return profile
+        return self.profiles[-1]
+
+
+def load_loadtest_config(path: str | Path | None = None, overrides: dict | None = None) -> LoadTestConfig:
+    """Config from YAML (or the defaults), with dotted overrides such as {"workload.duration_s": 60}."""
+    data: dict = {}
+    where = "defaults"
+    if path is not None:
+        where = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise LoadTestConfigError(f"load-test config not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise LoadTestConfigError(f"{p}: not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise LoadTestConfigError(f"{p}: expected a mapping at the top level")
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    try:
+        return LoadTestConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise LoadTestConfigError(f"{where}: {problems}") from None

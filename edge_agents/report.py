@@ -1,0 +1,236 @@
+"""Load-test results: the summary (summary.json keys are stable), the CSV, the table and the plots."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+
+from edge_agents.agent import QueryLog
+
+PERCENTILES = (50, 95, 99)
+
+
+def _percentiles(values) -> dict:
+    arr = np.asarray([v for v in values if v is not None], dtype=float)
+    if arr.size == 0:
+        return {f"p{p}": None for p in PERCENTILES} | {"mean": None}
+    return {f"p{p}": float(np.percentile(arr, p)) for p in PERCENTILES} | {"mean": float(arr.mean())}
+
+
+def _mean(values) -> float | None:
+    arr = [v for v in values if v is not None]
+    return float(np.mean(arr)) if arr else None
+
+
+def group_summary(rows: list[dict]) -> dict:
+    """Accuracy, refine rate and bytes of a set of rows (answered queries only)."""
+    ok = [r for r in rows if not r["error"]]
+    return {
+        "queries": len(rows),
+        "failed": len(rows) - len(ok),
+        "accuracy": _mean(r["correct"] for r in ok),
+        "first_pass_accuracy": _mean(r["first_correct"] for r in ok),
+        "refine_rate": _mean(float(r["box"] is not None) for r in ok),
+        "bytes_per_query": {
+            "global": _mean(r["global_bytes"] for r in ok),
+            "local": _mean(r["local_bytes"] for r in ok),
+            "total": _mean(r["global_bytes"] + r["local_bytes"] for r in ok),
+            "full_resolution": _mean(r["full_bytes"] for r in ok),
+        },
+        "latency_ms": _percentiles(r["latency_ms"] for r in ok),
+    }
+
+
+def summarize(rows: list[dict], *, wall_s: float, config: dict | None = None, replicas: list[dict] | None = None,
+              channel: dict | None = None, agent_failures: list[str] | None = None) -> dict:
+    """summary.json: `queries`, `failed`, `throughput_qps`, `latency_ms.{p50,p95,p99}`, `accuracy`,
+    `refine_rate`, `bytes_per_query.{global,local}`, plus the network/server split and breakdowns."""
+    ok = [r for r in rows if not r["error"]]
+    out = group_summary(rows)
+    errors: dict[str, int] = {}
+    for r in rows:
+        if r["error"]:
+            key = r["error"].split(";")[0][:80]
+            errors[key] = errors.get(key, 0) + 1
+    out.update({
+        "throughput_qps": len(ok) / wall_s if wall_s > 0 else None,
+        "wall_s": wall_s,
+        "network_ms": _percentiles(r["network_ms"] for r in ok),
+        "server_ms": _percentiles(r["server_ms"] for r in ok),
+        "edge_ms": _percentiles(r["edge_ms"] for r in ok),
+        "retries": int(sum(r["retries"] for r in rows)),
+        "queries_retried": int(sum(r["retries"] > 0 for r in rows)),
+        "sessions_expired": int(sum(bool(r["session_expired"]) for r in ok)),
+        "errors": errors,
+        "agent_failures": agent_failures or [],
+        "by_policy": {p: group_summary([r for r in rows if r["policy"] == p]) for p in sorted({r["policy"] for r in rows})},
+        "by_profile": {p: group_summary([r for r in rows if r["profile"] == p]) for p in sorted({r["profile"] for r in rows})},
+    })
+    if replicas:
+        names = sorted({k for s in replicas for k in s["replicas"]})
+        out["replicas_max"] = {n: max(s["replicas"].get(n, 0) for s in replicas) for n in names}
+        out["replicas_min"] = {n: min(s["replicas"].get(n, 0) for s in replicas) for n in names}
+    if channel:
+        out["channel"] = channel
+    if config:
+        out["config"] = config
+    return out
+
+
+def write_rows(rows: list[dict], path: Path) -> None:
+    fields = list(QueryLog.__dataclass_fields__)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for r in sorted(rows, key=lambda r: r["t_start"]):
+            writer.writerow(r)
+
+
+def _fmt(v, spec=".1f", unit="") -> str:
+    return "-" if v is None else f"{v:{spec}}{unit}"
+
+
+def table(summary: dict) -> str:
+    """The end-of-run table, for people."""
+    lat, net, srv = summary["latency_ms"], summary["network_ms"], summary["server_ms"]
+    b = summary["bytes_per_query"]
+    lines = [
+        f"queries {summary['queries']}  failed {summary['failed']}  throughput {_fmt(summary['throughput_qps'], '.2f')} qps"
+        f"  retries {summary['retries']} ({summary['queries_retried']} queries)  expired sessions {summary['sessions_expired']}",
+        f"{'latency ms':<14}{'p50':>10}{'p95':>10}{'p99':>10}",
+    ]
+    for name, d in (("end to end", lat), ("network", net), ("server", srv)):
+        lines.append(f"{name:<14}" + "".join(f"{_fmt(d[f'p{p}']):>10}" for p in PERCENTILES))
+    lines.append(f"accuracy {_fmt(summary['accuracy'], '.3f')} (first pass {_fmt(summary['first_pass_accuracy'], '.3f')})"
+                 f"  refine rate {_fmt(summary['refine_rate'], '.3f')}")
+    lines.append(f"bytes/query: global {_fmt(b['global'], '.0f')}  local {_fmt(b['local'], '.0f')}  total {_fmt(b['total'], '.0f')}"
+                 f"  (full-resolution original {_fmt(b['full_resolution'], '.0f')})")
+    if len(summary["by_policy"]) > 1:
+        for p, s in summary["by_policy"].items():
+            lines.append(f"  {p:<8} n={s['queries']:<5} acc {_fmt(s['accuracy'], '.3f')}  refine {_fmt(s['refine_rate'], '.2f')}"
+                         f"  bytes {_fmt(s['bytes_per_query']['total'], '.0f')}  p95 {_fmt(s['latency_ms']['p95'], '.0f')} ms")
+    if summary.get("replicas_max"):
+        lines.append("replicas (min-max): " + ", ".join(f"{n} {summary['replicas_min'][n]}-{m}" for n, m in summary["replicas_max"].items()))
+    if summary.get("channel"):
+        c = summary["channel"]
+        lines.append(f"shared channel: {c['capacity_mbps']} Mbit/s {c['discipline']}, utilisation {c['utilisation']:.2f}, peak {c['peak_in_flight']} transfers")
+    if summary["errors"]:
+        lines.append("errors: " + "; ".join(f"{k} x{v}" for k, v in summary["errors"].items()))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------- plots
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_latency_cdf(rows: list[dict], path: Path) -> None:
+    plt = _plt()
+    ok = [r for r in rows if not r["error"]]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label in (("latency_ms", "end to end"), ("server_ms", "server"), ("network_ms", "network (simulated)")):
+        vals = np.sort([r[key] for r in ok])
+        if vals.size:
+            ax.plot(vals, np.arange(1, vals.size + 1) / vals.size, label=label)
+    ax.set_xlabel("latency (ms)")
+    ax.set_ylabel("fraction of queries")
+    ax.set_title(f"latency CDF ({len(ok)} answered queries)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_timeline(rows: list[dict], replicas: list[dict], path: Path) -> None:
+    """Latency of each query at its completion time, and Serve's running replicas per deployment."""
+    plt = _plt()
+    ok = [r for r in rows if not r["error"]]
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    if ok:
+        done = np.array([r["t_start"] + r["latency_ms"] / 1000 for r in ok])
+        lat = np.array([r["latency_ms"] for r in ok])
+        order = np.argsort(done)
+        done, lat = done[order], lat[order]
+        ax1.scatter(done, lat, s=4, alpha=0.4, label="query")
+        window = max(1, len(lat) // 30)
+        if len(lat) >= window * 2:
+            ax1.plot(done[window - 1:], [np.percentile(lat[i - window + 1:i + 1], 95) for i in range(window - 1, len(lat))],
+                     color="C3", label=f"p95 of last {window}")
+    failed = [r for r in rows if r["error"]]
+    if failed:
+        ax1.scatter([r["t_start"] + r["latency_ms"] / 1000 for r in failed], [r["latency_ms"] for r in failed], s=12, marker="x", color="k", label="failed")
+    ax1.set_ylabel("latency (ms)")
+    ax1.grid(alpha=0.3)
+    ax1.legend(loc="upper left")
+    if replicas:
+        t = [s["t"] for s in replicas]
+        for name in sorted({k for s in replicas for k in s["replicas"]}):
+            ax2.step(t, [s["replicas"].get(name, 0) for s in replicas], where="post", label=name)
+        ax2.legend(loc="upper left", fontsize=8)
+    else:
+        ax2.text(0.5, 0.5, "replica counts unavailable (not connected to the Serve cluster)", ha="center", va="center", transform=ax2.transAxes)
+    ax2.set_ylabel("running replicas")
+    ax2.set_xlabel("time since start (s)")
+    ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_bytes_accuracy(by_policy: dict, path: Path) -> None:
+    """Mean uplink bytes per query vs accuracy, one point per policy, full resolution for reference."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    full = [s["bytes_per_query"]["full_resolution"] for s in by_policy.values() if s["bytes_per_query"]["full_resolution"]]
+    for name, s in by_policy.items():
+        x, y = s["bytes_per_query"]["total"], s["accuracy"]
+        if x is None or y is None:
+            continue
+        ax.scatter([x / 1024], [y], s=40)
+        ax.annotate(f"{name} (refine {s['refine_rate']:.0%})", (x / 1024, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    if full:
+        ax.axvline(np.mean(full) / 1024, color="grey", ls="--", label="full-resolution upload")
+        ax.legend()
+    ax.set_xlabel("uplink KiB per query")
+    ax.set_ylabel("accuracy")
+    ax.set_title("accuracy vs uplink bytes per policy")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_sweep(points: list[dict], path: Path) -> None:
+    """The contention curve: throughput and p95 latency against the number of agents, per policy."""
+    plt = _plt()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for policy in sorted({p["policy"] for p in points}):
+        pts = sorted((p for p in points if p["policy"] == policy), key=lambda p: p["agents"])
+        n = [p["agents"] for p in pts]
+        ax1.plot(n, [p["throughput_qps"] for p in pts], marker="o", label=policy)
+        ax2.plot(n, [p["latency_ms"]["p95"] for p in pts], marker="o", label=policy)
+    for ax, label in ((ax1, "throughput (qps)"), (ax2, "p95 end-to-end latency (ms)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("edge agents")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle("multi-client contention")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_json(data, path: Path) -> None:
+    path.write_text(json.dumps(data, indent=2, default=float))
