@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_PIN := torch==2.13.0   # the CPU build on this machine's disk; a newer pin pulls a multi-GB CUDA build
 
-.PHONY: install demo test test-slow clean
+.PHONY: install demo test test-slow prometheus clean
 
 install: $(VENV)/.installed
 
@@ -22,6 +22,9 @@ test: install
 
 test-slow: install
 	$(PY) -m pytest -m slow
+
+prometheus:  # Prometheus on 127.0.0.1:9090 with configs/prometheus/prometheus.yml (installs Debian's package if missing)
+	bash scripts/prometheus.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache runs

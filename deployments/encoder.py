@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import asdict
 
 import torch
@@ -10,6 +11,7 @@ from ray import serve
 
 from collab.imaging import decode_image
 from deployments.args import AppArgs
+from deployments import metrics
 from deployments.common import load_model
 
 
@@ -25,8 +27,11 @@ class VisionEncoder:
         return asdict(self.backend.info)
 
     def _encode(self, images: list[bytes]) -> list[torch.Tensor]:
+        start = time.perf_counter()
         pixels = self.backend.preprocess([decode_image(b) for b in images])
-        return [f.cpu() for f in self.backend.encode(pixels)]
+        out = [f.cpu() for f in self.backend.encode(pixels)]
+        metrics.stage_latency().observe((time.perf_counter() - start) * 1000, tags={"stage": "encode"})
+        return out
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
     async def encode(self, images: list[bytes]) -> list[torch.Tensor]:

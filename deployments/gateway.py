@@ -19,6 +19,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from collab.policies import POLICIES, PolicySpec
+from deployments import metrics
 from deployments.args import AppArgs
 from deployments.common import load_collab_config
 from deployments.sessions import digest
@@ -82,6 +83,16 @@ def error(status: int, message: str, headers: dict | None = None) -> HTTPExcepti
 async def _json_errors(request, exc: HTTPException):
     """Every error is JSON: {"error": message, "status": code} (registered before serve.ingress wraps the app)."""
     return JSONResponse({"error": exc.detail, "status": exc.status_code}, status_code=exc.status_code, headers=exc.headers)
+
+
+@app.middleware("http")
+async def _count_errors(request, call_next):
+    """Every 4xx/5xx reply of the API is counted (handlers count their successes, with the policy)."""
+    response = await call_next(request)
+    path = request.url.path
+    if response.status_code >= 400 and path.startswith("/v1/"):
+        metrics.gateway().requests.inc(tags={"endpoint": path.rsplit("/", 1)[-1], "policy": "-", "outcome": f"error_{response.status_code // 100}xx"})
+    return response
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=200)
@@ -173,8 +184,14 @@ class Gateway:
         features = self.encoder.encode.remote(data)  # stays a DeploymentResponse: chained, not fetched
         first = await self._deadline(self.first_pass.run.remote(features, question, spec.__dict__, key))
         timings = dict(first["timings_ms"])
+        m = metrics.gateway()
+        m.uplink_bytes.inc(len(data), tags={"stage": "global"})
+        if spec.name == "entropy":
+            m.threshold.set(spec.threshold, tags={"policy": spec.name})
         if not first["refine"]:
             timings["total"] = (time.perf_counter() - started) * 1000
+            m.requests.inc(tags={"endpoint": "query", "policy": spec.name, "outcome": "answered"})
+            metrics.stage_latency().observe(timings["total"], tags={"stage": "query_total"})
             return Answered(answer=first["answer"], stage=1, score=first["uncertainty"], scores=first["uncertainties"],
                             policy=spec.name, first_answer=first["answer"], bytes_received=len(data), timings_ms=timings)
 
@@ -184,6 +201,8 @@ class Gateway:
                 "first_answer": first["answer"], "score": first["uncertainty"], "original_size": [original_width, original_height]}
         session = await self._deadline(self.sessions.create.remote(features, meta))
         timings["total"] = (time.perf_counter() - started) * 1000
+        m.requests.inc(tags={"endpoint": "query", "policy": spec.name, "outcome": "need_roi"})
+        metrics.stage_latency().observe(timings["total"], tags={"stage": "query_total"})
         return NeedRoI(session_id=session["session_id"], box=roi["box"], local_size=list(info["encoder_size"]),
                        expires_in=session["expires_in"], first_answer=first["answer"], score=first["uncertainty"],
                        scores=first["uncertainties"], policy=spec.name, bytes_received=len(data), timings_ms=timings)
@@ -222,4 +241,8 @@ class Gateway:
         reply = Answered(answer=refined["answer"], stage=2, score=meta["score"], policy=meta["policy"],
                          first_answer=meta["first_answer"], bytes_received=len(data), timings_ms=timings)
         await self.sessions.complete.remote(session_id, image_digest, reply.model_dump())
+        m = metrics.gateway()
+        m.uplink_bytes.inc(len(data), tags={"stage": "local"})
+        m.requests.inc(tags={"endpoint": "refine", "policy": meta["policy"], "outcome": "refined"})
+        metrics.stage_latency().observe(timings["total"], tags={"stage": "refine_total"})
         return reply

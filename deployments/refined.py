@@ -10,6 +10,7 @@ from ray import serve
 
 from collab import stages
 from deployments.args import AppArgs
+from deployments import metrics
 from deployments.common import load_model
 
 
@@ -21,7 +22,9 @@ class RefinedDecoder:
     def _run(self, global_features: torch.Tensor, local_features: torch.Tensor, question: str) -> dict:
         start = time.perf_counter()
         gen = stages.refined_pass(self.backend, global_features, local_features, question)
-        return {"answer": gen.answer, "token_ids": gen.token_ids, "timings_ms": {"refine": (time.perf_counter() - start) * 1000}}
+        elapsed = (time.perf_counter() - start) * 1000
+        metrics.stage_latency().observe(elapsed, tags={"stage": "refine"})
+        return {"answer": gen.answer, "token_ids": gen.token_ids, "timings_ms": {"refine": elapsed}}
 
     async def run(self, global_features: torch.Tensor, local_features: torch.Tensor, question: str) -> dict:
         return await asyncio.to_thread(self._run, global_features, local_features, question)

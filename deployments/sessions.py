@@ -108,13 +108,30 @@ class SessionStore:
     def __init__(self, args: AppArgs):
         s = args.sessions
         self.table = SessionTable(s.ttl_s, s.max_sessions, s.max_bytes)
+        self._published = dict(self.table.counters)
+
+    def _publish(self) -> None:
+        """Gauges for size, counters for the events since the last call."""
+        from deployments import metrics
+
+        m = metrics.sessions()
+        m.active.set(len(self.table.sessions))
+        m.bytes.set(self.table.nbytes)
+        for event, count in self.table.counters.items():
+            if count > self._published[event]:
+                m.events.inc(count - self._published[event], tags={"event": event})
+        self._published = dict(self.table.counters)
 
     def create(self, features: torch.Tensor, meta: dict) -> dict:
-        return self.table.create(features, meta)
+        try:
+            return self.table.create(features, meta)
+        finally:
+            self._publish()
 
     def open(self, sid: str, client_id: str | None, image_digest: str) -> dict:
         """Check a refine request against its session: status, meta, and a cached reply if any."""
         status, session = self.table.lookup(sid)
+        self._publish()
         if session is None:
             return {"status": status}
         owner = session.meta.get("client_id")
@@ -134,6 +151,9 @@ class SessionStore:
 
     def complete(self, sid: str, image_digest: str, result: dict) -> None:
         self.table.complete(sid, image_digest, result)
+        self._publish()
 
     def stats(self) -> dict:
-        return self.table.stats()
+        stats = self.table.stats()
+        self._publish()
+        return stats

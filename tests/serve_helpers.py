@@ -31,12 +31,19 @@ def write_collab_config(config, path: Path) -> Path:
     return path
 
 
+RAY_METRICS_PORT: int | None = None  # where this test session's Ray exports Prometheus metrics
+
+
 def start_serve(port: int):
+    """Ray (2 CPUs, metrics on a free loopback port, reported every 2 s) and Serve on `port`."""
     import ray
     from ray import serve
 
+    global RAY_METRICS_PORT
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+        RAY_METRICS_PORT = free_port()
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
+                 _metrics_export_port=RAY_METRICS_PORT, _system_config={"metrics_report_interval_ms": 2000})
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     return serve
 
