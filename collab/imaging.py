@@ -107,6 +107,55 @@ def encode_image(image: Image.Image, fmt: ImageFormat = "jpeg", quality: int = 9
     return Payload(buf.getvalue(), fmt, image.size)
 
 
+class InvalidUpload(ValueError):
+    """Bytes a server must refuse. `reason`: "empty", "too_large" (bytes or pixels, checked before
+    decoding), "not_image" (not a JPEG/PNG), "animated", "corrupt" (truncated or damaged), "size"
+    (not the size the protocol asked for)."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+UPLOAD_FORMATS = ("JPEG", "PNG")
+MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")
+
+
+def inspect_upload(data: bytes, *, max_bytes: int, max_pixels: int, expected_size: tuple[int, int] | None = None) -> Image.Image:
+    """Validate received image bytes and decode them as RGB, or raise InvalidUpload.
+
+    Sizes are read from the header and capped BEFORE any pixel is decoded (a 100-byte PNG can
+    claim 10^10 pixels), only JPEG and PNG are accepted (what the edge sends), animations are
+    refused, and a truncated file is an error instead of a grey half image.
+    """
+    if not data:
+        raise InvalidUpload("empty", "the image file is empty")
+    if len(data) > max_bytes:
+        raise InvalidUpload("too_large", f"the image is {len(data)} bytes; at most {max_bytes} are accepted")
+    try:
+        image = Image.open(io.BytesIO(data), formats=list(UPLOAD_FORMATS))
+    except Image.DecompressionBombError as exc:
+        raise InvalidUpload("too_large", f"the image has too many pixels: {exc}") from None
+    except (OSError, ValueError, SyntaxError, EOFError):  # UnidentifiedImageError is an OSError
+        if data.startswith(MAGIC):
+            raise InvalidUpload("corrupt", "the image is truncated or corrupt") from None
+        raise InvalidUpload("not_image", "the file is not a JPEG or PNG image") from None
+    width, height = image.size
+    if width < 1 or height < 1 or width * height > max_pixels:
+        raise InvalidUpload("too_large", f"the image is {width}x{height} pixels; at most {max_pixels} pixels are accepted")
+    if getattr(image, "n_frames", 1) > 1:
+        raise InvalidUpload("animated", "animated (multi-frame) images are not accepted")
+    if expected_size is not None and (width, height) != tuple(expected_size):
+        raise InvalidUpload("size", f"the image is {width}x{height}; this request needs {expected_size[0]}x{expected_size[1]}")
+    try:
+        image.load()
+    except Image.DecompressionBombError as exc:
+        raise InvalidUpload("too_large", f"the image has too many pixels: {exc}") from None
+    except (OSError, ValueError, SyntaxError, EOFError):
+        raise InvalidUpload("corrupt", "the image is truncated or corrupt") from None
+    return to_rgb(image)
+
+
 def decode_image(data: bytes) -> Image.Image:
     """Server side: the received bytes as RGB."""
     return load_image(data)

@@ -9,15 +9,22 @@ the global features from the session store the same way.
 
 
 import asyncio
+import hmac
+import logging
+import os
 import time
 from typing import Literal
 
-from fastapi import FastAPI, File, Form, HTTPException, UploadFile
+from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from pydantic import BaseModel, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from collab.imaging import InvalidUpload, inspect_upload
 from collab.policies import POLICIES, PolicySpec
 from deployments import metrics
 from deployments.args import AppArgs
@@ -26,8 +33,13 @@ from deployments.sessions import digest
 
 API_VERSION = "1.0"
 MAX_QUESTION_CHARS = 1000
-MAX_IMAGE_BYTES = 16 * 2**20
 MAX_ORIGINAL_SIDE = 65_535
+QUERY_FIELDS = {"question", "image", "original_width", "original_height", "policy", "threshold", "client_id", "question_id"}
+REFINE_FIELDS = {"session_id", "image", "client_id"}
+UPLOAD_STATUS = {"empty": 400, "too_large": 413, "not_image": 415, "animated": 422, "corrupt": 422, "size": 422}
+# A stage that is down or restarting: the edge should retry (its retries are idempotent).
+UNAVAILABLE = (RayActorError, DeploymentUnavailableError, ReplicaUnavailableError, BackPressureError)
+log = logging.getLogger("ray.serve")
 
 app = FastAPI(
     title="collab-vlm",
@@ -85,14 +97,52 @@ async def _json_errors(request, exc: HTTPException):
     return JSONResponse({"error": exc.detail, "status": exc.status_code}, status_code=exc.status_code, headers=exc.headers)
 
 
+@app.exception_handler(RequestValidationError)
+async def _validation_errors(request, exc: RequestValidationError):
+    """FastAPI's field validation, in our error format (no input echoed back: it may be bytes)."""
+    problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'] if p != 'body')}: {e['msg']}" for e in exc.errors())
+    return JSONResponse({"error": problems or "invalid request", "status": 422}, status_code=422)
+
+
+@app.exception_handler(Exception)
+async def _internal_errors(request, exc: Exception):
+    """A bug must not look like a hang or an HTML page: JSON 500, logged without request data."""
+    log.error("internal error on %s: %s", request.url.path, type(exc).__name__)
+    return JSONResponse({"error": "internal server error", "status": 500}, status_code=500)
+
+
+def _reject(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": message, "status": status}, status_code=status, headers=headers)
+
+
 @app.middleware("http")
-async def _count_errors(request, call_next):
-    """Every 4xx/5xx reply of the API is counted (handlers count their successes, with the policy)."""
-    response = await call_next(request)
+async def _guard(request: Request, call_next):
+    """Bearer-token auth (when configured), the body-size limit, and error counting for /v1/*."""
     path = request.url.path
+    response = _check_limits(request) if path.startswith("/v1/") else None
+    if response is None:
+        response = await call_next(request)
     if response.status_code >= 400 and path.startswith("/v1/"):
         metrics.gateway().requests.inc(tags={"endpoint": path.rsplit("/", 1)[-1], "policy": "-", "outcome": f"error_{response.status_code // 100}xx"})
     return response
+
+
+def _check_limits(request: Request) -> JSONResponse | None:
+    limits = getattr(request.app.state, "limits", None)
+    if limits is None:
+        return None
+    token = limits["token"]
+    if token is not None:  # constant-time compare: no timing oracle on the token
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            return _reject(401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
+    if request.method == "POST":
+        length = request.headers.get("content-length")
+        if length is None:
+            return _reject(411, "a Content-Length header is required")
+        if not length.isdigit() or int(length) > limits["max_body_bytes"]:
+            return _reject(413, f"the request body is larger than {limits['max_body_bytes']} bytes")
+    return None
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=200)
@@ -112,6 +162,8 @@ class Gateway:
         self.args = args
         self.config = load_collab_config(args)
         self._info: dict | None = None
+        token = os.environ.get(args.auth_token_env) if args.auth_token_env else None
+        app.state.limits = {"token": token or None, "max_body_bytes": args.max_body_bytes}
 
     async def info(self) -> dict:
         if self._info is None:
@@ -119,19 +171,30 @@ class Gateway:
         return self._info
 
     async def _deadline(self, coro):
+        """Never wait past request_timeout_s; a stage that is down is a 503 to retry, not a 500."""
         try:
             return await asyncio.wait_for(coro, timeout=self.args.request_timeout_s)
         except asyncio.TimeoutError:
             raise error(503, "the server is overloaded: a stage did not answer in time", {"Retry-After": "1"}) from None
+        except UNAVAILABLE as exc:
+            log.warning("a stage is unavailable: %s", type(exc).__name__)
+            raise error(503, "a server stage is restarting or unavailable; retry", {"Retry-After": "1"}) from None
+
+    async def _read_image(self, image: UploadFile, expected_size: tuple[int, int]) -> bytes:
+        """The upload's bytes, after checking them (caps before decoding, JPEG/PNG, size)."""
+        data = await image.read(self.args.max_image_bytes + 1)
+        try:
+            await asyncio.to_thread(inspect_upload, data, max_bytes=self.args.max_image_bytes,
+                                    max_pixels=self.args.max_image_pixels, expected_size=expected_size)
+        except InvalidUpload as exc:
+            raise error(UPLOAD_STATUS[exc.reason], str(exc)) from None
+        return data
 
     @staticmethod
-    async def _read_image(image: UploadFile) -> bytes:
-        data = await image.read(MAX_IMAGE_BYTES + 1)
-        if not data:
-            raise error(400, "the image file is empty")
-        if len(data) > MAX_IMAGE_BYTES:
-            raise error(413, f"the image is larger than {MAX_IMAGE_BYTES} bytes")
-        return data
+    async def _no_extra_fields(request: Request, allowed: set[str]) -> None:
+        extra = sorted(set((await request.form()).keys()) - allowed)
+        if extra:
+            raise error(422, f"unknown fields: {', '.join(extra)}; expected {', '.join(sorted(allowed))}")
 
     @app.get("/healthz")
     async def healthz(self) -> dict:
@@ -157,6 +220,7 @@ class Gateway:
     @app.post("/v1/query", response_model=Answered | NeedRoI)
     async def query(
         self,
+        request: Request,
         question: str = Form(..., description="the question about the image"),
         image: UploadFile = File(..., description="the global image (JPEG or PNG) at the encoder resolution"),
         original_width: int = Form(..., description="width of the edge's ORIGINAL image"),
@@ -167,6 +231,7 @@ class Gateway:
         question_id: str | None = Form(None, max_length=200, description="stable id; keys the random policy"),
     ):
         started = time.perf_counter()
+        await self._no_extra_fields(request, QUERY_FIELDS)
         question = question.strip()
         if not question:
             raise error(422, "the question is empty")
@@ -174,12 +239,12 @@ class Gateway:
             raise error(422, f"the question is longer than {MAX_QUESTION_CHARS} characters")
         if not (1 <= original_width <= MAX_ORIGINAL_SIDE and 1 <= original_height <= MAX_ORIGINAL_SIDE):
             raise error(422, f"original_width and original_height must be in 1..{MAX_ORIGINAL_SIDE}")
-        if threshold is not None and threshold != threshold:
-            raise error(422, "threshold must be a number")
-        data = await self._read_image(image)
+        if threshold is not None and not (-1e6 < threshold < 1e6):  # NaN fails both comparisons
+            raise error(422, "threshold must be a finite number")
+        info = await self._deadline(self.info())
+        data = await self._read_image(image, tuple(info["encoder_size"]))
         spec = PolicySpec.from_gate(self.config.gate, name=policy, threshold=threshold)
         key = question_id or digest(data + question.encode())
-        info = await self.info()
 
         features = self.encoder.encode.remote(data)  # stays a DeploymentResponse: chained, not fetched
         first = await self._deadline(self.first_pass.run.remote(features, question, spec.__dict__, key))
@@ -210,12 +275,15 @@ class Gateway:
     @app.post("/v1/refine", response_model=Answered)
     async def refine(
         self,
+        request: Request,
         session_id: str = Form(..., max_length=64),
         image: UploadFile = File(..., description="the local image: the crop of the ORIGINAL at the box, resized to local_size"),
         client_id: str | None = Form(None, max_length=200),
     ):
         started = time.perf_counter()
-        data = await self._read_image(image)
+        await self._no_extra_fields(request, REFINE_FIELDS)
+        info = await self._deadline(self.info())
+        data = await self._read_image(image, tuple(info["encoder_size"]))
         image_digest = digest(data)
         opened = await self._deadline(self.sessions.open.remote(session_id, client_id, image_digest))
         status = opened["status"]
@@ -240,7 +308,7 @@ class Gateway:
         timings["total"] = (time.perf_counter() - started) * 1000
         reply = Answered(answer=refined["answer"], stage=2, score=meta["score"], policy=meta["policy"],
                          first_answer=meta["first_answer"], bytes_received=len(data), timings_ms=timings)
-        await self.sessions.complete.remote(session_id, image_digest, reply.model_dump())
+        await self._deadline(self.sessions.complete.remote(session_id, image_digest, reply.model_dump()))
         m = metrics.gateway()
         m.uplink_bytes.inc(len(data), tags={"stage": "local"})
         m.requests.inc(tags={"endpoint": "refine", "policy": meta["policy"], "outcome": "refined"})

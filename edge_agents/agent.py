@@ -5,7 +5,8 @@ when the server answers `need_roi`, crops the original at the box it was given a
 local image (`/v1/refine`). Transient failures (connection errors, timeouts, 429/502/503/504) are
 retried with exponential backoff and full jitter; both calls are safe to repeat (a repeated query
 opens a fresh session, a repeated refine is answered from the session's stored result), and a
-query is recorded once, however many attempts it took.
+query is recorded once, however many attempts it took. A refine whose session is gone (410, or 404
+after a session-store restart) keeps the first-pass answer, marked `session_expired`.
 
 `EdgeAgent` has no Ray import: the load test hosts agents inside Ray actors (`AgentHost`), tests
 drive it with plain asyncio.
@@ -27,7 +28,8 @@ from edge_agents.config import DeviceProfile, LoadTestConfig
 from edge_agents.links import round_trip_s, transmission_s
 from edge_agents.sources import EdgeItem, load_items
 
-RETRYABLE_STATUS = {429, 502, 503, 504}
+# Both calls are idempotent, so any server-side failure is worth another attempt.
+RETRYABLE_STATUS = {429, 500, 502, 503, 504}
 
 
 @dataclass
@@ -217,8 +219,8 @@ class EdgeAgent:
         data = {"session_id": first["session_id"], "client_id": self.name}
         files = {"image": ("local." + local.format, local.data, MIME[local.format])}
         resp = await self._exchange("/v1/refine", data, files, local.nbytes, attempts)
-        if resp.status_code == 410:  # expired or evicted: the first answer stands, marked as such
-            log.stage, log.answer, log.session_expired = 1, first["first_answer"], True
+        if resp.status_code in (404, 410):  # expired, evicted, or lost with a restarted session store:
+            log.stage, log.answer, log.session_expired = 1, first["first_answer"], True  # the first answer stands
             return
         second = _json_or_fail(resp, "/v1/refine")
         log.stage, log.answer, log.replayed = 2, second["answer"], bool(second.get("replayed"))

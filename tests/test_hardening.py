@@ -1,0 +1,309 @@
+"""Hardening: bad input is a clear 4xx JSON error (never a 5xx, never a dead replica), state stays
+bounded, auth and body limits hold, and with replicas killed during an edge load every query is
+still answered."""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from collab.data.synthetic import generate_items
+from collab.imaging import InvalidUpload, encode_image, inspect_upload
+from deployments.sessions import SessionTable
+from edge_agents.client import EdgeClient
+from serve_helpers import APP, wait_for
+
+CAPS = {"max_bytes": 2**20, "max_pixels": 2**20}
+
+
+def jpeg(size=(32, 32), color=(200, 30, 30)) -> bytes:
+    return encode_image(Image.new("RGB", size, color), "jpeg", 90).data
+
+
+def png(image: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, "PNG", **kw)
+    return buf.getvalue()
+
+
+def animated_png() -> bytes:
+    frames = [Image.new("RGB", (32, 32), c) for c in ((255, 0, 0), (0, 255, 0))]
+    return png(frames[0], save_all=True, append_images=frames[1:])
+
+
+def bomb_png() -> bytes:
+    """A few KB that claim 400 megapixels: must be refused from the header, before decoding."""
+    return png(Image.new("1", (20_000, 20_000)))
+
+
+# ------------------------------------------------------------------------------------ uploads
+
+
+@pytest.mark.parametrize("data, reason", [
+    (b"", "empty"),
+    (b"hello, not an image", "not_image"),
+    (jpeg()[:40], "corrupt"),
+    (jpeg()[: len(jpeg()) // 2], "corrupt"),
+    (png(Image.new("RGB", (32, 32)))[:60], "corrupt"),
+    (b"\x00" * 5000, "not_image"),
+    (bomb_png(), "too_large"),
+    (animated_png(), "animated"),
+    (jpeg((16, 16)), "size"),
+])
+def test_inspect_upload_refuses(data, reason):
+    with pytest.raises(InvalidUpload) as info:
+        inspect_upload(data, expected_size=(32, 32), **CAPS)
+    assert info.value.reason == reason, str(info.value)
+
+
+def test_inspect_upload_caps_bytes_and_accepts_unusual_modes():
+    with pytest.raises(InvalidUpload, match="bytes"):
+        inspect_upload(jpeg(), max_bytes=100, max_pixels=2**20)
+    gif = io.BytesIO()
+    Image.new("RGB", (32, 32)).save(gif, "GIF")
+    with pytest.raises(InvalidUpload) as info:
+        inspect_upload(gif.getvalue(), **CAPS)
+    assert info.value.reason == "not_image"
+    for mode in ("L", "RGBA", "P", "I;16", "1", "LA"):
+        image = inspect_upload(png(Image.new(mode, (32, 32))), expected_size=(32, 32), **CAPS)
+        assert image.mode == "RGB" and image.size == (32, 32)
+    cmyk = io.BytesIO()
+    Image.new("CMYK", (32, 32), (0, 255, 0, 0)).save(cmyk, "JPEG")
+    assert inspect_upload(cmyk.getvalue(), **CAPS).mode == "RGB"
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=4096), st.integers(0, 3000), st.integers(0, 255))
+def test_inspect_upload_never_raises_anything_else(noise, position, value):
+    """Random bytes and single-byte corruptions of a valid JPEG: decoded RGB or InvalidUpload."""
+    for data in (noise, _corrupt(jpeg(), position, value)):
+        try:
+            image = inspect_upload(data, **CAPS)
+        except InvalidUpload:
+            continue
+        assert image.mode == "RGB"
+
+
+def _corrupt(data: bytes, position: int, value: int) -> bytes:
+    position %= len(data)
+    return data[:position] + bytes([value]) + data[position + 1:]
+
+
+# ------------------------------------------------------------------------------------ state
+
+
+def test_ten_thousand_abandoned_sessions_stay_within_the_caps():
+    import torch
+
+    features = torch.zeros(144, 128)  # 72 KiB each: 10,000 would be 703 MiB unbounded
+    cap = 64 * 2**20
+    clock = [0.0]
+    table = SessionTable(ttl_s=60, max_sessions=5_000, max_bytes=cap, clock=lambda: clock[0])
+    peak = 0
+    for i in range(10_000):
+        table.create(features, {"question": "q", "i": i})
+        clock[0] += 0.001
+        peak = max(peak, table.nbytes)
+        assert len(table.sessions) <= 5_000 and len(table.gone) <= 5_000
+    assert peak <= cap
+    assert table.counters["evicted"] == 10_000 - len(table.sessions)
+    clock[0] += 61  # all abandoned: after the TTL nothing is held
+    assert table.stats()["sessions"] == 0 and table.nbytes == 0
+    status, _ = table.lookup(next(reversed(table.gone)))
+    assert status == "expired"
+
+
+# ------------------------------------------------------------------------------------ auth, limits (no cluster)
+
+
+@pytest.fixture()
+def guarded_app(monkeypatch):
+    """The gateway's FastAPI app with auth and a body limit, without Serve (the guard runs first)."""
+    from fastapi.testclient import TestClient
+
+    from deployments import gateway
+
+    monkeypatch.setattr(gateway.app.state, "limits", {"token": "s3cret-token", "max_body_bytes": 1000}, raising=False)
+    monkeypatch.setattr(gateway.metrics, "gateway", lambda: _NullMetrics())
+    return TestClient(gateway.app, raise_server_exceptions=False)
+
+
+class _NullMetrics:
+    class _C:
+        def inc(self, *a, **k):
+            pass
+
+    requests = _C()
+
+
+def test_bearer_token_and_body_limit(guarded_app):
+    r = guarded_app.post("/v1/query", data={"question": "q"})
+    assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer" and r.json()["status"] == 401
+    r = guarded_app.get("/v1/models", headers={"Authorization": "Bearer wrong"})
+    assert r.status_code == 401
+    r = guarded_app.get("/v1/models", headers={"Authorization": "bearer s3cret-token"})  # scheme is case-exact here
+    assert r.status_code == 401
+    ok = {"Authorization": "Bearer s3cret-token"}
+    r = guarded_app.post("/v1/query", headers=ok, files={"image": ("g.jpg", b"x" * 5000, "image/jpeg")})
+    assert r.status_code == 413 and "larger than 1000" in r.json()["error"]
+    r = guarded_app.get("/healthz")  # health checks need no token
+    assert r.status_code != 401
+
+
+# ------------------------------------------------------------------------------------ live HTTP
+
+
+def _post(url, path, data, files):
+    return httpx.post(f"{url}{path}", data=data, files=files, timeout=60)
+
+
+def test_bad_input_table_over_http(served):
+    """Each case: a 4xx with the JSON error format, and the app still answers afterwards."""
+    good = jpeg()
+    base = {"question": "what colour is the circle?", "original_width": "400", "original_height": "300"}
+    img = lambda data, name="g.jpg", ctype="image/jpeg": {"image": (name, data, ctype)}  # noqa: E731
+    cases = [
+        ("zero-byte image", "/v1/query", base, img(b""), 400),
+        ("non-image bytes", "/v1/query", base, img(b"%PDF-1.4 not an image"), 415),
+        ("truncated JPEG", "/v1/query", base, img(good[: len(good) // 2]), 422),
+        ("decompression bomb", "/v1/query", base, img(bomb_png(), "g.png", "image/png"), 413),
+        ("animated PNG", "/v1/query", base, img(animated_png(), "g.png", "image/png"), 422),
+        ("wrong global size", "/v1/query", base, img(jpeg((64, 48))), 422),
+        ("missing question", "/v1/query", {k: v for k, v in base.items() if k != "question"}, img(good), 422),
+        ("missing image", "/v1/query", base, None, 422),
+        ("extra field", "/v1/query", {**base, "debug": "1"}, img(good), 422),
+        ("empty question", "/v1/query", {**base, "question": "  "}, img(good), 422),
+        ("overlong question", "/v1/query", {**base, "question": "why " * 600}, img(good), 422),
+        ("NaN width", "/v1/query", {**base, "original_width": "NaN"}, img(good), 422),
+        ("negative height", "/v1/query", {**base, "original_height": "-5"}, img(good), 422),
+        ("absurd width", "/v1/query", {**base, "original_width": str(10**9)}, img(good), 422),
+        ("NaN threshold", "/v1/query", {**base, "threshold": "nan"}, img(good), 422),
+        ("unknown policy", "/v1/query", {**base, "policy": "sometimes"}, img(good), 422),
+        ("unknown session", "/v1/refine", {"session_id": "0" * 32}, img(good), 404),
+        ("refine without session id", "/v1/refine", {}, img(good), 422),
+    ]
+    failures = []
+    for name, path, data, files, status in cases:
+        r = _post(served, path, data, files)
+        body = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
+        if r.status_code != status or body.get("status") != status or not body.get("error"):
+            failures.append(f"{name}: {r.status_code} {r.text[:160]}")
+    # wrong content types: JSON and non-UTF-8 form bodies
+    r = httpx.post(f"{served}/v1/query", json=base, timeout=30)
+    if r.status_code != 422:
+        failures.append(f"JSON body: {r.status_code} {r.text[:160]}")
+    r = httpx.post(f"{served}/v1/query", content=b"question=\xff\xfe&original_width=1", timeout=30,
+                   headers={"content-type": "application/x-www-form-urlencoded"})
+    if not 400 <= r.status_code < 500:
+        failures.append(f"non-UTF-8 form: {r.status_code} {r.text[:160]}")
+    r = httpx.post(f"{served}/v1/query", content=b"x" * (9 * 2**20), timeout=60, headers={"content-type": "multipart/form-data; boundary=x"})
+    if r.status_code != 413:
+        failures.append(f"oversize body: {r.status_code} {r.text[:160]}")
+    assert not failures, "\n".join(failures)
+    item = next(generate_items(11, 1))
+    client = EdgeClient(served, client_id="after-bad-input")
+    assert client.ask(item.image, item.question, policy="always").stage == 2  # nothing crashed
+    client.close()
+
+
+def test_session_ids_replay_and_ownership_over_http(served):
+    item = next(generate_items(12, 1))
+    owner = EdgeClient(served, client_id="owner")
+    first = owner._json(owner.http.post("/v1/query", data={"question": item.question, "original_width": str(item.image.width),
+                                                           "original_height": str(item.image.height), "policy": "always",
+                                                           "client_id": "owner"},
+                                        files={"image": ("g.jpg", encode_image(item.image.resize((32, 32)), "jpeg", 90).data, "image/jpeg")}))
+    local = jpeg(tuple(first["local_size"]))
+    thief = _post(served, "/v1/refine", {"session_id": first["session_id"], "client_id": "someone-else"}, {"image": ("l.jpg", local, "image/jpeg")})
+    assert thief.status_code == 403 and thief.json()["status"] == 403
+    wrong_size = _post(served, "/v1/refine", {"session_id": first["session_id"], "client_id": "owner"},
+                       {"image": ("l.jpg", jpeg((8, 8)), "image/jpeg")})
+    assert wrong_size.status_code == 422
+    done = _post(served, "/v1/refine", {"session_id": first["session_id"], "client_id": "owner"}, {"image": ("l.jpg", local, "image/jpeg")})
+    again = _post(served, "/v1/refine", {"session_id": first["session_id"], "client_id": "owner"}, {"image": ("l.jpg", local, "image/jpeg")})
+    assert done.status_code == again.status_code == 200 and again.json()["replayed"] and again.json()["answer"] == done.json()["answer"]
+    other = _post(served, "/v1/refine", {"session_id": first["session_id"], "client_id": "owner"},
+                  {"image": ("l.jpg", jpeg(tuple(first["local_size"]), (0, 0, 255)), "image/jpeg")})
+    assert other.status_code == 409
+    owner.close()
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(
+    question=st.text(max_size=1200),
+    width=st.one_of(st.integers(-10, 10**6).map(str), st.sampled_from(["", "nan", "1e3", "0x10", "ten"])),
+    threshold=st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True).map(str), st.text(max_size=5)),
+    policy=st.one_of(st.none(), st.sampled_from(["never", "always", "random", "entropy", "", "ALWAYS"])),
+    image=st.one_of(st.binary(max_size=64), st.just(jpeg())),
+)
+def test_query_fuzz_never_5xx(served, question, width, threshold, policy, image):
+    data = {"question": question, "original_width": width, "original_height": "300"}
+    if threshold is not None:
+        data["threshold"] = threshold
+    if policy is not None:
+        data["policy"] = policy
+    r = _post(served, "/v1/query", data, {"image": ("g.jpg", image, "image/jpeg")})
+    assert r.status_code < 500, r.text
+    body = r.json()
+    if r.status_code >= 400:
+        assert body["status"] == r.status_code and body["error"]
+    else:
+        assert body["status"] in ("answered", "need_roi")
+
+
+# ------------------------------------------------------------------------------------ faults
+
+
+def test_killed_replicas_lose_no_query(served):
+    """An edge load (agents with idempotent retries) while one replica of each deployment is
+    killed in turn: every query ends answered, none failed, and the retries are counted."""
+    import ray
+
+    from edge_agents.config import LoadTestConfig
+    from edge_agents.loadtest import run_load
+
+    cfg = LoadTestConfig.model_validate({
+        "url": served, "agents": 4, "agents_per_actor": 4, "policy": "always",
+        "workload": {"mode": "closed", "think_time_s": 0.05, "duration_s": 40, "ramp_up_s": 1, "drain_s": 120},
+        "source": {"synthetic": "61:16"},
+        "retry": {"max_attempts": 30, "backoff_s": 0.2, "backoff_max_s": 2.0, "request_timeout_s": 60},
+        "profiles": [{"name": "cam", "rtt_ms": 5, "jitter_ms": 0}],
+    })
+    result: dict = {}
+    runner = threading.Thread(target=lambda: result.update(run_load(cfg, progress=False)), daemon=True)
+    runner.start()
+    killed = []
+    for deployment in ("VisionEncoder", "FirstPassDecoder", "RefinedDecoder", "SessionStore", "RoISearch", "Gateway"):
+        time.sleep(5)
+        actors = [a for a in ray.util.list_named_actors(all_namespaces=True) if f"{APP}#{deployment}#" in a["name"] or
+                  (deployment in a["name"] and "SERVE_REPLICA" in a["name"])]
+        if actors:
+            ray.kill(ray.get_actor(actors[0]["name"], namespace=actors[0]["namespace"]), no_restart=True)
+            killed.append(deployment)
+    runner.join(timeout=400)
+    assert not runner.is_alive(), "the load did not finish"
+    assert len(killed) == 6, killed
+    rows = result["rows"]
+    assert rows and not result["failures"]
+    failed = [r["error"] for r in rows if r["error"]]
+    assert not failed, failed[:5]
+    assert all(r["answer"] is not None for r in rows)
+    assert sum(r["retries"] for r in rows) > 0  # the kills were felt, and retried
+    item = next(generate_items(13, 1))
+    client = EdgeClient(served, client_id="after-kills")
+    assert wait_for(lambda: _answers(client, item), timeout=120, interval=2)
+    client.close()
+
+
+def _answers(client, item) -> bool:
+    try:
+        return client.ask(item.image, item.question, policy="always").stage == 2
+    except Exception:
+        return False
