@@ -99,6 +99,7 @@ class EdgeAgent:
         self.on_record = on_record
         self.records: list[QueryLog] = []
         self._stopping = False
+        self.in_flight = 0
         self._info: dict | None = None
         self._full_bytes: dict[str, int] = {}
         self.http: httpx.AsyncClient | None = None
@@ -168,6 +169,7 @@ class EdgeAgent:
     async def query(self, item: EdgeItem, seq: int, arrival: float) -> QueryLog:
         """Run one query to its end and record it exactly once (errors included)."""
         started = time.time()
+        self.in_flight += 1
         log = QueryLog(self.name, seq, item.question_id, self.profile.name, self.policy, item.kind,
                        t_start=arrival - self.run_start, queue_ms=(started - arrival) * 1000)
         attempts = _Attempts()
@@ -185,6 +187,7 @@ class EdgeAgent:
         if item.answers and log.answer is not None:
             log.correct = vqa_accuracy(log.answer, item.answers)
             log.first_correct = vqa_accuracy(log.first_answer or log.answer, item.answers)
+        self.in_flight -= 1
         self.records.append(log)
         if self.on_record is not None:
             self.on_record(log)

@@ -61,7 +61,7 @@ def short_load(url: str, agents: int, duration: float, policy: str, out: str) ->
     summary = write_outputs(result, config, Path(out))
     print("\n" + report.table(summary))
     print(f"\nfiles in {out}/; a longer load: python -m edge_agents.loadtest --help")
-    return 1 if summary["failed"] else 0
+    return 1 if summary["failed"] or summary["unfinished"] else 0
 
 
 def main(argv: list[str] | None = None) -> int:

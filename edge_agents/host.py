@@ -44,7 +44,8 @@ class AgentHost:
     async def drain(self) -> dict:
         """Rows finished since the last call, whether every agent is done, and agent crashes."""
         rows, self._rows = self._rows, []
-        return {"rows": rows, "done": self._task is not None and self._task.done(), "failures": list(self._failures)}
+        return {"rows": rows, "done": self._task is not None and self._task.done(), "failures": list(self._failures),
+                "in_flight": sum(a.in_flight for a in self.agents)}
 
     async def stop(self) -> None:
         for agent in self.agents:

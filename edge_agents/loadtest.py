@@ -92,17 +92,19 @@ def run_load(config: LoadTestConfig, *, policy: str | None = None, progress: boo
     bar = tqdm(total=int(w.duration_s), unit="s", desc=label or f"{config.agents} agents", disable=not progress, dynamic_ncols=True)
     stopped = False
     last_sample = 0.0
+    dead: dict[int, str] = {}
+    unfinished = 0
     try:
         while True:
             time.sleep(0.5)
             now = time.time()
-            results = ray.get([h.drain.remote() for h in hosts])
+            results = _drain_all(hosts, dead)
             for r in results:
                 rows.extend(r["rows"])
                 if metrics is not None:
                     for row in r["rows"]:
                         metrics.observe(row)
-            failures = sorted({f for r in results for f in r["failures"]})
+            failures = sorted({f for r in results for f in r["failures"]} | set(dead.values()))
             if now - last_sample >= 2.0:
                 counts = replica_counts(config.app_name)
                 if counts is not None:
@@ -116,11 +118,13 @@ def run_load(config: LoadTestConfig, *, policy: str | None = None, progress: boo
             if all(r["done"] for r in results):
                 break
             if now >= deadline:
-                if not stopped:
-                    bar.write(f"drain time over ({w.drain_s:.0f} s): queries still in flight are not recorded")
+                unfinished = sum(r["in_flight"] for r in results)
+                bar.write(f"drain time over ({w.drain_s:.0f} s): {unfinished} queries still in flight, counted as unfinished")
                 break
             if not stopped and now >= run_start + w.duration_s:
-                ray.get([h.stop.remote() for h in hosts])
+                for i, h in enumerate(hosts):
+                    if i not in dead:
+                        h.stop.remote()
                 stopped = True
     finally:
         bar.close()
@@ -130,7 +134,24 @@ def run_load(config: LoadTestConfig, *, policy: str | None = None, progress: boo
         if channel is not None:
             ray.kill(channel)
     wall = max((r["t_start"] + r["latency_ms"] / 1000 for r in rows), default=0.0)
-    return {"rows": rows, "replicas": replicas, "channel": channel_stats, "wall_s": wall, "failures": failures}
+    return {"rows": rows, "replicas": replicas, "channel": channel_stats, "wall_s": wall, "failures": failures, "unfinished": unfinished}
+
+
+def _drain_all(hosts, dead: dict[int, str]) -> list[dict]:
+    """Rows from every live host; a host whose process died is reported once and counted done."""
+    import ray
+
+    out = []
+    for i, ref in enumerate([h.drain.remote() if i not in dead else None for i, h in enumerate(hosts)]):
+        if ref is None:
+            out.append({"rows": [], "done": True, "failures": [], "in_flight": 0})
+            continue
+        try:
+            out.append(ray.get(ref, timeout=60))
+        except Exception as exc:  # the actor died: its unreported rows are lost, say so loudly
+            dead[i] = f"agent host {i} died: {type(exc).__name__}"
+            out.append({"rows": [], "done": True, "failures": [], "in_flight": 0})
+    return out
 
 
 def _live(rows: list[dict], elapsed: float, draining: bool) -> str:
@@ -147,7 +168,8 @@ def _live(rows: list[dict], elapsed: float, draining: bool) -> str:
 def write_outputs(result: dict, config: LoadTestConfig, out: Path, extra_policies: dict | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     summary = report.summarize(result["rows"], wall_s=result["wall_s"], config=config.model_dump(mode="json"),
-                               replicas=result["replicas"], channel=result["channel"], agent_failures=result["failures"])
+                               replicas=result["replicas"], channel=result["channel"], agent_failures=result["failures"],
+                               unfinished=result.get("unfinished", 0))
     report.write_json(summary, out / "summary.json")
     report.write_json(result["replicas"], out / "replicas.json")
     report.write_rows(result["rows"], out / "queries.csv")
@@ -165,7 +187,7 @@ def sweep(config: LoadTestConfig, agents: list[int], policies: list[str], out: P
             result = run_load(cfg, policy=policy, progress=progress, label=f"{policy} x{n}", metrics=metrics)
             summary = write_outputs(result, cfg, out / f"{policy}_{n}")
             point = {"policy": policy, "agents": n, **{k: summary[k] for k in
-                     ("queries", "failed", "throughput_qps", "latency_ms", "accuracy", "refine_rate", "bytes_per_query", "retries")}}
+                     ("queries", "failed", "unfinished", "throughput_qps", "latency_ms", "accuracy", "refine_rate", "bytes_per_query", "retries")}}
             points.append(point)
             by_policy.setdefault(policy, summary["by_policy"].get(policy))
             print(f"{policy:8s} agents {n:4d}: {summary['throughput_qps'] or 0:6.2f} qps  p95 {summary['latency_ms']['p95'] or 0:8.0f} ms"
@@ -279,7 +301,7 @@ def _run(args, config: LoadTestConfig, out: Path, sweep_agents, policies) -> int
         metrics = EdgeMetrics.serve(config.metrics_port)
     if sweep_agents:
         points = sweep(config, sweep_agents, policies, out, not args.no_progress, metrics)
-        failed = sum(p["failed"] for p in points)
+        failed = sum(p["failed"] + p["unfinished"] for p in points)
         print(f"\nsweep written to {out}/sweep.json and {out}/sweep.png")
         return 1 if failed else 0
     result = run_load(config, progress=not args.no_progress, metrics=metrics)
@@ -288,7 +310,7 @@ def _run(args, config: LoadTestConfig, out: Path, sweep_agents, policies) -> int
     print(f"\nwritten to {out}/ (summary.json, queries.csv, latency_cdf.png, timeline.png, bytes_accuracy.png)")
     if result["failures"]:
         print("agent crashes:\n  " + "\n  ".join(result["failures"]), file=sys.stderr)
-    return 1 if summary["failed"] or result["failures"] else 0
+    return 1 if summary["failed"] or summary["unfinished"] or result["failures"] else 0
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ def group_summary(rows: list[dict]) -> dict:
 
 
 def summarize(rows: list[dict], *, wall_s: float, config: dict | None = None, replicas: list[dict] | None = None,
-              channel: dict | None = None, agent_failures: list[str] | None = None) -> dict:
+              channel: dict | None = None, agent_failures: list[str] | None = None, unfinished: int = 0) -> dict:
     """summary.json: `queries`, `failed`, `throughput_qps`, `latency_ms.{p50,p95,p99}`, `accuracy`,
     `refine_rate`, `bytes_per_query.{global,local}`, plus the network/server split and breakdowns."""
     ok = [r for r in rows if not r["error"]]
@@ -56,6 +56,7 @@ def summarize(rows: list[dict], *, wall_s: float, config: dict | None = None, re
             key = r["error"].split(";")[0][:80]
             errors[key] = errors.get(key, 0) + 1
     out.update({
+        "unfinished": unfinished,  # still in flight when the drain time ran out: not answered
         "throughput_qps": len(ok) / wall_s if wall_s > 0 else None,
         "wall_s": wall_s,
         "network_ms": _percentiles(r["network_ms"] for r in ok),
@@ -98,7 +99,7 @@ def table(summary: dict) -> str:
     lat, net, srv = summary["latency_ms"], summary["network_ms"], summary["server_ms"]
     b = summary["bytes_per_query"]
     lines = [
-        f"queries {summary['queries']}  failed {summary['failed']}  throughput {_fmt(summary['throughput_qps'], '.2f')} qps"
+        f"queries {summary['queries']}  failed {summary['failed']}  unfinished {summary['unfinished']}  throughput {_fmt(summary['throughput_qps'], '.2f')} qps"
         f"  retries {summary['retries']} ({summary['queries_retried']} queries)  expired sessions {summary['sessions_expired']}",
         f"{'latency ms':<14}{'p50':>10}{'p95':>10}{'p99':>10}",
     ]

@@ -207,7 +207,7 @@ def test_agents_as_ray_actors_complete_both_stages(served, tmp_path):
 
     summary = write_outputs(result, cfg, tmp_path)
     saved = json.loads((tmp_path / "summary.json").read_text())
-    assert saved["queries"] == len(rows) and saved["failed"] == 0 and saved["refine_rate"] == 1.0
+    assert saved["queries"] == len(rows) and saved["failed"] == 0 and saved["unfinished"] == 0 and saved["refine_rate"] == 1.0
     assert saved["throughput_qps"] > 0 and saved["latency_ms"]["p50"] <= saved["latency_ms"]["p95"] <= saved["latency_ms"]["p99"]
     assert saved["bytes_per_query"]["local"] > 0 and saved["bytes_per_query"]["global"] > 0
     for name in ("queries.csv", "latency_cdf.png", "timeline.png", "bytes_accuracy.png"):
