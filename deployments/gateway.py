@@ -18,6 +18,7 @@ from typing import Literal
 from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from pydantic import BaseModel, Field
@@ -26,7 +27,7 @@ from ray.serve.handle import DeploymentHandle
 
 from collab.imaging import InvalidUpload, inspect_upload
 from collab.policies import POLICIES, PolicySpec
-from deployments import metrics
+from deployments import limits, metrics
 from deployments.args import AppArgs
 from deployments.common import load_collab_config
 from deployments.sessions import digest
@@ -34,6 +35,7 @@ from deployments.sessions import digest
 API_VERSION = "1.0"
 MAX_QUESTION_CHARS = 1000
 MAX_ORIGINAL_SIDE = 65_535
+ENDPOINTS = {"/v1/query": "query", "/v1/refine": "refine", "/v1/models": "models"}
 QUERY_FIELDS = {"question", "image", "original_width", "original_height", "policy", "threshold", "client_id", "question_id"}
 REFINE_FIELDS = {"session_id", "image", "client_id"}
 UPLOAD_STATUS = {"empty": 400, "too_large": 413, "not_image": 415, "animated": 422, "corrupt": 422, "size": 422}
@@ -91,7 +93,7 @@ def error(status: int, message: str, headers: dict | None = None) -> HTTPExcepti
     return HTTPException(status_code=status, detail=message, headers=headers)
 
 
-@app.exception_handler(HTTPException)
+@app.exception_handler(StarletteHTTPException)  # FastAPI's HTTPException and Starlette's own 404/405
 async def _json_errors(request, exc: HTTPException):
     """Every error is JSON: {"error": message, "status": code} (registered before serve.ingress wraps the app)."""
     return JSONResponse({"error": exc.detail, "status": exc.status_code}, status_code=exc.status_code, headers=exc.headers)
@@ -104,44 +106,45 @@ async def _validation_errors(request, exc: RequestValidationError):
     return JSONResponse({"error": problems or "invalid request", "status": 422}, status_code=422)
 
 
-@app.exception_handler(Exception)
-async def _internal_errors(request, exc: Exception):
-    """A bug must not look like a hang or an HTML page: JSON 500, logged without request data."""
-    log.error("internal error on %s: %s", request.url.path, type(exc).__name__)
-    return JSONResponse({"error": "internal server error", "status": 500}, status_code=500)
-
-
 def _reject(status: int, message: str, headers: dict | None = None) -> JSONResponse:
     return JSONResponse({"error": message, "status": status}, status_code=status, headers=headers)
 
 
 @app.middleware("http")
 async def _guard(request: Request, call_next):
-    """Bearer-token auth (when configured), the body-size limit, and error counting for /v1/*."""
+    """Bearer-token auth (when configured), the body-size limit, error counting for /v1/*, and a
+    JSON 500 (logged by type only, no request data) for anything that escapes a handler."""
     path = request.url.path
+    root = request.scope.get("root_path", "")
+    if root and path.startswith(root):  # an app under a route prefix: /prefix/v1/query -> /v1/query
+        path = path[len(root):]
     response = _check_limits(request) if path.startswith("/v1/") else None
     if response is None:
-        response = await call_next(request)
+        try:
+            response = await call_next(request)
+        except Exception as exc:
+            log.error("internal error on %s: %s", ENDPOINTS.get(path, "other"), type(exc).__name__)
+            response = _reject(500, "internal server error")
     if response.status_code >= 400 and path.startswith("/v1/"):
-        metrics.gateway().requests.inc(tags={"endpoint": path.rsplit("/", 1)[-1], "policy": "-", "outcome": f"error_{response.status_code // 100}xx"})
+        endpoint = ENDPOINTS.get(path, "other")  # a fixed label set: no series per random path
+        metrics.gateway().requests.inc(tags={"endpoint": endpoint, "policy": "-", "outcome": f"error_{response.status_code // 100}xx"})
     return response
 
 
 def _check_limits(request: Request) -> JSONResponse | None:
-    limits = getattr(request.app.state, "limits", None)
-    if limits is None:
+    current = limits.CURRENT
+    if current is None:
         return None
-    token = limits["token"]
-    if token is not None:  # constant-time compare: no timing oracle on the token
+    if current.token is not None:  # constant-time compare: no timing oracle on the token
         given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+        if not hmac.compare_digest(given.encode(), f"Bearer {current.token}".encode()):
             return _reject(401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
     if request.method == "POST":
         length = request.headers.get("content-length")
         if length is None:
             return _reject(411, "a Content-Length header is required")
-        if not length.isdigit() or int(length) > limits["max_body_bytes"]:
-            return _reject(413, f"the request body is larger than {limits['max_body_bytes']} bytes")
+        if not length.isdigit() or int(length) > current.max_body_bytes:
+            return _reject(413, f"the request body is larger than {current.max_body_bytes} bytes")
     return None
 
 
@@ -162,8 +165,7 @@ class Gateway:
         self.args = args
         self.config = load_collab_config(args)
         self._info: dict | None = None
-        token = os.environ.get(args.auth_token_env) if args.auth_token_env else None
-        app.state.limits = {"token": token or None, "max_body_bytes": args.max_body_bytes}
+        limits.configure(os.environ.get(args.auth_token_env) if args.auth_token_env else None, args.max_body_bytes)
 
     async def info(self) -> dict:
         if self._info is None:
@@ -302,7 +304,10 @@ class Gateway:
         global_features = self.sessions.features.remote(session_id)
         try:
             refined = await self._deadline(self.refined.run.remote(global_features, local, meta["question"]))
-        except KeyError:
+        except KeyError:  # features gone: expired, or a concurrent attempt of this refine completed it
+            again = await self._deadline(self.sessions.open.remote(session_id, client_id, image_digest))
+            if again["status"] == "replay":
+                return Answered(**{**again["result"], "replayed": True})
             raise error(410, "the session expired during the refine: keep the first-pass answer") from None
         timings = dict(refined["timings_ms"])
         timings["total"] = (time.perf_counter() - started) * 1000

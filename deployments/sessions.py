@@ -56,8 +56,15 @@ class SessionTable:
     def sweep(self) -> None:
         now = self.clock()
         for sid in [sid for sid, s in self.sessions.items() if s.expires <= now]:
+            completed = self.sessions[sid].result is not None
             self._forget(sid, "expired")
-            self.counters["expired"] += 1
+            if not completed:  # a completed session ageing out is not an abandoned one
+                self.counters["expired"] += 1
+
+    @property
+    def waiting(self) -> int:
+        """Sessions still waiting for their refine (completed ones are kept only for replays)."""
+        return sum(1 for s in self.sessions.values() if s.result is None)
 
     def create(self, features: torch.Tensor, meta: dict) -> dict:
         self.sweep()
@@ -103,7 +110,10 @@ def digest(data: bytes) -> str:
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.05}, max_ongoing_requests=256, num_replicas=1)
 class SessionStore:
-    """One replica: the single source of truth for refine sessions."""
+    """One replica: the single source of truth for refine sessions.
+
+    Every method is `async def` although none awaits: Serve runs sync methods in a thread pool,
+    and the table is not thread-safe; on the event loop the calls run one at a time."""
 
     def __init__(self, args: AppArgs):
         s = args.sessions
@@ -115,20 +125,20 @@ class SessionStore:
         from deployments import metrics
 
         m = metrics.sessions()
-        m.active.set(len(self.table.sessions))
+        m.active.set(self.table.waiting)
         m.bytes.set(self.table.nbytes)
         for event, count in self.table.counters.items():
             if count > self._published[event]:
                 m.events.inc(count - self._published[event], tags={"event": event})
         self._published = dict(self.table.counters)
 
-    def create(self, features: torch.Tensor, meta: dict) -> dict:
+    async def create(self, features: torch.Tensor, meta: dict) -> dict:
         try:
             return self.table.create(features, meta)
         finally:
             self._publish()
 
-    def open(self, sid: str, client_id: str | None, image_digest: str) -> dict:
+    async def open(self, sid: str, client_id: str | None, image_digest: str) -> dict:
         """Check a refine request against its session: status, meta, and a cached reply if any."""
         status, session = self.table.lookup(sid)
         self._publish()
@@ -143,17 +153,17 @@ class SessionStore:
             return {"status": "conflict"}
         return {"status": "ok", "meta": session.meta}
 
-    def features(self, sid: str) -> torch.Tensor:
+    async def features(self, sid: str) -> torch.Tensor:
         status, session = self.table.lookup(sid)
         if session is None or session.result is not None:
             raise KeyError(f"session {sid} is {status if session is None else 'completed'}")
         return session.features
 
-    def complete(self, sid: str, image_digest: str, result: dict) -> None:
+    async def complete(self, sid: str, image_digest: str, result: dict) -> None:
         self.table.complete(sid, image_digest, result)
         self._publish()
 
-    def stats(self) -> dict:
+    async def stats(self) -> dict:
         stats = self.table.stats()
         self._publish()
         return stats

@@ -2,8 +2,8 @@
 
 For each query the agent makes the global image from its ORIGINAL, sends it (`/v1/query`), and,
 when the server answers `need_roi`, crops the original at the box it was given and sends the
-local image (`/v1/refine`). Transient failures (connection errors, timeouts, 429/502/503/504) are
-retried with exponential backoff and full jitter; both calls are safe to repeat (a repeated query
+local image (`/v1/refine`). Transient failures (connection errors, timeouts, 429 and 5xx) are
+retried with exponential backoff and full jitter (honouring Retry-After); both calls are safe to repeat (a repeated query
 opens a fresh session, a repeated refine is answered from the session's stored result), and a
 query is recorded once, however many attempts it took. A refine whose session is gone (410, or 404
 after a session-store restart) keeps the first-pass answer, marked `session_expired`.
@@ -15,6 +15,7 @@ drive it with plain asyncio.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -108,7 +109,12 @@ class EdgeAgent:
     async def run(self) -> list[QueryLog]:
         w = self.config.workload
         limits = httpx.Limits(max_connections=w.max_in_flight + 2, max_keepalive_connections=w.max_in_flight + 2)
-        async with httpx.AsyncClient(base_url=self.config.url, timeout=self.config.retry.request_timeout_s, limits=limits) as http:
+        headers = {}
+        token = os.environ.get(self.config.auth_token_env) if self.config.auth_token_env else None
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        async with httpx.AsyncClient(base_url=self.config.url, timeout=self.config.retry.request_timeout_s, limits=limits,
+                                     headers=headers) as http:
             self.http = http
             delay = w.ramp_up_s * self.index / max(1, self.config.agents)
             await self._sleep_until(self.run_start + delay)
@@ -135,11 +141,13 @@ class EdgeAgent:
             await asyncio.sleep(think)
 
     async def _open_loop(self, end: float) -> None:
+        """Poisson arrivals until `end`; arrivals queued behind a full device are still served
+        (stop() does not drop them: they arrived before the end)."""
         w = self.config.workload
         slots = asyncio.Semaphore(w.max_in_flight)
         tasks: set[asyncio.Task] = set()
         arrival, seq = time.time(), 0
-        while not self._stopping:
+        while True:
             arrival += self.rng.expovariate(w.rate_qps)
             if arrival >= end:
                 break
@@ -177,20 +185,24 @@ class EdgeAgent:
             await self._query(item, log, attempts)
         except QueryFailed as exc:
             log.error = str(exc)[:300]
+        except asyncio.CancelledError:
+            log.error = "cancelled before an answer"
+            raise
         except Exception as exc:  # a bug or an unexpected reply: record it, never lose the query
             log.error = f"{type(exc).__name__}: {exc}"[:300]
-        log.retries = attempts.retries
-        log.network_ms = attempts.network_s * 1000
-        log.server_ms = attempts.server_s * 1000
-        log.backoff_ms = attempts.backoff_s * 1000
-        log.latency_ms = (time.time() - arrival) * 1000
-        if item.answers and log.answer is not None:
-            log.correct = vqa_accuracy(log.answer, item.answers)
-            log.first_correct = vqa_accuracy(log.first_answer or log.answer, item.answers)
-        self.in_flight -= 1
-        self.records.append(log)
-        if self.on_record is not None:
-            self.on_record(log)
+        finally:  # recorded exactly once, whatever happened above
+            log.retries = attempts.retries
+            log.network_ms = attempts.network_s * 1000
+            log.server_ms = attempts.server_s * 1000
+            log.backoff_ms = attempts.backoff_s * 1000
+            log.latency_ms = (time.time() - arrival) * 1000
+            if item.answers and log.answer is not None and log.error is None:
+                log.correct = vqa_accuracy(log.answer, item.answers)
+                log.first_correct = vqa_accuracy(log.first_answer or log.answer, item.answers)
+            self.in_flight -= 1
+            self.records.append(log)
+            if self.on_record is not None:
+                self.on_record(log)
         return log
 
     async def _query(self, item: EdgeItem, log: QueryLog, attempts: _Attempts) -> None:

@@ -6,6 +6,7 @@ server's config, only the encoder size and global-image mode that `/v1/models` r
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import httpx
@@ -62,8 +63,12 @@ def local_upload(original: Image.Image, box: list[int], local_size: list[int], i
 class EdgeClient:
     """Synchronous client (tests, scripts)."""
 
-    def __init__(self, base_url: str, client_id: str | None = None, imaging: EdgeImaging | None = None, timeout: float = 60.0):
-        self.http = httpx.Client(base_url=base_url, timeout=timeout)
+    def __init__(self, base_url: str, client_id: str | None = None, imaging: EdgeImaging | None = None, timeout: float = 60.0,
+                 token: str | None = None):
+        """`token`: bearer token for a gateway with auth on (default: $COLLAB_API_TOKEN if set)."""
+        token = token if token is not None else os.environ.get("COLLAB_API_TOKEN")
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.http = httpx.Client(base_url=base_url, timeout=timeout, headers=headers)
         self.client_id = client_id
         self.imaging = imaging or EdgeImaging()
         self._info: dict | None = None

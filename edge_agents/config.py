@@ -41,12 +41,12 @@ class ChannelSettings(_Strict):
 
 
 class RetrySettings(_Strict):
-    """Idempotent retries on transient failures (connection errors, 502/503/504, 429)."""
+    """Idempotent retries on transient failures (connection errors, timeouts, 429 and 5xx)."""
 
     max_attempts: int = Field(6, ge=1)
     backoff_s: float = Field(0.2, ge=0, description="first backoff; doubles each attempt, with full jitter")
     backoff_max_s: float = Field(5.0, ge=0)
-    request_timeout_s: float = Field(120.0, gt=0, description="HTTP timeout of one attempt")
+    request_timeout_s: float = Field(120.0, gt=0, description="httpx timeout of one attempt, per phase (connect, write, read)")
 
 
 class Workload(_Strict):
@@ -89,7 +89,8 @@ class LoadTestConfig(_Strict):
     policy: Policy = "entropy"
     seed: int = 0
     app_name: str = Field("collab", description="Serve application whose replicas are plotted")
-    metrics_port: int | None = Field(None, description="serve Prometheus metrics of the edge side here (issue 6)")
+    metrics_port: int | None = Field(None, description="serve Prometheus metrics of the edge side here")
+    auth_token_env: str | None = Field("COLLAB_API_TOKEN", description="send `Authorization: Bearer $VAR` when this variable is set")
     workload: Workload = Workload()
     source: Source = Source()
     channel: ChannelSettings = ChannelSettings()

@@ -160,6 +160,13 @@ class SharedChannel:
                 transfer.done.set_result(None)
         self._reschedule(loop)
 
+    def reset(self) -> None:
+        """Start the counters afresh (the load test calls it when the load starts)."""
+        self._advance()
+        self._started = time.monotonic()
+        self._busy_s = self._bits = 0.0
+        self._transfers = self._peak = 0
+
     def stats(self) -> dict:
         """Counters since the channel was created; utilisation = busy time / elapsed time."""
         self._advance()

@@ -66,35 +66,41 @@ def replica_counts(app_name: str) -> dict[str, int] | None:
 
 def run_load(config: LoadTestConfig, *, policy: str | None = None, progress: bool = True, label: str = "",
              metrics=None) -> dict:
-    """One load run: returns {"rows", "replicas", "channel", "wall_s", "failures"}."""
+    """One load run: {"rows", "replicas", "channel", "wall_s", "failures", "unfinished"}."""
     import ray
 
     from edge_agents.host import AgentHost
     from edge_agents.links import SharedChannel
 
     cfg = config.model_dump(mode="json")
-    channel = None
-    if config.channel.capacity_mbps:
-        channel = ray.remote(num_cpus=0)(SharedChannel).remote(config.channel.capacity_mbps, config.channel.discipline)
-    host_cls = ray.remote(num_cpus=0, max_concurrency=1000)(AgentHost)
+    env = {}
+    if config.auth_token_env and os.environ.get(config.auth_token_env):  # agents run in other processes
+        env[config.auth_token_env] = os.environ[config.auth_token_env]
+    host_cls = ray.remote(num_cpus=0, max_concurrency=1000, runtime_env={"env_vars": env} if env else None)(AgentHost)
     indices = list(range(config.agents))
     groups = [indices[i:i + config.agents_per_actor] for i in range(0, len(indices), config.agents_per_actor)]
-    hosts = [host_cls.remote(g, cfg, channel, policy) for g in groups]
-    ray.get([h.ready.remote() for h in hosts])  # items loaded: the clock starts now for everyone
-    run_start = time.time()
-    ray.get([h.start.remote(run_start) for h in hosts])
-
+    channel, hosts = None, []
     w = config.workload
     rows: list[dict] = []
     replicas: list[dict] = []
-    failures: list[str] = []
-    deadline = run_start + w.duration_s + w.drain_s
-    bar = tqdm(total=int(w.duration_s), unit="s", desc=label or f"{config.agents} agents", disable=not progress, dynamic_ncols=True)
-    stopped = False
-    last_sample = 0.0
     dead: dict[int, str] = {}
+    failures: list[str] = []
     unfinished = 0
+    channel_stats = None
+    bar = None
     try:
+        if config.channel.capacity_mbps:
+            channel = ray.remote(num_cpus=0)(SharedChannel).remote(config.channel.capacity_mbps, config.channel.discipline)
+        hosts = [host_cls.remote(g, cfg, channel, policy) for g in groups]
+        ray.get([h.ready.remote() for h in hosts])  # items loaded: the clock starts now for everyone
+        if channel is not None:
+            ray.get(channel.reset.remote())  # utilisation counts from the start of the load
+        run_start = time.time()
+        ray.get([h.start.remote(run_start) for h in hosts])
+        deadline = run_start + w.duration_s + w.drain_s
+        bar = tqdm(total=int(w.duration_s), unit="s", desc=label or f"{config.agents} agents", disable=not progress, dynamic_ncols=True)
+        stopped = False
+        last_sample = 0.0
         while True:
             time.sleep(0.5)
             now = time.time()
@@ -127,12 +133,18 @@ def run_load(config: LoadTestConfig, *, policy: str | None = None, progress: boo
                         h.stop.remote()
                 stopped = True
     finally:
-        bar.close()
-        channel_stats = ray.get(channel.stats.remote()) if channel is not None else None
-        for h in hosts:
-            ray.kill(h)
+        if bar is not None:
+            bar.close()
         if channel is not None:
-            ray.kill(channel)
+            try:
+                channel_stats = ray.get(channel.stats.remote(), timeout=30)
+            except Exception:
+                channel_stats = None
+        for actor in [*hosts, *([channel] if channel is not None else [])]:
+            try:
+                ray.kill(actor)
+            except Exception:
+                pass
     wall = max((r["t_start"] + r["latency_ms"] / 1000 for r in rows), default=0.0)
     return {"rows": rows, "replicas": replicas, "channel": channel_stats, "wall_s": wall, "failures": failures, "unfinished": unfinished}
 
@@ -147,8 +159,10 @@ def _drain_all(hosts, dead: dict[int, str]) -> list[dict]:
             out.append({"rows": [], "done": True, "failures": [], "in_flight": 0})
             continue
         try:
-            out.append(ray.get(ref, timeout=60))
-        except Exception as exc:  # the actor died: its unreported rows are lost, say so loudly
+            out.append(ray.get(ref, timeout=30))
+        except ray.exceptions.GetTimeoutError:  # busy, not dead: ask again on the next tick
+            out.append({"rows": [], "done": False, "failures": [], "in_flight": 0})
+        except ray.exceptions.RayActorError as exc:  # the process died: its unreported rows are lost, say so
             dead[i] = f"agent host {i} died: {type(exc).__name__}"
             out.append({"rows": [], "done": True, "failures": [], "in_flight": 0})
     return out

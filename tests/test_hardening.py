@@ -128,9 +128,9 @@ def guarded_app(monkeypatch):
     """The gateway's FastAPI app with auth and a body limit, without Serve (the guard runs first)."""
     from fastapi.testclient import TestClient
 
-    from deployments import gateway
+    from deployments import gateway, limits
 
-    monkeypatch.setattr(gateway.app.state, "limits", {"token": "s3cret-token", "max_body_bytes": 1000}, raising=False)
+    monkeypatch.setattr(limits, "CURRENT", limits.Limits("s3cret-token", 1000))
     monkeypatch.setattr(gateway.metrics, "gateway", lambda: _NullMetrics())
     return TestClient(gateway.app, raise_server_exceptions=False)
 
@@ -307,3 +307,30 @@ def _answers(client, item) -> bool:
         return client.ask(item.image, item.question, policy="always").stage == 2
     except Exception:
         return False
+
+
+def test_bearer_token_live(served, tiny_config, tmp_path):
+    """A second app whose Gateway has COLLAB_API_TOKEN in its environment, under a route prefix."""
+    from ray import serve
+
+    from deployments.app import compose
+    from deployments.args import AppArgs
+    from serve_helpers import write_collab_config
+
+    cfg = write_collab_config(tiny_config, tmp_path / "collab.yaml")
+    small = {"ray_actor_options": {"num_cpus": 0.01}}
+    options = {name: small for name in ("VisionEncoder", "FirstPassDecoder", "RoISearch", "RefinedDecoder", "SessionStore")}
+    options["Gateway"] = {"ray_actor_options": {"num_cpus": 0.01, "runtime_env": {"env_vars": {"COLLAB_API_TOKEN": "tok-123"}}}}
+    serve.run(compose(AppArgs(config=str(cfg)), options), name="authapp", route_prefix="/auth")
+    url = served + "/auth"
+    try:
+        assert wait_for(lambda: httpx.get(f"{url}/healthz", timeout=5).status_code == 200, timeout=120)
+        assert httpx.get(f"{url}/v1/models").status_code == 401
+        assert httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer nope"}).status_code == 401
+        assert httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer tok-123"}).status_code == 200
+        item = next(generate_items(14, 1))
+        r = EdgeClient(url, client_id="authed", token="tok-123").ask(item.image, item.question, policy="always")
+        assert r.stage == 2
+        assert httpx.get(f"{served}/v1/models").status_code == 200  # the other app has no token set
+    finally:
+        serve.delete("authapp")

@@ -59,3 +59,15 @@ def test_complete_frees_features_and_keeps_reply():
     table.complete(sid, "abc", {"answer": "7"})
     status, session = table.lookup(sid)
     assert status == "ok" and session.result == {"answer": "7"} and table.stats()["bytes"] == 0
+
+
+def test_completed_sessions_are_not_waiting_and_do_not_count_as_abandoned():
+    clock = Clock()
+    table = SessionTable(ttl_s=5, max_sessions=10, max_bytes=10_000, clock=clock)
+    done = table.create(feats(), {"q": 1})["session_id"]
+    table.create(feats(), {"q": 2})
+    table.complete(done, "digest", {"answer": "7"})
+    assert table.waiting == 1 and len(table.sessions) == 2
+    clock.now = 6.0
+    table.sweep()
+    assert table.counters["expired"] == 1 and table.counters["completed"] == 1 and table.waiting == 0
