@@ -90,7 +90,7 @@ def test_config_yaml_overrides_and_errors(tmp_path):
     assert cfg.agents == 64 and cfg.workload.duration_s == 60
     names = [cfg.profile_for(i).name for i in range(64)]
     assert names.count("phone-4g") == 32 and names.count("camera-wifi") == 16 and names.count("robot-lte-m") == 16
-    assert load_loadtest_config("configs/loadtest/contention.yaml").channel.capacity_mbps == 2
+    assert load_loadtest_config("configs/loadtest/contention.yaml").channel.capacity_mbps == 0.5
     bad = tmp_path / "bad.yaml"
     bad.write_text("agents: 0\nworkload: {mode: sideways}\n")
     with pytest.raises(LoadTestConfigError, match="agents.*workload.mode|workload.mode.*agents"):

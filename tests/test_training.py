@@ -76,3 +76,28 @@ def test_warm_start_continues_from_a_saved_model(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert any("init_model" in r for r in rows) and not any(r.get("stage") == 1 for r in rows)
     assert (again / "model.safetensors").exists()
+
+
+def test_patch_labels_follow_the_objects():
+    """Stage-1 per-patch labels: the patch under an object's centre carries its colour and shape;
+    a patch no object touches is background."""
+    import numpy as np
+
+    from collab.data.synthetic import COLORS, SHAPES, render_scene
+    from collab.training.train_tiny import patch_labels
+
+    scene = render_scene(np.random.default_rng(3), n_objects=3)
+    grid = 12
+    colors, shapes = patch_labels(scene, grid)
+    assert len(colors) == len(shapes) == grid * grid
+    width, height = scene.image.size
+    covered = set()
+    for obj in scene.objects:
+        cx, cy = (obj.box[0] + obj.box[2]) / 2, (obj.box[1] + obj.box[3]) / 2
+        p = int(cy / height * grid) * grid + int(cx / width * grid)
+        assert (colors[p], shapes[p]) == (list(COLORS).index(obj.color), SHAPES.index(obj.shape))
+        x0, x1 = int(obj.box[0] / width * grid), int((obj.box[2] - 1) / width * grid)
+        y0, y1 = int(obj.box[1] / height * grid), int((obj.box[3] - 1) / height * grid)
+        covered |= {y * grid + x for y in range(y0, y1 + 1) for x in range(x0, x1 + 1)}
+    background = [p for p in range(grid * grid) if p not in covered]
+    assert background and all(colors[p] == len(COLORS) and shapes[p] == len(SHAPES) for p in background)

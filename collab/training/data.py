@@ -35,6 +35,7 @@ class BatchSpec:
     tokens_per_image: int
     prompt_template: str
     refine_template: str
+    patch_size: int = 8
     image_token: str = "<image>"
     placeholder: str = "<image>"
     jpeg_quality: int = 90
