@@ -204,7 +204,7 @@ class Gateway:
 
     @app.get("/v1/models", response_model=ModelInfo)
     async def models(self) -> ModelInfo:
-        info = await self.info()
+        info = await self._deadline(self.info())
         gate = self.config.gate
         return ModelInfo(
             model=info["model_name"],
