@@ -18,7 +18,7 @@ import asyncio
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import httpx
 
@@ -79,7 +79,6 @@ class _Attempts:
     network_s: float = 0.0
     server_s: float = 0.0
     backoff_s: float = 0.0
-    extra: dict = field(default_factory=dict)
 
 
 class EdgeAgent:
@@ -130,15 +129,20 @@ class EdgeAgent:
         self._stopping = True
 
     async def _closed_loop(self, end: float) -> None:
-        w = self.config.workload
         seq = 0
         while not self._stopping and time.time() < end:
             await self.query(self.items[seq % len(self.items)], seq, arrival=time.time())
             seq += 1
-            think = w.think_time_s if w.think_distribution == "fixed" else self.rng.expovariate(1 / w.think_time_s) if w.think_time_s > 0 else 0.0
+            think = self._think_time()
             if time.time() + think >= end:
                 break
             await asyncio.sleep(think)
+
+    def _think_time(self) -> float:
+        w = self.config.workload
+        if w.think_distribution == "fixed" or w.think_time_s == 0:
+            return w.think_time_s
+        return self.rng.expovariate(1 / w.think_time_s)
 
     async def _open_loop(self, end: float) -> None:
         """Poisson arrivals until `end`; arrivals queued behind a full device are still served

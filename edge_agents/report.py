@@ -135,6 +135,14 @@ def _plt():
     return plt
 
 
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def plot_latency_cdf(rows: list[dict], path: Path) -> None:
     plt = _plt()
     ok = [r for r in rows if not r["error"]]
@@ -148,9 +156,7 @@ def plot_latency_cdf(rows: list[dict], path: Path) -> None:
     ax.set_title(f"latency CDF ({len(ok)} answered queries)")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_timeline(rows: list[dict], replicas: list[dict], path: Path) -> None:
@@ -184,9 +190,7 @@ def plot_timeline(rows: list[dict], replicas: list[dict], path: Path) -> None:
     ax2.set_ylabel("running replicas")
     ax2.set_xlabel("time since start (s)")
     ax2.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_bytes_accuracy(by_policy: dict, path: Path) -> None:
@@ -207,9 +211,7 @@ def plot_bytes_accuracy(by_policy: dict, path: Path) -> None:
     ax.set_ylabel("accuracy")
     ax.set_title("accuracy vs uplink bytes per policy")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_sweep(points: list[dict], path: Path) -> None:
@@ -228,9 +230,7 @@ def plot_sweep(points: list[dict], path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle("multi-client contention")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def write_json(data, path: Path) -> None:

@@ -236,6 +236,10 @@ def pretrain_tower(model, spec: BatchSpec, recipe: Recipe, log, scale_start: flo
     curriculum = ScaleCurriculum(start=scale_start)
     loader = _loader(TowerStream(spec, recipe.pretrain_batch, recipe.seed, curriculum), recipe.workers)
     bar = tqdm(zip(range(recipe.pretrain_steps), loader), total=recipe.pretrain_steps, desc="stage 1: vision tower", dynamic_ncols=True)
+    # objects cover a few of the 144 patches: down-weight background or it is all the tower learns
+    color_w = torch.ones(len(COLOR_NAMES) + 1)
+    shape_w = torch.ones(len(SHAPES) + 1)
+    color_w[-1] = shape_w[-1] = recipe.background_weight
     for step, b in bar:
         fc, pg = tower_features(model, b["crops"]), patch_features(model, b["globals"])
         fg = pg.mean(1)
@@ -248,10 +252,6 @@ def pretrain_tower(model, spec: BatchSpec, recipe: Recipe, log, scale_start: flo
             + F.binary_cross_entropy_with_logits(heads.present(fg), b["present"])
             + F.cross_entropy(heads.count(fg), b["count"])
         )
-        # objects cover a few of the 144 patches: down-weight background or it is all the tower learns
-        color_w = torch.ones(len(COLOR_NAMES) + 1)
-        shape_w = torch.ones(len(SHAPES) + 1)
-        color_w[-1] = shape_w[-1] = recipe.background_weight
         dense_loss = (F.cross_entropy(heads.patch_color(pg).flatten(0, 1), b["patch_color"].flatten(), weight=color_w)
                       + F.cross_entropy(heads.patch_shape(pg).flatten(0, 1), b["patch_shape"].flatten(), weight=shape_w))
         if recipe.dense_weight:
