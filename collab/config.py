@@ -38,7 +38,9 @@ class ModelConfig(_Strict):
     device: str = Field("cpu", description="torch device string: cpu, cuda, cuda:1, mps.")
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     attn_implementation: Literal["eager", "sdpa"] = Field(
-        "eager", description="Attention maps are read from the decoder: eager returns them, sdpa does not."
+        "eager",
+        description="Decoder kernels. eager returns attention maps; sdpa is faster on GPUs and the attention "
+        "read then switches to eager for its own pass (passes of one replica serialise while it does).",
     )
     prompt_template: str = Field(LLAVA15_PROMPT, description="First pass; one <image> placeholder, {question}.")
     refine_template: str = Field(

@@ -58,14 +58,18 @@ class QueryRecord:
 
 
 class _Timer:
-    def __init__(self) -> None:
+    """Wall-clock ms per named step; `sync` (the backend's) closes each step on accelerators."""
+
+    def __init__(self, sync=lambda: None) -> None:
         self.ms: dict[str, float] = {}
+        self.sync = sync
 
     @contextmanager
     def __call__(self, name: str):
         start = time.perf_counter()
         try:
             yield
+            self.sync()
         finally:
             self.ms[name] = (time.perf_counter() - start) * 1000.0
 
@@ -91,7 +95,7 @@ class ReferencePipeline:
     ) -> QueryRecord:
         spec = policy or self.policy()
         key = question_id if question_id is not None else question
-        cfg, info, timer = self.config, self.backend.info, _Timer()
+        cfg, info, timer = self.config, self.backend.info, _Timer(self.backend.synchronize)
         original = load_image(image)
 
         with timer("edge_global"):

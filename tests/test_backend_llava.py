@@ -97,12 +97,22 @@ def test_backend_info_matches_model(tiny_backend):
     assert info.num_layers == 2 and info.device == "cpu" and info.dtype == "float32"
 
 
-def test_sdpa_gives_clear_error_for_attention(tiny_config):
-    cfg = tiny_config.model.model_copy(update={"attn_implementation": "sdpa"})
-    backend = load_backend(cfg)
-    features = backend.encode_images(images(1))[0]
-    with pytest.raises(RuntimeError, match="eager"):
-        backend.attention_grid(features, QUESTION, [], layer=-1, query_rows="last_input")
+def test_sdpa_backend_reads_the_same_maps_and_answers_as_eager(tiny_backend, tiny_config):
+    """sdpa (fast on GPUs, no maps) decodes; the attention read switches to eager for its pass only."""
+    sdpa = load_backend(tiny_config.model.model_copy(update={"attn_implementation": "sdpa"}))
+    features = tiny_backend.encode_images(images(1))[0]
+    layers = list(range(tiny_backend.info.num_layers))
+    for backend in (tiny_backend, sdpa):
+        assert backend.generate([features], QUESTION).token_ids == tiny_backend.generate([features], QUESTION).token_ids
+    want = tiny_backend.attention_grids(features, QUESTION, [5, 6], layers, "all")
+    got = sdpa.attention_grids(features, QUESTION, [5, 6], layers, "all")
+    for a, b in zip(want, got):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert sdpa.model.config._attn_implementation == "sdpa"  # switched back after the read
+    with torch.inference_mode():  # and the switch really matters: sdpa itself returns no maps
+        ids = sdpa.prompt_ids(sdpa.config.prompt_template, QUESTION, 1)
+        out = sdpa.model(inputs_embeds=sdpa.merge_embeddings(ids, [features]), output_attentions=True)
+    assert not out.attentions or out.attentions[0] is None
 
 
 def test_missing_model_path_is_a_clear_error(tmp_path):

@@ -87,3 +87,13 @@ class VLMBackend(ABC):
 
     def encode_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
         return self.encode(self.preprocess(images))
+
+    def synchronize(self) -> None:
+        """Wait for queued device work, so a wall-clock timer around a stage measures the stage.
+
+        CUDA kernels run asynchronously: without this, an encode "finishes" when its kernels are
+        queued and its time is billed to whichever later step first copies a result to the CPU.
+        """
+        device = torch.device(self.info.device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)

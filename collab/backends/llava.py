@@ -10,6 +10,8 @@ features and reuse them for the attention read and the refined pass without re-e
 from __future__ import annotations
 
 import logging
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Sequence
 
@@ -26,6 +28,17 @@ from collab.uncertainty import answer_length, token_scores
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class _NoLock:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+_NO_LOCK = _NoLock()
 
 
 class ModelLoadError(RuntimeError):
@@ -77,6 +90,9 @@ class LlavaBackend(VLMBackend):
         self.eos_ids = frozenset(self._eos_ids())
         pad = tokenizer.pad_token_id
         self.pad_token_id = pad if pad is not None else min(self.eos_ids, default=0)
+        # Fast kernels (sdpa) return no attention maps: the attention read then switches the model
+        # to eager for its own pass. The switch is model-wide, so passes serialise while it is on.
+        self._kernels = threading.RLock()
         self.info = BackendInfo(
             model_name=name,
             encoder_size=(int(vision.image_size), int(vision.image_size)),
@@ -172,6 +188,26 @@ class LlavaBackend(VLMBackend):
         features = out.pooler_output if hasattr(out, "pooler_output") else out
         return torch.stack(list(features))
 
+    @property
+    def _switch_for_maps(self) -> bool:
+        return self.config.attn_implementation != "eager"
+
+    @contextmanager
+    def _eager_attention(self):
+        """Eager attention (which returns maps) for the duration of one pass."""
+        if not self._switch_for_maps:
+            yield
+            return
+        with self._kernels:
+            self.model.set_attn_implementation("eager")
+            try:
+                yield
+            finally:
+                self.model.set_attn_implementation(self.config.attn_implementation)
+
+    def _configured_kernels(self):
+        return self._kernels if self._switch_for_maps else _NO_LOCK
+
     @torch.inference_mode()
     def generate(self, features: Sequence[torch.Tensor], question: str) -> Generation:
         if len(features) not in (1, 2):
@@ -179,7 +215,16 @@ class LlavaBackend(VLMBackend):
         template = self.config.prompt_template if len(features) == 1 else self.config.refine_template
         ids = self.prompt_ids(template, question, len(features))
         embeds = self.merge_embeddings(ids, features)
-        out = self.model.generate(
+        with self._configured_kernels():
+            out = self._generate(ids, embeds)
+        token_ids = out.sequences[0].tolist()
+        logits = torch.cat(out.logits, dim=0).float().cpu()
+        n_answer = answer_length(token_ids, self.eos_ids)
+        answer = self.tokenizer.decode(token_ids[:n_answer], skip_special_tokens=True).strip()
+        return Generation(answer, token_ids, n_answer, logits, token_scores(logits))
+
+    def _generate(self, ids: torch.Tensor, embeds: torch.Tensor):
+        return self.model.generate(
             inputs_embeds=embeds,
             attention_mask=torch.ones_like(ids),
             max_new_tokens=self.config.max_new_tokens,
@@ -189,11 +234,6 @@ class LlavaBackend(VLMBackend):
             return_dict_in_generate=True,
             pad_token_id=self.pad_token_id,
         )
-        token_ids = out.sequences[0].tolist()
-        logits = torch.cat(out.logits, dim=0).float().cpu()
-        n_answer = answer_length(token_ids, self.eos_ids)
-        answer = self.tokenizer.decode(token_ids[:n_answer], skip_special_tokens=True).strip()
-        return Generation(answer, token_ids, n_answer, logits, token_scores(logits))
 
     @torch.inference_mode()
     def attention_grids(
@@ -208,17 +248,17 @@ class LlavaBackend(VLMBackend):
         answer = torch.as_tensor(list(answer_ids), dtype=torch.long, device=self.device).reshape(1, -1)
         ids = torch.cat([prompt, answer], dim=1)
         embeds = self.merge_embeddings(ids, [features], prompt_len=prompt.shape[1])
-        out = self.model(
-            inputs_embeds=embeds,
-            attention_mask=torch.ones_like(ids),
-            output_attentions=True,
-            use_cache=False,
-            logits_to_keep=1,
-        )
+        with self._eager_attention():
+            out = self.model(
+                inputs_embeds=embeds,
+                attention_mask=torch.ones_like(ids),
+                output_attentions=True,
+                use_cache=False,
+                logits_to_keep=1,
+            )
         if not out.attentions or out.attentions[0] is None:
             raise RuntimeError(
-                "the model returned no attention maps: load it with attn_implementation='eager' "
-                f"(configured: {self.config.attn_implementation!r})"
+                f"the model returned no attention maps (configured attention: {self.config.attn_implementation!r})"
             )
         positions = (prompt[0] == self.image_token_id).nonzero().flatten()[self.cls_tokens :]
         rows = select_query_rows(prompt.shape[1], answer.shape[1], query_rows)
