@@ -40,7 +40,7 @@ class ModelConfig(_Strict):
     attn_implementation: Literal["eager", "sdpa"] = Field(
         "eager",
         description="Decoder kernels. eager returns attention maps; sdpa is faster on GPUs and the attention "
-        "read then switches to eager for its own pass (passes of one replica serialise while it does).",
+        "read then switches to eager for its own pass (decodes of that replica wait while it runs).",
     )
     prompt_template: str = Field(LLAVA15_PROMPT, description="First pass; one <image> placeholder, {question}.")
     refine_template: str = Field(

@@ -126,3 +126,62 @@ def test_bfloat16_runs(tiny_config):
     assert features.dtype == torch.bfloat16
     gen = backend.generate([features[0]], QUESTION)
     assert gen.logits.dtype == torch.float32 and np.isfinite(gen.scores.min_entropy).all()
+
+
+def test_concurrent_decodes_and_attention_reads_on_sdpa_match_sequential(tiny_config):
+    """A replica serves requests from a thread pool: decodes (sdpa) and attention reads (switched
+    to eager) interleave, and each must still get exactly its sequential result."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    sdpa = load_backend(tiny_config.model.model_copy(update={"attn_implementation": "sdpa"}))
+    feats = sdpa.encode_images(images(4, seed=3))
+    jobs = [("gen", i) for i in range(4)] + [("att", i) for i in range(4)]
+    jobs = jobs * 3
+
+    def run(job):
+        kind, i = job
+        if kind == "gen":
+            return sdpa.generate([feats[i]], QUESTION).token_ids
+        return sdpa.attention_grid(feats[i], QUESTION, [5], layer=-1, query_rows="all").tolist()
+
+    want = [run(j) for j in jobs]
+    with ThreadPoolExecutor(6) as pool:
+        got = list(pool.map(run, jobs))
+    for a, b in zip(want, got):
+        np.testing.assert_allclose(np.asarray(a, dtype=float), np.asarray(b, dtype=float), rtol=1e-5, atol=1e-7)
+    assert sdpa.model.config._attn_implementation == "sdpa"
+
+
+def test_shared_exclusive_lock_excludes_and_prefers_waiting_exclusive():
+    import threading
+    import time as _time
+
+    from collab.backends.llava import SharedExclusiveLock
+
+    lock, events = SharedExclusiveLock(), []
+    first_shared_in = threading.Event()
+
+    def shared(name, hold):
+        with lock.shared():
+            events.append(f"{name}+")
+            first_shared_in.set()
+            _time.sleep(hold)
+            events.append(f"{name}-")
+
+    def exclusive():
+        with lock.exclusive():
+            events.append("X+")
+            _time.sleep(0.05)
+            events.append("X-")
+
+    a = threading.Thread(target=shared, args=("a", 0.2))
+    a.start()
+    first_shared_in.wait()
+    x = threading.Thread(target=exclusive)
+    x.start()
+    _time.sleep(0.05)  # x is now waiting for a
+    b = threading.Thread(target=shared, args=("b", 0.01))  # arrives while x waits: must go after x
+    b.start()
+    for t in (a, x, b):
+        t.join()
+    assert events == ["a+", "a-", "X+", "X-", "b+", "b-"]

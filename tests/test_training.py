@@ -101,3 +101,25 @@ def test_patch_labels_follow_the_objects():
         covered |= {y * grid + x for y in range(y0, y1 + 1) for x in range(x0, x1 + 1)}
     background = [p for p in range(grid * grid) if p not in covered]
     assert background and all(colors[p] == len(COLORS) and shapes[p] == len(SHAPES) for p in background)
+
+
+def test_small_scenes_only_in_global_examples_and_only_when_asked(monkeypatch):
+    """Scale augmentation: small originals (<= 3 objects, side in range), for global-only examples
+    and only when the fraction is set."""
+    import collab.training.data as data
+
+    tok = build_tokenizer(VOCABULARY)
+    base = BatchSpec(image_size=32, tokens_per_image=16, prompt_template=PROMPT, refine_template=REFINE_PROMPT)
+    for i in range(30):
+        scene = data.small_scene(np.random.default_rng(i), 5, (208, 256))
+        assert 208 <= scene.width == scene.height <= 256 and 1 <= len(scene.objects) <= 3
+    calls = []
+    original = data.small_scene
+    monkeypatch.setattr(data, "small_scene", lambda *a, **k: calls.append(1) or original(*a, **k))
+    data.make_example(np.random.default_rng(5), base, 4, "global", tok)  # default fraction 0
+    assert calls == []
+    always = BatchSpec(**{**base.__dict__, "small_scene_fraction": 1.0})
+    data.make_example(np.random.default_rng(1), always, 5, "local", tok)  # crops need the benchmark's geometry
+    assert calls == []
+    ex = data.make_example(np.random.default_rng(1), always, 5, "global", tok)
+    assert calls == [1] and len(ex["images"]) == 1

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Sequence
 
@@ -30,15 +30,46 @@ log = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-class _NoLock:
-    def __enter__(self):
-        return self
+class SharedExclusiveLock:
+    """Many holders in shared mode, or one in exclusive mode; waiting exclusive holders go first.
 
-    def __exit__(self, *exc):
-        return False
+    Decoding passes share the model; the attention read's kernel switch needs it alone.
+    """
 
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._shared = 0
+        self._exclusive = False
+        self._waiting = 0
 
-_NO_LOCK = _NoLock()
+    @contextmanager
+    def shared(self):
+        with self._cond:
+            while self._exclusive or self._waiting:
+                self._cond.wait()
+            self._shared += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._shared -= 1
+                if not self._shared:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def exclusive(self):
+        with self._cond:
+            self._waiting += 1
+            while self._exclusive or self._shared:
+                self._cond.wait()
+            self._waiting -= 1
+            self._exclusive = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._exclusive = False
+                self._cond.notify_all()
 
 
 class ModelLoadError(RuntimeError):
@@ -91,8 +122,9 @@ class LlavaBackend(VLMBackend):
         pad = tokenizer.pad_token_id
         self.pad_token_id = pad if pad is not None else min(self.eos_ids, default=0)
         # Fast kernels (sdpa) return no attention maps: the attention read then switches the model
-        # to eager for its own pass. The switch is model-wide, so passes serialise while it is on.
-        self._kernels = threading.RLock()
+        # to eager for its own pass. The switch is model-wide: decoding passes hold the model
+        # shared, the switched pass holds it alone.
+        self._kernels = SharedExclusiveLock()
         self.info = BackendInfo(
             model_name=name,
             encoder_size=(int(vision.image_size), int(vision.image_size)),
@@ -198,7 +230,7 @@ class LlavaBackend(VLMBackend):
         if not self._switch_for_maps:
             yield
             return
-        with self._kernels:
+        with self._kernels.exclusive():
             self.model.set_attn_implementation("eager")
             try:
                 yield
@@ -206,7 +238,7 @@ class LlavaBackend(VLMBackend):
                 self.model.set_attn_implementation(self.config.attn_implementation)
 
     def _configured_kernels(self):
-        return self._kernels if self._switch_for_maps else _NO_LOCK
+        return self._kernels.shared() if self._switch_for_maps else nullcontext()
 
     @torch.inference_mode()
     def generate(self, features: Sequence[torch.Tensor], question: str) -> Generation:

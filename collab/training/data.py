@@ -44,6 +44,13 @@ class BatchSpec:
     jitter: float = 0.3  # crop centre offset, as a fraction of the crop side
     image_mean: float = 0.5
     image_std: float = 0.5
+    # Scale augmentation: this fraction of global-only examples is drawn from a SMALL original
+    # (side in small_scene_side px, <= 3 objects), whose downscale keeps the digit and the shape
+    # legible. Real photos hold objects at every scale; here it means the first pass learns, from
+    # answers alone, to look at the object the question names, and keeps looking there when the
+    # detail is too small to read (which is what the attention read relies on).
+    small_scene_fraction: float = 0.0
+    small_scene_side: tuple[int, int] = (208, 256)
 
 
 def to_pixels(images: list[Image.Image], mean: float, std: float) -> torch.Tensor:
@@ -76,9 +83,23 @@ def crop_box(rng: np.random.Generator, scene: Scene, target: list[int] | None, s
     return box_around(cx, cy, side, scene.width, scene.height)
 
 
+def small_scene(rng: np.random.Generator, n_objects: int, sides: tuple[int, int]) -> Scene:
+    """A square scene of side in `sides`; fewer objects if they do not fit."""
+    side = int(rng.integers(sides[0], sides[1] + 1))
+    for n in range(min(n_objects, 3), 0, -1):
+        try:
+            return render_scene(rng, n_objects=n, size=(side, side))
+        except RuntimeError:  # could not place n objects: try fewer
+            continue
+    raise RuntimeError(f"no object fits a {side}x{side} scene")
+
+
 def make_example(rng: np.random.Generator, spec: BatchSpec, n_objects: int, kind: str, tokenizer) -> dict:
     """One (input_ids, answer id, images) example of the given batch kind."""
-    scene = render_scene(rng, n_objects=n_objects)
+    if kind == "global" and spec.small_scene_fraction and rng.random() < spec.small_scene_fraction:
+        scene = small_scene(rng, n_objects, spec.small_scene_side)
+    else:
+        scene = render_scene(rng, n_objects=n_objects)
     question = pick_question(rng, scene, spec.fine_fraction)
     size = (spec.image_size, spec.image_size)
     global_image = jpeg_round_trip(make_global_image(scene.image, size)[0], spec.jpeg_quality)

@@ -24,7 +24,7 @@ import argparse
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +78,7 @@ class Recipe:
     local_fraction: float = 0.5
     fine_fraction: float = 0.5
     negative_fraction: float = 0.15
+    small_scene_fraction: float = 0.0  # stage 2: global-only examples from small originals (see BatchSpec)
     curriculum: list = field(default_factory=lambda: [[300, 1], [700, 2], [1200, 3], [None, MAX_OBJECTS]])
     curriculum_offset: int = 0  # warm starts: begin the objects-per-scene curriculum (and data stream) here
     eval_every: int = 200
@@ -314,16 +315,17 @@ def evaluate(model, stream: BatchStream, recipe: Recipe) -> dict:
     """Accuracy by (pass, kind) and the shuffled-image loss gap on fixed held-out batches."""
     model.eval()
     stats: dict[str, list] = {}
+    spec = replace(stream.spec, small_scene_fraction=0.0)  # measured on benchmark-like scenes only
     for kind in ("global", "local"):
         for i in range(recipe.eval_batches):
             rng = np.random.default_rng([recipe.eval_seed, i, kind == "local"])
             examples = [
-                make_example(rng, stream.spec, int(rng.integers(2, MAX_OBJECTS + 1)), kind, stream.tokenizer)
+                make_example(rng, spec, int(rng.integers(2, MAX_OBJECTS + 1)), kind, stream.tokenizer)
                 for _ in range(recipe.batch)
             ]
             for ex in examples:
                 ex["negative"] = False
-            batch = collate(examples, stream.spec, stream.tokenizer.pad_token_id, stream.tokenizer.eos_token_id)
+            batch = collate(examples, spec, stream.tokenizer.pad_token_id, stream.tokenizer.eos_token_id)
             _, per_ex, correct = answer_loss(model, batch, recipe.eos_weight)
             _, per_ex_shuf, _ = answer_loss(model, batch, recipe.eos_weight, shuffled_pixels(batch))
             for name, mask in (("fine", batch["fine"]), ("coarse", ~batch["fine"])):
@@ -359,6 +361,7 @@ def train(recipe: Recipe, out_dir: Path, log_path: Path | None = None, init_towe
         refine_template=recipe.refine_template,
         fine_fraction=recipe.fine_fraction,
         negative_fraction=recipe.negative_fraction,
+        small_scene_fraction=recipe.small_scene_fraction,
     )
     log_file = open(log_path, "a") if log_path else None
     started = time.time()
@@ -450,13 +453,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--init-model", help="continue stage 2 from a saved model directory (skips stage 1)")
     p.add_argument("--continue-tower", action="store_true", help="with --init-tower: run --pretrain-steps more of stage 1 on it first")
     p.add_argument("--dense-weight", type=float, default=defaults.dense_weight, help="stage 1: weight of the per-patch colour/shape loss")
+    p.add_argument("--small-scene-fraction", type=float, default=defaults.small_scene_fraction,
+                   help="stage 2: fraction of global-only examples drawn from small originals (digit legible)")
     p.add_argument("--curriculum-offset", type=int, default=0, help="start the objects-per-scene curriculum at this step")
     args = p.parse_args(argv)
     recipe = Recipe(
         seed=args.seed, pretrain_steps=args.pretrain_steps, steps=args.steps, batch=args.batch, lr=args.lr,
         eval_every=args.eval_every, threads=args.threads, workers=args.workers, curriculum_offset=args.curriculum_offset,
-        dense_weight=args.dense_weight,
+        dense_weight=args.dense_weight, small_scene_fraction=args.small_scene_fraction,
     )
+    if not 0.0 <= recipe.small_scene_fraction <= 1.0:
+        p.error("--small-scene-fraction must be in [0, 1]")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     train(recipe, out, Path(args.log) if args.log else out / "training_log.jsonl",
