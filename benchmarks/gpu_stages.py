@@ -216,6 +216,29 @@ def measure(backend, layer, items, warmup, max_new_tokens, dev: Device) -> dict:
     }
 
 
+def encoder_batching(backend, items, batch: int, rounds: int, dev: Device) -> dict:
+    """Vision-tower images/s one image per call vs `batch` per call: what VisionEncoder's
+    @serve.batch buys on this card (the tower alone, no Serve: the GPU machine has no Ray)."""
+    from collab.imaging import make_global_image
+
+    images = [make_global_image(it.image, backend.info.encoder_size, "resize")[0] for it in items]
+    images = (images * (batch // len(images) + 1))[:batch]
+    pixels = backend.preprocess(images)
+
+    def rate(per_call: int) -> float:
+        backend.encode(pixels[:per_call])  # warm-up at this shape
+        dev.sync()
+        start = time.perf_counter()
+        for _ in range(rounds):
+            for i in range(0, batch, per_call):
+                backend.encode(pixels[i : i + per_call])
+        dev.sync()
+        return rounds * batch / (time.perf_counter() - start)
+
+    one, many = rate(1), rate(batch)
+    return {"batch": batch, "images_per_s_batch_1": one, f"images_per_s_batch_{batch}": many, "speedup": many / one}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description="Per-stage latency, tokens/s and peak memory of our split path vs plain model.generate "
@@ -232,11 +255,13 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=12, help="timed queries per variant")
     parser.add_argument("--warmup", type=int, default=2, help="untimed queries first")
     parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--encoder-batch", type=int, default=8,
+                        help="also measure the vision tower at this batch size vs one image per call (0: skip)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="directory for gpu_stages.json")
     args = parser.parse_args(argv)
-    if args.repeats < 1 or args.warmup < 0:
-        parser.error("--repeats must be >= 1 and --warmup >= 0")
+    if args.repeats < 1 or args.warmup < 0 or args.encoder_batch < 0:
+        parser.error("--repeats must be >= 1, --warmup and --encoder-batch >= 0")
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: CUDA is not available here (use --device cpu --shape tiny)")
 
@@ -265,6 +290,8 @@ def main(argv=None) -> int:
             backend.config.attn_implementation = attn
         print(f"[{attn}] measuring {args.warmup}+{args.repeats} queries ...", file=sys.stderr, flush=True)
         report["variants"][attn] = measure(backend, layer, items, args.warmup, args.max_new_tokens, dev)
+    if args.encoder_batch:
+        report["encoder_batching"] = encoder_batching(backend, items, args.encoder_batch, rounds=5, dev=dev)
 
     print(json.dumps(report, indent=2))
     print(render(report))
@@ -292,6 +319,11 @@ def render(report: dict) -> str:
             f"[{attn}] stages p50 ms: {stages}",
             f"[{attn}] first-pass tokens equal to baseline: {v['first_pass_tokens_equal_baseline']}",
         ]
+    enc = report.get("encoder_batching")
+    if enc:
+        n = enc["batch"]
+        lines.append(f"vision tower: {enc['images_per_s_batch_1']:.1f} images/s one per call, "
+                     f"{enc[f'images_per_s_batch_{n}']:.1f} at {n} per call = {enc['speedup']:.2f}x")
     return "\n".join(lines)
 
 

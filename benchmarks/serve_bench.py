@@ -67,6 +67,9 @@ async def encoder_throughput(handle, method: str, payload: bytes, callers: int, 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.serve_bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=str(DEFAULT_CONFIG))
+    p.add_argument("--model", default=None,
+                   help="override model.path (a local directory), e.g. a heavier random model from "
+                        "`python -m collab.models.tiny`, to see how the ratios move with the cost of a query")
     p.add_argument("--policy", default="entropy", choices=["never", "always", "random", "entropy"])
     p.add_argument("--requests", type=int, default=40, help="queries per measurement")
     p.add_argument("--clients", type=int, default=8, help="concurrent edges for the saturated DAG run")
@@ -88,11 +91,11 @@ def main(argv=None) -> int:
     from deployments.args import AppArgs
     from edge_agents.client import EdgeClient, global_upload
 
-    config = load_config(args.config)
+    config = load_config(args.config, {"model": {"path": args.model}} if args.model else None)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": 8011})
-    serve.run(compose(AppArgs(config=args.config)), name="bench", route_prefix="/")
+    serve.run(compose(AppArgs(config=args.config, model_path=args.model)), name="bench", route_prefix="/")
     url = "http://127.0.0.1:8011"
     items = queries(args.requests)
 
@@ -141,6 +144,7 @@ def main(argv=None) -> int:
     report = {
         "machine": f"{os.cpu_count()} CPUs",
         "config": args.config,
+        "model": config.model.path,
         "policy": args.policy,
         "throughput_optimized": args.throughput_optimized,
         "p50_latency_ms": {"dag": percentile(dag_lat, 50), "in_process": percentile(ref_lat, 50)},

@@ -185,3 +185,21 @@ def test_shared_exclusive_lock_excludes_and_prefers_waiting_exclusive():
     for t in (a, x, b):
         t.join()
     assert events == ["a+", "a-", "X+", "X-", "b+", "b-"]
+
+
+def test_random_model_cli_builds_the_sizes_asked_for(tmp_path, capsys):
+    """`python -m collab.models.tiny` makes heavier stand-ins (e.g. for benchmarks.serve_bench --model)."""
+    import json as _json
+
+    from collab.models import tiny
+
+    tiny.main(["--out", str(tmp_path / "m"), "--image-size", "48", "--patch-size", "8", "--vision-hidden", "48",
+               "--vision-layers", "3", "--text-hidden", "64", "--text-layers", "3", "--text-heads", "2"])
+    cfg = _json.loads((tmp_path / "m" / "config.json").read_text())
+    assert (cfg["vision_config"]["image_size"], cfg["vision_config"]["hidden_size"], cfg["vision_config"]["num_hidden_layers"]) == (48, 48, 3)
+    assert (cfg["text_config"]["hidden_size"], cfg["text_config"]["num_hidden_layers"], cfg["text_config"]["num_attention_heads"]) == (64, 3, 2)
+    backend = load_backend(ModelConfig(path=str(tmp_path / "m"), max_new_tokens=2))
+    assert backend.info.grid == (6, 6)
+    with pytest.raises(SystemExit):
+        tiny.main(["--out", str(tmp_path / "bad"), "--image-size", "50", "--patch-size", "8"])
+    assert "multiple of --patch-size" in capsys.readouterr().err

@@ -22,6 +22,8 @@ def test_tiny_shape_on_cpu_reports_every_stage_and_matches_plain_generate(tmp_pa
         assert set(variant["ours"]["p50_ms_per_stage"]) == STAGES
         assert variant["ours"]["first_pass_tokens_per_s"] > 0 and variant["baseline_generate"]["tokens_per_s"] > 0
         assert variant["ours"]["peak_memory_gib"] is None  # no CUDA here: not invented
+    enc = report["encoder_batching"]
+    assert enc["batch"] == 8 and enc["images_per_s_batch_1"] > 0 and enc["images_per_s_batch_8"] > 0
     assert "first-pass tokens equal to baseline: 3/3" in capsys.readouterr().out
 
 
@@ -31,3 +33,5 @@ def test_bad_arguments_are_refused(capsys):
     with pytest.raises(SystemExit):
         gpu_stages.main(["--shape", "tiny", "--device", "cpu", "--repeats", "0"])
     assert "--repeats must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        gpu_stages.main(["--shape", "tiny", "--device", "cpu", "--encoder-batch", "-1"])
