@@ -123,3 +123,41 @@ def test_small_scenes_only_in_global_examples_and_only_when_asked(monkeypatch):
     assert calls == []
     ex = data.make_example(np.random.default_rng(1), always, 5, "global", tok)
     assert calls == [1] and len(ex["images"]) == 1
+
+
+def test_globals_only_tower_phase_and_a_new_tower_under_a_saved_decoder(tmp_path):
+    """--tower-global-fraction 1.0 trains on per-patch labels alone (finite losses, per-attribute
+    accuracies logged); --init-model with --init-tower swaps the tower in and freezes it first."""
+    import dataclasses
+
+    import torch as _torch
+
+    recipe = dataclasses.replace(toy_recipe(), tower_global_fraction=1.0)
+    tower_dir = train(recipe, tmp_path / "tower", tmp_path / "tower.jsonl", pretrain_only=True)
+    rows = [json.loads(line) for line in (tmp_path / "tower.jsonl").read_text().splitlines()]
+    stage1 = [r for r in rows if r.get("stage") == 1]
+    assert stage1 and all(np.isfinite(r["loss"]) and 0 <= r["object_patch_shape_acc"] <= 1 for r in stage1)
+    assert all(np.isnan(r["crop_digit_acc"]) for r in stage1)  # no crops in these batches
+    tower = _torch.load(tower_dir / "vision_tower_stage1.pt", weights_only=True)
+
+    base = train(toy_recipe(), tmp_path / "base", None)
+    swapped = train(dataclasses.replace(toy_recipe(), steps=1, freeze_tower_steps=5), tmp_path / "swapped",
+                    tmp_path / "swap.jsonl", init_tower=tower_dir / "vision_tower_stage1.pt", init_model=base)
+    from transformers import LlavaForConditionalGeneration
+
+    saved = LlavaForConditionalGeneration.from_pretrained(swapped).model.vision_tower.state_dict()
+    for name, value in tower.items():  # frozen for the only step: exactly the tower that was put in
+        assert _torch.equal(saved[name], value), name
+
+
+def test_training_cli_refuses_bad_sizes_and_fractions(capsys):
+    import pytest
+
+    from collab.training.train_tiny import main
+
+    for args, message in ((["--image-size", "100"], "multiple of the patch size"),
+                          (["--tower-global-fraction", "1.5"], "--tower-global-fraction must be in [0, 1]"),
+                          (["--small-scene-fraction", "-0.1"], "--small-scene-fraction must be in [0, 1]")):
+        with pytest.raises(SystemExit):
+            main(["--out", "/nonexistent/never-written", *args])
+        assert message in capsys.readouterr().err

@@ -67,6 +67,7 @@ class Recipe:
     pretrain_lr: float = 1e-3
     dense_weight: float = 1.0  # stage 1: weight of the per-patch colour/shape loss on global images
     background_weight: float = 0.05  # class weight of "no object" patches in that loss
+    tower_global_fraction: float | None = None  # stage 1: share of global images per batch (None: 1/4)
     steps: int = 2000
     batch: int = 32
     lr: float = 1e-3
@@ -167,18 +168,21 @@ class ScaleCurriculum:
             self.recent.clear()
 
 
-def tower_batch(rng: np.random.Generator, spec: BatchSpec, n: int, max_scale: float) -> dict:
+def tower_batch(rng: np.random.Generator, spec: BatchSpec, n: int, max_scale: float, global_fraction: float | None = None) -> dict:
     """3/4 crops (digit/colour/shape of the crop's object), 1/4 globals (presence, count, and the
     colour and shape at each patch: real VLM towers come with local semantics, ours must learn them).
 
     Crop side = glyph height x s, s uniform in [2, max_scale], centre jittered by 10% of the side.
+    `global_fraction` overrides the 1/4 share of global images (1.0: globals only).
     """
+    n_global = None if global_fraction is None else round(n * global_fraction)
     size = (spec.image_size, spec.image_size)
     crops, crop_labels, globals_, global_labels, dense = [], [], [], [], []
     grid = spec.image_size // spec.patch_size
     for i in range(n):
         scene = render_scene(rng, n_objects=int(rng.integers(1, MAX_OBJECTS + 1)))
-        if i % 4 != 3:
+        is_global = (i % 4 == 3) if n_global is None else i < n_global
+        if not is_global:
             obj = scene.objects[int(rng.integers(len(scene.objects)))]
             g = obj.glyph_box
             side = (g[3] - g[1]) * rng.uniform(2.0, max_scale)
@@ -195,14 +199,15 @@ def tower_batch(rng: np.random.Generator, spec: BatchSpec, n: int, max_scale: fl
                 present[len(COLOR_NAMES) + SHAPES.index(o.shape)] = 1
             global_labels.append((present, len(scene.objects) - 1))
             dense.append(patch_labels(scene, grid))
+    empty = torch.zeros(0, 3, spec.image_size, spec.image_size)
     return {
-        "crops": to_pixels(crops, spec.image_mean, spec.image_std),
-        "crop_labels": torch.tensor(crop_labels),
-        "globals": to_pixels(globals_, spec.image_mean, spec.image_std),
-        "present": torch.stack([p for p, _ in global_labels]),
-        "count": torch.tensor([c for _, c in global_labels]),
-        "patch_color": torch.tensor([c for c, _ in dense]),
-        "patch_shape": torch.tensor([s for _, s in dense]),
+        "crops": to_pixels(crops, spec.image_mean, spec.image_std) if crops else empty,
+        "crop_labels": torch.tensor(crop_labels, dtype=torch.long).reshape(-1, 3),
+        "globals": to_pixels(globals_, spec.image_mean, spec.image_std) if globals_ else empty,
+        "present": torch.stack([p for p, _ in global_labels]) if global_labels else torch.zeros(0, len(COLOR_NAMES) + len(SHAPES)),
+        "count": torch.tensor([c for _, c in global_labels], dtype=torch.long),
+        "patch_color": torch.tensor([c for c, _ in dense], dtype=torch.long).reshape(len(dense), grid * grid),
+        "patch_shape": torch.tensor([s for _, s in dense], dtype=torch.long).reshape(len(dense), grid * grid),
         "max_scale": max_scale,
     }
 
@@ -210,15 +215,16 @@ def tower_batch(rng: np.random.Generator, spec: BatchSpec, n: int, max_scale: fl
 class TowerStream(torch.utils.data.IterableDataset):
     """Stage-1 batches rendered in a worker process."""
 
-    def __init__(self, spec: BatchSpec, batch: int, seed: int, curriculum: ScaleCurriculum):
+    def __init__(self, spec: BatchSpec, batch: int, seed: int, curriculum: ScaleCurriculum, global_fraction: float | None = None):
         super().__init__()
         self.spec, self.batch, self.seed, self.curriculum = spec, batch, seed, curriculum
+        self.global_fraction = global_fraction
 
     def __iter__(self):
         step = 0
         while True:
             scale = self.curriculum.get()
-            yield tower_batch(np.random.default_rng([self.seed, 1, step]), self.spec, self.batch, scale)
+            yield tower_batch(np.random.default_rng([self.seed, 1, step]), self.spec, self.batch, scale, self.global_fraction)
             step += 1
 
 
@@ -235,41 +241,56 @@ def pretrain_tower(model, spec: BatchSpec, recipe: Recipe, log, scale_start: flo
     sched = cosine_schedule(opt, recipe.warmup, recipe.pretrain_steps)
     model.train()
     curriculum = ScaleCurriculum(start=scale_start)
-    loader = _loader(TowerStream(spec, recipe.pretrain_batch, recipe.seed, curriculum), recipe.workers)
+    loader = _loader(TowerStream(spec, recipe.pretrain_batch, recipe.seed, curriculum, recipe.tower_global_fraction), recipe.workers)
     bar = tqdm(zip(range(recipe.pretrain_steps), loader), total=recipe.pretrain_steps, desc="stage 1: vision tower", dynamic_ncols=True)
     # objects cover a few of the 144 patches: down-weight background or it is all the tower learns
     color_w = torch.ones(len(COLOR_NAMES) + 1)
     shape_w = torch.ones(len(SHAPES) + 1)
     color_w[-1] = shape_w[-1] = recipe.background_weight
     for step, b in bar:
-        fc, pg = tower_features(model, b["crops"]), patch_features(model, b["globals"])
-        fg = pg.mean(1)
-        digit, color, shape = b["crop_labels"].T
-        loss_digit = F.cross_entropy(heads.digit(fc), digit)
-        loss = (
-            2.0 * loss_digit  # reading the glyph is the hard part; colour and shape come easily
-            + F.cross_entropy(heads.color(fc), color)
-            + F.cross_entropy(heads.shape(fc), shape)
-            + F.binary_cross_entropy_with_logits(heads.present(fg), b["present"])
-            + F.cross_entropy(heads.count(fg), b["count"])
-        )
-        dense_loss = (F.cross_entropy(heads.patch_color(pg).flatten(0, 1), b["patch_color"].flatten(), weight=color_w)
-                      + F.cross_entropy(heads.patch_shape(pg).flatten(0, 1), b["patch_shape"].flatten(), weight=shape_w))
-        if recipe.dense_weight:
-            loss = loss + recipe.dense_weight * dense_loss
+        loss = torch.zeros(())
+        loss_digit = torch.zeros(())
+        acc = float("nan")
+        if len(b["crops"]):
+            fc = tower_features(model, b["crops"])
+            digit, color, shape = b["crop_labels"].T
+            loss_digit = F.cross_entropy(heads.digit(fc), digit)
+            loss = (loss
+                    + 2.0 * loss_digit  # reading the glyph is the hard part; colour and shape come easily
+                    + F.cross_entropy(heads.color(fc), color)
+                    + F.cross_entropy(heads.shape(fc), shape))
+            acc = (heads.digit(fc).argmax(-1) == digit).float().mean().item()
+        dense_loss = torch.zeros(())
+        color_acc = shape_acc = patch_acc = float("nan")
+        if len(b["globals"]):
+            pg = patch_features(model, b["globals"])
+            fg = pg.mean(1)
+            loss = (loss
+                    + F.binary_cross_entropy_with_logits(heads.present(fg), b["present"])
+                    + F.cross_entropy(heads.count(fg), b["count"]))
+            dense_loss = (F.cross_entropy(heads.patch_color(pg).flatten(0, 1), b["patch_color"].flatten(), weight=color_w)
+                          + F.cross_entropy(heads.patch_shape(pg).flatten(0, 1), b["patch_shape"].flatten(), weight=shape_w))
+            if recipe.dense_weight:
+                loss = loss + recipe.dense_weight * dense_loss
+            on_object = b["patch_color"] < len(COLOR_NAMES)
+            color_ok = heads.patch_color(pg).argmax(-1) == b["patch_color"]
+            shape_ok = heads.patch_shape(pg).argmax(-1) == b["patch_shape"]
+            color_acc = color_ok[on_object].float().mean().item()
+            shape_acc = shape_ok[on_object].float().mean().item()
+            patch_acc = (color_ok & shape_ok)[on_object].float().mean().item()
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        acc = (heads.digit(fc).argmax(-1) == digit).float().mean().item()
-        on_object = b["patch_color"] < len(COLOR_NAMES)
-        patch_acc = ((heads.patch_color(pg).argmax(-1) == b["patch_color"]) & (heads.patch_shape(pg).argmax(-1) == b["patch_shape"]))[on_object].float().mean().item()
-        curriculum.update(acc)
-        bar.set_postfix(loss=f"{loss.item():.3f}", digit_acc=f"{acc:.2f}", patch_acc=f"{patch_acc:.2f}", scale=f"{b['max_scale']:.1f}")
+        if not math.isnan(acc):
+            curriculum.update(acc)
+        bar.set_postfix(loss=f"{loss.item():.3f}", digit_acc=f"{acc:.2f}", patch_acc=f"{patch_acc:.2f}",
+                        shape_acc=f"{shape_acc:.2f}", scale=f"{b['max_scale']:.1f}")
         if step % 50 == 0 or step == recipe.pretrain_steps - 1:
             log({"stage": 1, "step": step, "loss": loss.item(), "digit_loss": loss_digit.item(), "crop_digit_acc": acc,
-                 "dense_loss": dense_loss.item(), "object_patch_acc": patch_acc, "max_scale": b["max_scale"]})
+                 "dense_loss": dense_loss.item(), "object_patch_acc": patch_acc,
+                 "object_patch_color_acc": color_acc, "object_patch_shape_acc": shape_acc, "max_scale": b["max_scale"]})
 
 
 # ------------------------------------------------------------------------------ stage 2: VLM
@@ -378,6 +399,9 @@ def train(recipe: Recipe, out_dir: Path, log_path: Path | None = None, init_towe
 
         model = LlavaForConditionalGeneration.from_pretrained(init_model, attn_implementation="sdpa")
         log({"init_model": str(init_model)})
+        if init_tower:  # a retrained tower under the saved decoder: freeze it first, as from scratch
+            model.model.vision_tower.load_state_dict(torch.load(init_tower, weights_only=True))
+            log({"init_tower": str(init_tower)})
     elif init_tower:
         model.model.vision_tower.load_state_dict(torch.load(init_tower, weights_only=True))
         log({"init_tower": str(init_tower)})
@@ -407,7 +431,7 @@ def train(recipe: Recipe, out_dir: Path, log_path: Path | None = None, init_towe
     for step, batch in enumerate(loader):
         if step >= recipe.steps:
             break
-        frozen = step < recipe.freeze_tower_steps and init_model is None
+        frozen = step < recipe.freeze_tower_steps and (init_model is None or init_tower is not None)
         for p in tower:
             p.requires_grad_(not frozen)
         loss, _, correct = answer_loss(model, batch, recipe.eos_weight)
@@ -445,14 +469,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=defaults.steps)
     p.add_argument("--batch", type=int, default=defaults.batch)
     p.add_argument("--lr", type=float, default=defaults.lr)
+    p.add_argument("--pretrain-lr", type=float, default=defaults.pretrain_lr, help="stage 1 learning rate")
+    p.add_argument("--image-size", type=int, default=defaults.spec.image_size,
+                   help="vision tower input side in px (patch %d px); the shipped model uses %%(default)s" % defaults.spec.patch_size)
     p.add_argument("--eval-every", type=int, default=defaults.eval_every)
     p.add_argument("--threads", type=int, default=defaults.threads, help="torch threads for the training process")
     p.add_argument("--workers", type=int, default=defaults.workers, help="data-rendering worker processes")
     p.add_argument("--init-tower", help="start stage 2 from this stage-1 tower checkpoint (skips stage 1)")
     p.add_argument("--pretrain-only", action="store_true", help="run stage 1 only and save the tower checkpoint")
-    p.add_argument("--init-model", help="continue stage 2 from a saved model directory (skips stage 1)")
+    p.add_argument("--init-model", help="continue stage 2 from a saved model directory (skips stage 1); "
+                   "with --init-tower, that tower replaces the saved one")
     p.add_argument("--continue-tower", action="store_true", help="with --init-tower: run --pretrain-steps more of stage 1 on it first")
     p.add_argument("--dense-weight", type=float, default=defaults.dense_weight, help="stage 1: weight of the per-patch colour/shape loss")
+    p.add_argument("--tower-global-fraction", type=float, default=None,
+                   help="stage 1: share of global images per batch (default 1/4; 1.0 = globals only: local semantics)")
     p.add_argument("--small-scene-fraction", type=float, default=defaults.small_scene_fraction,
                    help="stage 2: fraction of global-only examples drawn from small originals (digit legible)")
     p.add_argument("--curriculum-offset", type=int, default=0, help="start the objects-per-scene curriculum at this step")
@@ -461,9 +491,17 @@ def main(argv: list[str] | None = None) -> None:
         seed=args.seed, pretrain_steps=args.pretrain_steps, steps=args.steps, batch=args.batch, lr=args.lr,
         eval_every=args.eval_every, threads=args.threads, workers=args.workers, curriculum_offset=args.curriculum_offset,
         dense_weight=args.dense_weight, small_scene_fraction=args.small_scene_fraction,
+        tower_global_fraction=args.tower_global_fraction, pretrain_lr=args.pretrain_lr,
     )
+    if recipe.tower_global_fraction is not None and not 0.0 <= recipe.tower_global_fraction <= 1.0:
+        p.error("--tower-global-fraction must be in [0, 1]")
     if not 0.0 <= recipe.small_scene_fraction <= 1.0:
         p.error("--small-scene-fraction must be in [0, 1]")
+    if args.image_size % recipe.spec.patch_size:
+        p.error(f"--image-size must be a multiple of the patch size {recipe.spec.patch_size}")
+    tokens = (args.image_size // recipe.spec.patch_size) ** 2
+    recipe.spec = replace(recipe.spec, image_size=args.image_size,
+                          max_positions=max(recipe.spec.max_positions, 2 * tokens + 64))  # refine: 2 images + text
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     train(recipe, out, Path(args.log) if args.log else out / "training_log.jsonl",
