@@ -25,6 +25,7 @@ def test_serve_bench_writes_every_figure(tmp_path):
                           env={**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())
-    for key in ("p50_latency_ratio", "throughput_ratio", "encoder_batching_speedup", "per_hop_overhead_ms"):
+    for key in ("p50_latency_ratio", "throughput_ratio", "encoder_batching_speedup", "per_hop_overhead_ms",
+                "noop_deployment_qps_16_callers", "tower_batch8_speedup_in_process"):
         assert report[key] > 0, key
     assert report["p50_latency_ms"]["dag"] > 0 and report["throughput_qps"]["in_process"] > 0
