@@ -115,6 +115,10 @@ def main(argv=None) -> int:
                    help="set RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (Ray >= 2.56: user code on the replica's main loop, "
                         "router in the caller's loop, gRPC between replicas) for the cluster this run starts")
     args = p.parse_args(argv)
+    if args.model:  # replicas may run in another working directory
+        if not Path(args.model).is_dir():
+            p.error(f"--model {args.model}: no such directory")
+        args.model = str(Path(args.model).resolve())
     if args.throughput_optimized:  # before Ray is imported: read at import by every Serve process of this cluster
         os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
 

@@ -108,7 +108,8 @@ def test_sdpa_backend_reads_the_same_maps_and_answers_as_eager(tiny_backend, tin
     got = sdpa.attention_grids(features, QUESTION, [5, 6], layers, "all")
     for a, b in zip(want, got):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
-    assert sdpa.model.config._attn_implementation == "sdpa"  # switched back after the read
+    cfg = sdpa.model.config  # switched back after the read; the vision tower never switched
+    assert (cfg.text_config._attn_implementation, cfg.vision_config._attn_implementation) == ("sdpa", "sdpa")
     with torch.inference_mode():  # and the switch really matters: sdpa itself returns no maps
         ids = sdpa.prompt_ids(sdpa.config.prompt_template, QUESTION, 1)
         out = sdpa.model(inputs_embeds=sdpa.merge_embeddings(ids, [features]), output_attentions=True)
@@ -149,7 +150,42 @@ def test_concurrent_decodes_and_attention_reads_on_sdpa_match_sequential(tiny_co
         got = list(pool.map(run, jobs))
     for a, b in zip(want, got):
         np.testing.assert_allclose(np.asarray(a, dtype=float), np.asarray(b, dtype=float), rtol=1e-5, atol=1e-7)
-    assert sdpa.model.config._attn_implementation == "sdpa"
+    assert sdpa.model.config.text_config._attn_implementation == "sdpa"
+
+
+def test_the_kernel_switch_never_happens_while_a_decode_runs(tiny_config):
+    """Deterministic check of the locking: decodes are slowed down so that they overlap the reads;
+    every switch must find no decode in flight."""
+    import threading
+    import time as _time
+    from concurrent.futures import ThreadPoolExecutor
+
+    sdpa = load_backend(tiny_config.model.model_copy(update={"attn_implementation": "sdpa"}))
+    feats = sdpa.encode_images(images(2, seed=4))
+    guard, in_flight, seen_at_switch = threading.Lock(), [0], []
+    generate, switch = sdpa._generate, sdpa.model.set_attn_implementation
+
+    def slow_generate(*args, **kwargs):
+        with guard:
+            in_flight[0] += 1
+        try:
+            _time.sleep(0.02)
+            return generate(*args, **kwargs)
+        finally:
+            with guard:
+                in_flight[0] -= 1
+
+    def watched_switch(value):
+        seen_at_switch.append(in_flight[0])
+        return switch(value)
+
+    sdpa._generate, sdpa.model.set_attn_implementation = slow_generate, watched_switch
+    jobs = [lambda i=i: sdpa.generate([feats[i % 2]], QUESTION) for i in range(8)]
+    jobs += [lambda i=i: sdpa.attention_grid(feats[i % 2], QUESTION, [], layer=-1, query_rows="last_input") for i in range(4)]
+    with ThreadPoolExecutor(6) as pool:
+        for future in [pool.submit(job) for job in jobs[::2] + jobs[1::2]]:
+            future.result()
+    assert len(seen_at_switch) == 8 and set(seen_at_switch) == {0}
 
 
 def test_shared_exclusive_lock_excludes_and_prefers_waiting_exclusive():
@@ -179,7 +215,8 @@ def test_shared_exclusive_lock_excludes_and_prefers_waiting_exclusive():
     first_shared_in.wait()
     x = threading.Thread(target=exclusive)
     x.start()
-    _time.sleep(0.05)  # x is now waiting for a
+    while lock._waiting != 1:  # x is now waiting for a
+        _time.sleep(0.001)
     b = threading.Thread(target=shared, args=("b", 0.01))  # arrives while x waits: must go after x
     b.start()
     for t in (a, x, b):

@@ -88,3 +88,25 @@ def test_record_serialises(pipeline):
 def test_unknown_policy_rejected():
     with pytest.raises(ValueError, match="unknown policy"):
         PolicySpec(name="sometimes")
+
+
+def test_each_stage_waits_for_the_device_before_its_time_is_taken(tiny_backend, tiny_config, monkeypatch):
+    """On accelerators kernels run asynchronously: every timed step must end with the backend's
+    synchronize, so queued work is billed to the step that queued it."""
+    import time
+
+    from collab.pipeline import ReferencePipeline
+
+    calls = []
+
+    def slow_sync():
+        calls.append(1)
+        time.sleep(0.03)
+
+    monkeypatch.setattr(tiny_backend, "synchronize", slow_sync)
+    pipe = ReferencePipeline(tiny_backend, tiny_config)
+    record = pipe.run(scene(3), "what number is in the red circle?", policy=pipe.policy(name="always"))
+    assert set(record.times_ms) == {"edge_global", "encode_global", "first_pass", "attention", "roi_search",
+                                    "edge_local", "encode_local", "refine"}
+    assert len(calls) == len(record.times_ms)
+    assert all(ms >= 30 for ms in record.times_ms.values())

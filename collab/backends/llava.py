@@ -33,7 +33,9 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 class SharedExclusiveLock:
     """Many holders in shared mode, or one in exclusive mode; waiting exclusive holders go first.
 
-    Decoding passes share the model; the attention read's kernel switch needs it alone.
+    Decoding passes share the model; the attention read's kernel switch needs it alone (so a read
+    waits for the decodes in flight, and decodes arriving meanwhile wait for the read). Not
+    re-entrant: a holder must not ask again.
     """
 
     def __init__(self) -> None:
@@ -226,16 +228,22 @@ class LlavaBackend(VLMBackend):
 
     @contextmanager
     def _eager_attention(self):
-        """Eager attention (which returns maps) for the duration of one pass."""
+        """Eager attention (which returns maps) in the decoder for the duration of one pass.
+
+        Only the decoder switches (the vision tower keeps its kernels), and the decoder's previous
+        setting is restored whatever happens. Not re-entrant: never decode inside this block.
+        """
         if not self._switch_for_maps:
             yield
             return
+        text = self.model.config.text_config
         with self._kernels.exclusive():
-            self.model.set_attn_implementation("eager")
+            previous = text._attn_implementation
             try:
+                self.model.set_attn_implementation({"text_config": "eager"})
                 yield
             finally:
-                self.model.set_attn_implementation(self.config.attn_implementation)
+                self.model.set_attn_implementation({"text_config": previous})
 
     def _configured_kernels(self):
         return self._kernels.shared() if self._switch_for_maps else nullcontext()

@@ -160,21 +160,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Build and save a RANDOM-weight tiny LLaVA (for tests and smoke runs).")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--image-size", type=int, default=32)
-    parser.add_argument("--patch-size", type=int, default=8)
-    parser.add_argument("--vision-hidden", type=int, default=32)
-    parser.add_argument("--vision-layers", type=int, default=2)
-    parser.add_argument("--text-hidden", type=int, default=32)
-    parser.add_argument("--text-layers", type=int, default=2)
-    parser.add_argument("--text-heads", type=int, default=4)
+    d = TinyLlavaSpec()
+    for name in ("image_size", "patch_size", "vision_hidden", "vision_layers", "vision_heads", "text_hidden",
+                 "text_layers", "text_heads", "text_kv_heads", "text_intermediate"):
+        parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name),
+                            help="default: %(default)s")
     args = parser.parse_args(argv)
     if args.image_size % args.patch_size:
         parser.error("--image-size must be a multiple of --patch-size")
-    spec = TinyLlavaSpec(
-        image_size=args.image_size, patch_size=args.patch_size, vision_hidden=args.vision_hidden,
-        vision_layers=args.vision_layers, text_hidden=args.text_hidden, text_layers=args.text_layers,
-        text_heads=args.text_heads, text_kv_heads=args.text_heads, text_intermediate=4 * args.text_hidden,
-    )
+    if args.vision_hidden % args.vision_heads or args.text_hidden % args.text_heads or args.text_heads % args.text_kv_heads:
+        parser.error("hidden sizes must divide by their head counts, and --text-heads by --text-kv-heads")
+    spec = TinyLlavaSpec(**{k: getattr(args, k) for k in (
+        "image_size", "patch_size", "vision_hidden", "vision_layers", "vision_heads", "text_hidden",
+        "text_layers", "text_heads", "text_kv_heads", "text_intermediate")})
     path = make_random_tiny_llava(args.out, spec=spec, seed=args.seed)
     print(f"saved random tiny LLaVA to {path}")
 

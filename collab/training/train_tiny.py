@@ -259,7 +259,6 @@ def pretrain_tower(model, spec: BatchSpec, recipe: Recipe, log, scale_start: flo
                     + 2.0 * loss_digit  # reading the glyph is the hard part; colour and shape come easily
                     + F.cross_entropy(heads.color(fc), color)
                     + F.cross_entropy(heads.shape(fc), shape))
-            acc = (heads.digit(fc).argmax(-1) == digit).float().mean().item()
         dense_loss = torch.zeros(())
         color_acc = shape_acc = patch_acc = float("nan")
         if len(b["globals"]):
@@ -272,17 +271,22 @@ def pretrain_tower(model, spec: BatchSpec, recipe: Recipe, log, scale_start: flo
                           + F.cross_entropy(heads.patch_shape(pg).flatten(0, 1), b["patch_shape"].flatten(), weight=shape_w))
             if recipe.dense_weight:
                 loss = loss + recipe.dense_weight * dense_loss
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        # accuracies with the updated heads, as the shipped recipe measured them (the crop-digit
+        # accuracy drives the scale curriculum, so this order is part of the recipe)
+        if len(b["crops"]):
+            acc = (heads.digit(fc).argmax(-1) == digit).float().mean().item()
+        if len(b["globals"]):
             on_object = b["patch_color"] < len(COLOR_NAMES)
             color_ok = heads.patch_color(pg).argmax(-1) == b["patch_color"]
             shape_ok = heads.patch_shape(pg).argmax(-1) == b["patch_shape"]
             color_acc = color_ok[on_object].float().mean().item()
             shape_acc = shape_ok[on_object].float().mean().item()
             patch_acc = (color_ok & shape_ok)[on_object].float().mean().item()
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
         if not math.isnan(acc):
             curriculum.update(acc)
         bar.set_postfix(loss=f"{loss.item():.3f}", digit_acc=f"{acc:.2f}", patch_acc=f"{patch_acc:.2f}",
