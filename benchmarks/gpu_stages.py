@@ -112,15 +112,11 @@ def p50(values):
 
 
 class Device:
-    """Synchronise and read peak memory on CUDA; no-ops elsewhere."""
+    """Peak memory and the card's name on CUDA; no-ops elsewhere (synchronising is the backend's)."""
 
     def __init__(self, device: str):
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
-
-    def sync(self):
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
 
     def reset_peak(self):
         if self.cuda:
@@ -162,10 +158,10 @@ def measure(backend, layer, items, warmup, max_new_tokens, dev: Device) -> dict:
     for i, item in enumerate(items):
         global_image, _ = make_global_image(item.image, backend.info.encoder_size, "resize")
         global_image = decode_image(encode_image(global_image, "jpeg", config.imaging.jpeg_quality).data)  # as ours sees it
-        dev.sync()
+        backend.synchronize()
         start = time.perf_counter()
         ids = baseline_generate(backend, global_image, item.question, max_new_tokens)
-        dev.sync()
+        backend.synchronize()
         if i >= warmup:
             base_ms.append((time.perf_counter() - start) * 1000)
             base_tokens.append(len(ids))
@@ -183,10 +179,10 @@ def measure(backend, layer, items, warmup, max_new_tokens, dev: Device) -> dict:
     total_ms, first_tokens, first_ms, same = [], [], [], 0
     dev.reset_peak()
     for i, item in enumerate(items):
-        dev.sync()
+        backend.synchronize()
         start = time.perf_counter()
         record = pipeline.run(item.image, item.question, question_id=item.question_id)
-        dev.sync()
+        backend.synchronize()
         same += record.first_token_ids == base_ids[i]
         if i >= warmup:
             total_ms.append((time.perf_counter() - start) * 1000)
@@ -218,26 +214,15 @@ def measure(backend, layer, items, warmup, max_new_tokens, dev: Device) -> dict:
     }
 
 
-def encoder_batching(backend, items, batch: int, rounds: int, dev: Device) -> dict:
+def encoder_batching(backend, items, batch: int, rounds: int) -> dict:
     """Vision-tower images/s one image per call vs `batch` per call: what VisionEncoder's
     @serve.batch buys on this card (the tower alone, no Serve: the GPU machine has no Ray)."""
+    from benchmarks.tower import tower_rates
     from collab.imaging import make_global_image
 
     images = [make_global_image(it.image, backend.info.encoder_size, "resize")[0] for it in items]
     images = (images * (batch // len(images) + 1))[:batch]
-    pixels = backend.preprocess(images)
-
-    def rate(per_call: int) -> float:
-        backend.encode(pixels[:per_call])  # warm-up at this shape
-        dev.sync()
-        start = time.perf_counter()
-        for _ in range(rounds):
-            for i in range(0, batch, per_call):
-                backend.encode(pixels[i : i + per_call])
-        dev.sync()
-        return rounds * batch / (time.perf_counter() - start)
-
-    one, many = rate(1), rate(batch)
+    one, many = tower_rates(backend, backend.preprocess(images), batch, rounds)
     return {"batch": batch, "images_per_s_batch_1": one, f"images_per_s_batch_{batch}": many, "speedup": many / one}
 
 
@@ -293,7 +278,7 @@ def main(argv=None) -> int:
         print(f"[{attn}] measuring {args.warmup}+{args.repeats} queries ...", file=sys.stderr, flush=True)
         report["variants"][attn] = measure(backend, layer, items, args.warmup, args.max_new_tokens, dev)
     if args.encoder_batch:
-        report["encoder_batching"] = encoder_batching(backend, items, args.encoder_batch, rounds=5, dev=dev)
+        report["encoder_batching"] = encoder_batching(backend, items, args.encoder_batch, rounds=5)
         report["encoder_batching"]["attn"] = backend.config.attn_implementation
 
     print(json.dumps(report, indent=2))

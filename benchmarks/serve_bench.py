@@ -82,23 +82,11 @@ def noop_app():
 def tower_batching_ceiling(backend, payload: bytes, batch: int = 8, rounds: int = 20) -> float:
     """In-process images/s of the vision tower, `batch` per pass vs one per pass: the most that
     dynamic batching can buy for this model on this machine (no Serve involved)."""
+    from benchmarks.tower import tower_rates
     from collab.imaging import decode_image
 
-    pixels = backend.preprocess([decode_image(payload)] * batch)
-
-    def rate(per_pass: int) -> float:
-        start = time.perf_counter()
-        for _ in range(rounds):
-            for i in range(0, batch, per_pass):
-                backend.encode(pixels[i : i + per_pass])
-        return rounds * batch / (time.perf_counter() - start)
-
-    rate(1), rate(batch)  # warm-up
-    best = {1: 0.0, batch: 0.0}
-    for _ in range(3):  # interleaved, best of three: the other processes on these cores add noise
-        for per_pass in best:
-            best[per_pass] = max(best[per_pass], rate(per_pass))
-    return best[batch] / best[1]
+    one, many = tower_rates(backend, backend.preprocess([decode_image(payload)] * batch), batch, rounds, best_of=3)
+    return many / one
 
 
 def main(argv=None) -> int:

@@ -44,6 +44,11 @@ class TinyLlavaSpec:
     image_std: Sequence[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
 
 
+# The integer sizes of TinyLlavaSpec that the command line exposes.
+SIZE_FIELDS = ("image_size", "patch_size", "vision_hidden", "vision_layers", "vision_heads", "text_hidden",
+               "text_layers", "text_heads", "text_kv_heads", "text_intermediate")
+
+
 def build_tokenizer(words: Sequence[str]):
     """A word-level tokenizer (lower-cased, punctuation split off) wrapped for transformers."""
     from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
@@ -161,8 +166,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--seed", type=int, default=0)
     d = TinyLlavaSpec()
-    for name in ("image_size", "patch_size", "vision_hidden", "vision_layers", "vision_heads", "text_hidden",
-                 "text_layers", "text_heads", "text_kv_heads", "text_intermediate"):
+    for name in SIZE_FIELDS:
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name),
                             help="default: %(default)s")
     args = parser.parse_args(argv)
@@ -170,9 +174,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error("--image-size must be a multiple of --patch-size")
     if args.vision_hidden % args.vision_heads or args.text_hidden % args.text_heads or args.text_heads % args.text_kv_heads:
         parser.error("hidden sizes must divide by their head counts, and --text-heads by --text-kv-heads")
-    spec = TinyLlavaSpec(**{k: getattr(args, k) for k in (
-        "image_size", "patch_size", "vision_hidden", "vision_layers", "vision_heads", "text_hidden",
-        "text_layers", "text_heads", "text_kv_heads", "text_intermediate")})
+    spec = TinyLlavaSpec(**{k: getattr(args, k) for k in SIZE_FIELDS})
     path = make_random_tiny_llava(args.out, spec=spec, seed=args.seed)
     print(f"saved random tiny LLaVA to {path}")
 
