@@ -43,6 +43,7 @@ def test_cli_writes_report_with_stable_keys(tiny_model_dir, tiny_config, tmp_pat
     for png in ("separability.png", "sweep.png", "examples.png"):
         assert (out / png).stat().st_size > 1000
     assert len((out / "items.jsonl").read_text().splitlines()) == 6
+    assert report["stages_by_qtype"]["all"]["n"] == 6
 
 
 def test_cli_rejects_calibrating_on_the_evaluated_split(capsys):
@@ -112,3 +113,21 @@ def test_gate_aggregation_length_is_scored_not_replaced(tiny_backend, tiny_confi
     assert decisions(outcomes, spec).all()
     with pytest.raises(ValueError, match="L=4"):
         decisions(outcomes, PolicySpec(name="entropy", aggregation_length=4))
+
+
+def test_stage_table_by_question_type(outcomes):
+    """Per question type: every item counted once, under the synthetic item's own qtype, and each
+    group's accuracy is the mean over exactly its items."""
+    from collab.data.synthetic import generate_items
+    from collab.eval.report import stage_table
+
+    truth = {it.question_id: it.qtype for it in generate_items(*SPLIT)}
+    assert [o.qtype for o in outcomes] == [truth[o.question_id] for o in outcomes]
+    table = stage_table(outcomes, "qtype")
+    groups = set(truth.values())
+    assert set(table) == groups | {"all"}
+    assert sum(table[g]["n"] for g in groups) == table["all"]["n"] == len(outcomes)
+    for g in groups:
+        rows = [o for o in outcomes if o.qtype == g]
+        assert table[g]["first_pass"] == pytest.approx(np.mean([o.first_acc for o in rows]))
+        assert table[g]["refined_roi"] == pytest.approx(np.mean([o.refined_acc for o in rows]))

@@ -174,7 +174,8 @@ def print_summary(report: dict, out: Path) -> None:
         print(f"RoI (fine): hit rate {roi['hit_rate']:.3f}  mean IoU {roi['mean_iou']:.3f}  area {roi['area_fraction']:.3f}  (n={roi['n']})")
     if report["layers"]:
         print("layer hit rates: " + "  ".join(f"L{k}={v:.2f}" for k, v in report["layers"].items()))
-    for kind, s in report["stages"].items():
+    by_qtype = {k: v for k, v in report.get("stages_by_qtype", {}).items() if k != "all"}  # "all" is printed above
+    for kind, s in [*report["stages"].items(), *by_qtype.items()]:
         gt = f"{100 * s['refined_gt_crop']:.1f}%" if s["refined_gt_crop"] is not None else "-"
         print(f"stage accuracy [{kind}]: first {100 * s['first_pass']:.1f}%  refined(RoI) {100 * s['refined_roi']:.1f}%  "
               f"refined(GT crop) {gt}  right->wrong {s['right_to_wrong']}  wrong->right {s['wrong_to_right']}")

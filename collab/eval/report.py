@@ -98,12 +98,15 @@ def layer_sweep(outcomes: list[ItemOutcome], kind: str | None = "fine") -> dict[
     return {str(layer): float(np.mean([o.layer_hits[layer] for o in rows])) for layer in layers}
 
 
-def stage_table(outcomes: list[ItemOutcome]) -> dict:
-    """Accuracy per kind and stage, and how the second stage changed answers (always refine)."""
-    kinds = sorted({o.kind for o in outcomes if o.kind}) or [None]
+def stage_table(outcomes: list[ItemOutcome], by: str = "kind") -> dict:
+    """Accuracy per group and stage, and how the second stage changed answers (always refine).
+
+    `by` is the ItemOutcome field that groups items: "kind" (fine/coarse) or "qtype" (question type:
+    which ability fails, e.g. shape questions at chance while colour questions are right)."""
+    kinds = sorted({getattr(o, by) for o in outcomes if getattr(o, by)}) or [None]
     table = {}
     for kind in kinds + (["all"] if kinds != [None] else []):
-        rows = [o for o in outcomes if kind in ("all", None) or o.kind == kind]
+        rows = [o for o in outcomes if kind in ("all", None) or getattr(o, by) == kind]
         first = np.array([o.first_acc >= 0.5 for o in rows])
         refined = np.array([o.refined_acc >= 0.5 for o in rows])
         gt = [o.gt_refined_acc for o in rows if o.gt_refined_acc is not None]
@@ -145,6 +148,7 @@ def build_report(outcomes: list[ItemOutcome], spec: PolicySpec, policies: list[s
         "roi": {**roi_quality(outcomes, "fine"), "all_targets": roi_quality(outcomes, None)},
         "layers": layer_sweep(outcomes, "fine"),
         "stages": stage_table(outcomes),
+        "stages_by_qtype": stage_table(outcomes, "qtype") if any(o.qtype for o in outcomes) else {},
         "bytes": {
             "global_mean": float(np.mean([o.global_bytes for o in outcomes])),
             "local_mean": float(np.mean([o.local_bytes for o in outcomes])),

@@ -45,6 +45,8 @@ class EvalItem:
     load: Callable[[], Image.Image]
     kind: str | None = None
     target_box: list[int] | None = None
+    # finer than kind: synthetic "number"/"color"/"shape"/"count", VQAv2 answer_type ("yes/no", ...)
+    qtype: str | None = None
 
 
 @dataclass
@@ -72,6 +74,7 @@ class ItemOutcome:
     gt_refined_answer: str | None = None
     gt_refined_acc: float | None = None
     layer_hits: dict[int, bool] = field(default_factory=dict)
+    qtype: str | None = None
     attention: np.ndarray | None = None  # relative map at the configured layer (kept for plots)
 
     def uncertainty(self, kind: str, length: str = "all") -> float:
@@ -146,6 +149,7 @@ class Evaluator:
             refined_answer=refined.answer,
             refined_acc=vqa_accuracy(refined.answer, item.answers),
             attention=chosen if index < self.keep_attention else None,
+            qtype=item.qtype,
         )
         if item.target_box is not None:
             for layer in self.layers:
@@ -201,13 +205,14 @@ def synthetic_items(seed: int, n: int) -> Iterator[EvalItem]:
     from collab.data.synthetic import generate_items
 
     for it in generate_items(seed, n):
-        yield EvalItem(it.question_id, it.question, it.answers, (lambda im=it.image: im), it.kind, it.target_box)
+        yield EvalItem(it.question_id, it.question, it.answers, (lambda im=it.image: im), it.kind, it.target_box, it.qtype)
 
 
 def dataset_items(path: str | Path, limit: int | None = None) -> list[EvalItem]:
     from collab.data.vqa import load_dataset
 
     return [
-        EvalItem(ex.question_id, ex.question, ex.answers, ex.load_image, ex.kind, list(ex.target_box) if ex.target_box else None)
+        EvalItem(ex.question_id, ex.question, ex.answers, ex.load_image, ex.kind,
+                 list(ex.target_box) if ex.target_box else None, ex.extra.get("qtype") or ex.extra.get("answer_type"))
         for ex in load_dataset(path, limit=limit)
     ]

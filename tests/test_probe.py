@@ -1,0 +1,58 @@
+"""collab.eval.probe: token selection over an object, probe fitting, and the CLI on a tiny model."""
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from collab.eval.probe import ATTRIBUTES, VIEWS, main, object_token_indices, probe_table
+from collab.geometry import CanvasGeometry
+
+
+def test_object_tokens_are_the_cells_whose_centres_lie_in_the_box():
+    geometry = CanvasGeometry.create((960, 960), (96, 96), "resize")  # 10x smaller, 8 px cells
+    # original [0, 160) -> canvas [0, 16): cells 0 and 1 on each axis; token 0 is a CLS
+    assert object_token_indices([0, 0, 160, 160], geometry, (12, 12), offset=1) == [1, 2, 13, 14]
+    # non-square original: x shrinks 20x, y 10x
+    wide = CanvasGeometry.create((1920, 960), (96, 96), "resize")
+    assert object_token_indices([0, 0, 320, 80], wide, (12, 12), offset=0) == [0, 1]
+    # a box holding no cell centre falls back to the cell under its centre
+    assert object_token_indices([500, 500, 520, 520], geometry, (12, 12), offset=0) == [6 * 12 + 6]
+
+
+def test_probe_reads_an_encoded_attribute_and_not_noise():
+    g = torch.Generator().manual_seed(0)
+    n = 400
+    labels = {a: torch.randint(len(v), (n,), generator=g) for a, v in ATTRIBUTES.items()}
+    encoded = torch.nn.functional.one_hot(labels["shape"], len(ATTRIBUTES["shape"])).float()
+    noise = torch.randn(n, 16, generator=g)
+    data = {"features": {"global": torch.cat([noise, 0.1 * noise[:, :5] + encoded], 1), "crop": noise}, "labels": labels}
+    table = probe_table(data, 0.75)
+    assert table["n"] == n and table["n_train"] == 300
+    assert table["views"]["global"]["shape"]["accuracy"] > 0.95
+    for attr in ATTRIBUTES:  # pure noise: no better than chance plus a margin
+        row = table["views"]["crop"][attr]
+        assert row["accuracy"] < 1.0 / len(ATTRIBUTES[attr]) + 0.15, (attr, row)
+        assert 0 < row["majority"] <= 1
+
+
+def test_probe_rejects_a_split_without_held_out_objects():
+    data = {"features": {"crop": torch.zeros(4, 3)}, "labels": {"shape": torch.zeros(4, dtype=torch.long)}}
+    with pytest.raises(ValueError, match="held-out"):
+        probe_table(data, 1.0)
+
+
+def test_cli_on_tiny_model(tiny_config, tmp_path, capsys):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_config.model_dump(mode="json")))
+    assert main(["--config", str(cfg), "--n", "16", "--out", str(tmp_path / "p"), "--no-progress"]) == 0
+    report = json.loads((tmp_path / "p" / "probe.json").read_text())
+    assert report["n"] == 16 and report["n_train"] == 12
+    assert set(report["views"]) == set(VIEWS)
+    for view in VIEWS:
+        assert set(report["views"][view]) == set(ATTRIBUTES)
+        for row in report["views"][view].values():
+            assert 0.0 <= row["accuracy"] <= 1.0
+    assert "held-out objects" in capsys.readouterr().out
+    assert main(["--config", str(cfg), "--n", "2"]) == 2
