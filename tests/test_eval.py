@@ -131,3 +131,13 @@ def test_stage_table_by_question_type(outcomes):
         rows = [o for o in outcomes if o.qtype == g]
         assert table[g]["first_pass"] == pytest.approx(np.mean([o.first_acc for o in rows]))
         assert table[g]["refined_roi"] == pytest.approx(np.mean([o.refined_acc for o in rows]))
+
+
+def test_dataset_items_carry_question_type(tmp_path):
+    """Our on-disk layout keeps each item's qtype; the per-type table can group a local dataset too."""
+    from collab.data.synthetic import generate_items, write_dataset
+    from collab.eval.runner import dataset_items
+
+    write_dataset(tmp_path / "ds", 8, 4, progress=False)
+    items = dataset_items(tmp_path / "ds")
+    assert [it.qtype for it in items] == [it.qtype for it in generate_items(8, 4)]

@@ -19,6 +19,10 @@ def test_object_tokens_are_the_cells_whose_centres_lie_in_the_box():
     assert object_token_indices([0, 0, 320, 80], wide, (12, 12), offset=0) == [0, 1]
     # a box holding no cell centre falls back to the cell under its centre
     assert object_token_indices([500, 500, 520, 520], geometry, (12, 12), offset=0) == [6 * 12 + 6]
+    # pad mode: 1920x960 -> 96x48 content 24 px below the canvas top; x, y shrink 20x
+    padded = CanvasGeometry.create((1920, 960), (96, 96), "pad")
+    assert object_token_indices([0, 0, 160, 160], padded, (12, 12), offset=0) == [3 * 12 + 0]
+    assert object_token_indices([0, 0, 320, 320], padded, (12, 12), offset=0) == [36, 37, 48, 49]
 
 
 def test_probe_reads_an_encoded_attribute_and_not_noise():
@@ -56,3 +60,5 @@ def test_cli_on_tiny_model(tiny_config, tmp_path, capsys):
             assert 0.0 <= row["accuracy"] <= 1.0
     assert "held-out objects" in capsys.readouterr().out
     assert main(["--config", str(cfg), "--n", "2"]) == 2
+    assert main(["--config", "/nonexistent.yaml", "--n", "16", "--train", "1.0"]) == 2  # split refused first
+    assert "no held-out objects" in capsys.readouterr().err

@@ -266,3 +266,10 @@ def test_package_reexports_resolve():
         assert getattr(data, name) is not None
     with pytest.raises(AttributeError):
         data.no_such_name  # noqa: B018
+
+
+def test_vqav2_answer_type_is_the_question_type(tmp_path):
+    """collab.eval groups VQAv2 items by answer_type ("number", "other", "yes/no")."""
+    from collab.eval.runner import dataset_items
+
+    assert [it.qtype for it in dataset_items(write_vqav2(tmp_path / "vqav2"))] == ["number", "other"]

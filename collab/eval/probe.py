@@ -10,11 +10,11 @@ For objects of the synthetic benchmark it fits one multinomial logistic regressi
 
 - ``global``: the global image's tokens whose cells' centres lie inside the object's box, averaged
   (the object's own tokens; a first pass must find them);
-- ``crop``: a RoI-sized crop of the original around the object (side = encoder side x U(1, 2), as
-  the RoI search picks), all tokens averaged.
+- ``crop``: a RoI-sized crop of the original around the object (side = the RoI search's base side
+  x U(1, 2), as it picks), all tokens averaged.
 
 Held-out accuracy (fit on the first `--train` share of objects, scored on the rest) against the
-majority-class rate of the held-out labels. A probe is a lower bound of what the tokens hold
+held-out accuracy of always answering the training split's most frequent class. A probe is a lower bound of what the tokens hold
 (linear, on a pooled vector), so "high" is conclusive and "low" says: not linearly, at this size.
 Works with any LLaVA-family model the config names; the scenes come from `collab.data.synthetic`.
 """
@@ -60,6 +60,7 @@ def collect(backend, config, n: int, seed: int, batch: int = 32, progress: bool 
     """Pooled token features per view and the attribute labels of one random object per scene."""
     info = backend.info
     size = info.encoder_size
+    base_side = config.roi.base_side or max(size)  # the RoI search's smallest box, as in collab.stages
     im = config.imaging
     offset = info.tokens_per_image - info.grid[0] * info.grid[1]
     rng = np.random.default_rng([seed, 7])
@@ -80,7 +81,7 @@ def collect(backend, config, n: int, seed: int, batch: int = 32, progress: bool 
             image, geometry = make_global_image(scene.image, size, im.global_mode, im.pad_color)
             globals_.append(sent(image))
             token_sets.append(object_token_indices(obj.box, geometry, info.grid, offset))
-            side = max(size) * rng.uniform(1.0, 2.0)
+            side = base_side * rng.uniform(1.0, 2.0)
             cx, cy = (obj.box[0] + obj.box[2]) / 2, (obj.box[1] + obj.box[3]) / 2
             crops.append(sent(crop_local_image(scene.image, box_around(cx, cy, side, scene.width, scene.height), size)))
             labels["shape"].append(SHAPES.index(obj.shape))
@@ -98,8 +99,8 @@ def collect(backend, config, n: int, seed: int, batch: int = 32, progress: bool 
 
 
 def fit_probe(x: torch.Tensor, y: torch.Tensor, n_classes: int, n_train: int, steps: int = 500, l2: float = 1e-3) -> float:
-    """Held-out accuracy of a multinomial logistic regression (standardised inputs, Adam, L2)."""
-    torch.manual_seed(0)
+    """Held-out accuracy of a multinomial logistic regression (standardised inputs, Adam, L2;
+    zero-initialised, so deterministic)."""
     mean, std = x[:n_train].mean(0), x[:n_train].std(0) + 1e-6
     x = (x - mean) / std
     w = torch.zeros(x.shape[1], n_classes, requires_grad=True)
@@ -114,18 +115,25 @@ def fit_probe(x: torch.Tensor, y: torch.Tensor, n_classes: int, n_train: int, st
         return float(((x[n_train:] @ w + b).argmax(-1) == y[n_train:]).float().mean())
 
 
-def probe_table(data: dict, train_fraction: float) -> dict:
-    """{view: {attribute: {"accuracy", "majority"}}} on the held-out objects."""
-    n = len(next(iter(data["labels"].values())))
+def split_size(n: int, train_fraction: float) -> int:
+    """Objects the probes are fitted on; the rest are held out. Both parts must be non-empty."""
     n_train = int(round(n * train_fraction))
     if not 0 < n_train < n:
-        raise ValueError(f"train fraction {train_fraction} leaves no training or no held-out objects of {n}")
+        raise ValueError(f"--train {train_fraction} leaves no training or no held-out objects of {n}")
+    return n_train
+
+
+def probe_table(data: dict, train_fraction: float) -> dict:
+    """{view: {attribute: {"accuracy", "majority"}}} on the held-out objects; "majority" is the
+    held-out accuracy of always answering the training objects' most frequent class."""
+    n = len(next(iter(data["labels"].values())))
+    n_train = split_size(n, train_fraction)
     table: dict = {}
     for view, x in data["features"].items():
         table[view] = {}
         for attr, y in data["labels"].items():
-            held = y[n_train:]
-            majority = float(torch.bincount(held, minlength=len(ATTRIBUTES[attr])).max()) / len(held)
+            top = int(torch.bincount(y[:n_train], minlength=len(ATTRIBUTES[attr])).argmax())
+            majority = float((y[n_train:] == top).float().mean())
             table[view][attr] = {"accuracy": fit_probe(x, y, len(ATTRIBUTES[attr]), n_train), "majority": majority}
     return {"n": n, "n_train": n_train, "views": table}
 
@@ -142,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=123, help="scene seed (default %(default)s)")
     p.add_argument("--train", type=float, default=0.75, help="share of objects the probes are fitted on (default %(default)s)")
     p.add_argument("--out", type=Path, default=None, help="write OUT/probe.json")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
@@ -156,20 +164,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("error: --n must be at least 8", file=sys.stderr)
         return 2
     try:
+        split_size(args.n, args.train)  # refuse a bad split before encoding anything
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
         config = load_config(args.config or DEFAULT_CONFIG)
         backend = load_backend(config.model)
     except (ConfigError, ModelLoadError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    try:
-        report = probe_table(collect(backend, config, args.n, args.seed, progress=not args.no_progress), args.train)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    report = probe_table(collect(backend, config, args.n, args.seed, progress=not args.no_progress), args.train)
     report["model"] = str(config.model.path)
     report["seed"] = args.seed
     print(f"linear probes on {report['n'] - report['n_train']} held-out objects (fit on {report['n_train']}); "
-          "accuracy (majority-class rate)")
+          "accuracy (in brackets: always the training split's most frequent class)")
     print(f"{'view':8s}" + "".join(f"{a:>18s}" for a in ATTRIBUTES))
     for view, row in report["views"].items():
         print(f"{view:8s}" + "".join(f"{row[a]['accuracy']:>11.3f} ({row[a]['majority']:.2f})" for a in ATTRIBUTES))
