@@ -145,7 +145,7 @@ def baseline_generate(backend, global_image, question, max_new_tokens):
 def measure(backend, layer, items, warmup, max_new_tokens, dev: Device) -> dict:
     """Run both paths over `items` (the first `warmup` untimed); return the figures of one variant."""
     from collab.config import AttentionConfig, CollabConfig, GateConfig
-    from collab.imaging import decode_image, encode_image, make_global_image
+    from collab.imaging import make_global_image, round_trip
     from collab.pipeline import ReferencePipeline
 
     config = CollabConfig(
@@ -157,7 +157,7 @@ def measure(backend, layer, items, warmup, max_new_tokens, dev: Device) -> dict:
     dev.reset_peak()
     for i, item in enumerate(items):
         global_image, _ = make_global_image(item.image, backend.info.encoder_size, "resize")
-        global_image = decode_image(encode_image(global_image, "jpeg", config.imaging.jpeg_quality).data)  # as ours sees it
+        global_image = round_trip(global_image, "jpeg", config.imaging.jpeg_quality)  # as ours sees it
         backend.synchronize()
         start = time.perf_counter()
         ids = baseline_generate(backend, global_image, item.question, max_new_tokens)

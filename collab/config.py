@@ -105,6 +105,10 @@ class RoIConfig(_Strict):
             raise ValueError("ratios must be > 0")
         return v
 
+    def side_for(self, encoder_size: tuple[int, int]) -> int:
+        """The search's smallest box side in original pixels: base_side, else the encoder resolution."""
+        return self.base_side or max(encoder_size)
+
 
 class ImagingConfig(_Strict):
     """How the edge makes and encodes images."""

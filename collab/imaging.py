@@ -161,6 +161,11 @@ def decode_image(data: bytes) -> Image.Image:
     return load_image(data)
 
 
+def round_trip(image: Image.Image, fmt: ImageFormat = "jpeg", quality: int = 90) -> Image.Image:
+    """What the server sees of an image the edge sends: encoded as the edge would, then decoded."""
+    return decode_image(encode_image(image, fmt, quality).data)
+
+
 def full_resolution_bytes(original: Image.Image, fmt: ImageFormat = "jpeg", quality: int = 90) -> int:
     """Bytes of sending the whole original: the high-resolution reference cost."""
     return encode_image(original, fmt, quality).nbytes

@@ -77,8 +77,7 @@ def locate(
 ) -> RoIResult:
     """RoI box in original pixels from an attention grid (CPU only, no model needed)."""
     geometry = CanvasGeometry.create(original_size, encoder_size, global_mode)
-    base_side = cfg.base_side or max(encoder_size)
-    return search_roi(attention, geometry, base_side, cfg.ratios)
+    return search_roi(attention, geometry, cfg.side_for(encoder_size), cfg.ratios)
 
 
 def refined_pass(

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from collab.data.synthetic import COLORS, DIGITS, SHAPES, render_scene
-from collab.imaging import crop_local_image, decode_image, encode_image, make_global_image
+from collab.imaging import crop_local_image, make_global_image, round_trip
 from collab.roi import box_around
 
 ATTRIBUTES = {"shape": list(SHAPES), "color": list(COLORS), "digit": list(DIGITS)}
@@ -60,15 +60,15 @@ def collect(backend, config, n: int, seed: int, batch: int = 32, progress: bool 
     """Pooled token features per view and the attribute labels of one random object per scene."""
     info = backend.info
     size = info.encoder_size
-    base_side = config.roi.base_side or max(size)  # the RoI search's smallest box, as in collab.stages
+    base_side = config.roi.side_for(size)  # the RoI search's smallest box
     im = config.imaging
     offset = info.tokens_per_image - info.grid[0] * info.grid[1]
     rng = np.random.default_rng([seed, 7])
     feats: dict[str, list[torch.Tensor]] = {v: [] for v in VIEWS}
     labels: dict[str, list[int]] = {a: [] for a in ATTRIBUTES}
 
-    def sent(image):  # what the server sees: the edge's encoded upload, decoded
-        return decode_image(encode_image(image, im.format, im.jpeg_quality).data)
+    def sent(image):
+        return round_trip(image, im.format, im.jpeg_quality)
 
     bar = tqdm(total=n, desc="probe: encoding objects", disable=not progress, dynamic_ncols=True)
     done = 0

@@ -102,7 +102,7 @@ class Evaluator:
         self.layers = layers if layers is not None else list(range(backend.info.num_layers))
         self.keep_attention = keep_attention
         info = backend.info
-        self.base_side = config.roi.base_side or max(info.encoder_size)
+        self.base_side = config.roi.side_for(info.encoder_size)
 
     def _send(self, image: Image.Image):
         im = self.config.imaging

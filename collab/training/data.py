@@ -23,7 +23,7 @@ from PIL import Image
 
 from collab.backends.llava import expand_prompt
 from collab.data.synthetic import Question, Scene, questions_for_scene, render_scene
-from collab.imaging import crop_local_image, decode_image, encode_image, make_global_image
+from collab.imaging import crop_local_image, make_global_image, round_trip
 from collab.roi import box_around
 
 
@@ -60,7 +60,7 @@ def to_pixels(images: list[Image.Image], mean: float, std: float) -> torch.Tenso
 
 
 def jpeg_round_trip(image: Image.Image, quality: int) -> Image.Image:
-    return decode_image(encode_image(image, "jpeg", quality).data)
+    return round_trip(image, "jpeg", quality)
 
 
 def pick_question(rng: np.random.Generator, scene: Scene, fine_fraction: float) -> Question:
