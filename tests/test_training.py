@@ -161,3 +161,112 @@ def test_training_cli_refuses_bad_sizes_and_fractions(capsys):
         with pytest.raises(SystemExit):
             main(["--out", "/nonexistent/never-written", *args])
         assert message in capsys.readouterr().err
+
+
+def test_cosine_schedule_is_the_step_lambda_without_a_budget_and_stops_on_time_with_one(monkeypatch):
+    """Without a budget: exactly LambdaLR's warm-up + cosine on steps (the CPU recipe). With a
+    wall-clock budget: progress follows elapsed time and `finished` turns true when it is spent."""
+    import math
+
+    import collab.training.train_tiny as tt
+
+    def opt():
+        return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
+
+    reference = opt()
+    lam = torch.optim.lr_scheduler.LambdaLR(reference, lambda s: (s + 1) / 3 if s < 3 else
+                                            0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, (s - 3) / 7))))
+    ours = opt()
+    sched = tt.CosineSchedule(ours, warmup=3, total=10)
+    for step in range(12):
+        sched.set(step)
+        assert math.isclose(ours.param_groups[0]["lr"], reference.param_groups[0]["lr"], rel_tol=1e-12), step
+        assert sched.finished(step) == (step >= 10)
+        reference.step()  # (no gradients: a no-op, but the order LambdaLR expects)
+        lam.step()
+
+    now = [100.0]
+    monkeypatch.setattr(tt.time, "monotonic", lambda: now[0])
+    timed = tt.CosineSchedule(opt(), warmup=0, total=1_000_000, budget_s=60)
+    assert not timed.finished(5) and math.isclose(timed.factor(5), 1.0, abs_tol=1e-6)
+    now[0] = 130.0  # half the budget: half-way down the cosine, whatever the step count says
+    assert math.isclose(timed.factor(5), 0.1 + 0.45, rel_tol=1e-9)
+    now[0] = 160.0
+    assert timed.finished(5) and math.isclose(timed.factor(5), 0.1)
+    import pytest
+
+    with pytest.raises(ValueError, match="budget_s"):
+        tt.CosineSchedule(opt(), 1, 10, budget_s=0)
+
+
+def test_streams_are_the_same_for_any_number_of_workers():
+    """Worker k renders batches k, k+n, ...; the DataLoader returns them in order, so the batch
+    sequence (and the run) does not depend on --workers."""
+    from collab.training.train_tiny import ScaleCurriculum, TowerStream, _loader
+
+    tok = build_tokenizer(VOCABULARY)
+    spec = BatchSpec(image_size=32, tokens_per_image=16, prompt_template=PROMPT, refine_template=REFINE_PROMPT)
+    cpu = torch.device("cpu")
+
+    def first(stream, workers, key, n=5):
+        return [b[key] for b, _ in zip(_loader(stream, workers, cpu), range(n))]
+
+    stage2 = [first(BatchStream(spec, tok, 4, 3, [[None, 3]], 0.5, scene_reuse=2), w, "input_ids") for w in (0, 2)]
+    assert all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(*stage2))
+    stage1 = [first(TowerStream(spec, 4, 3, ScaleCurriculum(), 0.5, scene_reuse=2), w, "crop_labels") for w in (0, 2)]
+    assert all(torch.equal(a, b) for a, b in zip(*stage1))
+    assert len({tuple(map(tuple, b.tolist())) for b in stage1[0]}) > 1  # not one batch repeated
+
+
+def test_scene_reuse_asks_different_questions_of_one_scene():
+    """Stage 2 with scene_reuse=3: examples come in groups sharing one global image, with distinct
+    questions while the scene has them; stage 1 crops of one scene take different objects."""
+    from collab.training.train_tiny import tower_batch
+
+    tok = build_tokenizer(VOCABULARY)
+    spec = BatchSpec(image_size=32, tokens_per_image=16, prompt_template=PROMPT, refine_template=REFINE_PROMPT)
+    stream = BatchStream(spec, tok, 6, 11, [[None, 5]], local_fraction=0.0, scene_reuse=3)
+    for step in range(4):
+        batch = stream.batch(step)
+        pixels = batch["pixel_values"]
+        for group in (range(0, 3), range(3, 6)):
+            first = group[0]
+            assert all(torch.equal(pixels[i], pixels[first]) for i in group)
+            questions = {tuple(batch["input_ids"][i].tolist()) for i in group}
+            assert len(questions) == 3
+        assert not torch.equal(pixels[0], pixels[3])
+    crops = tower_batch(np.random.default_rng(0), spec, 8, 6.0, global_fraction=0.0, scene_reuse=4)
+    labels = [tuple(x) for x in crops["crop_labels"].tolist()]
+    for group in (labels[:4], labels[4:]):  # (digit, colour, shape): distinct objects of one scene
+        assert len({(c, s) for _, c, s in group}) == min(4, len(group))
+
+
+def test_budgeted_bf16_run_stops_on_time_and_logs_it(tmp_path):
+    """A wall-clock budget ends each stage early; the model is still saved and the log says how
+    many steps ran (autocast bf16 on CPU exercises the GPU recipe's code path)."""
+    import dataclasses
+
+    recipe = dataclasses.replace(toy_recipe(), pretrain_steps=10_000, steps=10_000, pretrain_budget_s=2.0, budget_s=2.0,
+                                 amp_dtype="bfloat16", scene_reuse=2, eval_every=10_000)
+    out = train(recipe, tmp_path / "m", tmp_path / "log.jsonl")
+    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    done = {r["stage_done"]: r["steps"] for r in rows if "stage_done" in r}
+    assert 0 < done[1] < 10_000 and 0 < done[2] < 10_000
+    final = [r for r in rows if r.get("stage") == 2][-1]
+    assert final["step"] == done[2] - 1 and np.isfinite(final["loss_ema"])  # evaluated where the budget stopped it
+    assert json.loads((out / "training_recipe.json").read_text())["saved_at_step"] == done[2]
+
+
+def test_training_cli_refuses_bad_throughput_options(capsys):
+    import pytest
+
+    from collab.training.train_tiny import main
+
+    cases = [(["--scene-reuse", "0"], "--scene-reuse must be >= 1"), (["--budget-s", "0"], "--budget-s must be > 0"),
+             (["--pretrain-budget-s", "-5"], "--pretrain-budget-s must be > 0")]
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], "torch sees no CUDA device"))
+    for args, message in cases:
+        with pytest.raises(SystemExit):
+            main(["--out", "/nonexistent/never-written", *args])
+        assert message in capsys.readouterr().err

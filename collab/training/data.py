@@ -63,8 +63,10 @@ def jpeg_round_trip(image: Image.Image, quality: int) -> Image.Image:
     return round_trip(image, "jpeg", quality)
 
 
-def pick_question(rng: np.random.Generator, scene: Scene, fine_fraction: float) -> Question:
+def pick_question(rng: np.random.Generator, scene: Scene, fine_fraction: float, asked: set[str] | None = None) -> Question:
     questions = questions_for_scene(scene)
+    if asked:
+        questions = [q for q in questions if q.question not in asked] or questions
     fine = [q for q in questions if q.kind == "fine"]
     coarse = [q for q in questions if q.kind != "fine"]
     pool = fine if (fine and (not coarse or rng.random() < fine_fraction)) else coarse
@@ -94,15 +96,33 @@ def small_scene(rng: np.random.Generator, n_objects: int, sides: tuple[int, int]
     raise RuntimeError(f"no object fits a {side}x{side} scene")
 
 
+def draw_scene(rng: np.random.Generator, spec: BatchSpec, n_objects: int, kind: str) -> Scene:
+    """The scene an example is asked about (a small original for some global-only examples)."""
+    if kind == "global" and spec.small_scene_fraction and rng.random() < spec.small_scene_fraction:
+        return small_scene(rng, n_objects, spec.small_scene_side)
+    return render_scene(rng, n_objects=n_objects)
+
+
+def global_view(scene: Scene, spec: BatchSpec) -> Image.Image:
+    """The global image the edge would send for this scene, after the JPEG round trip."""
+    size = (spec.image_size, spec.image_size)
+    return jpeg_round_trip(make_global_image(scene.image, size)[0], spec.jpeg_quality)
+
+
 def make_example(rng: np.random.Generator, spec: BatchSpec, n_objects: int, kind: str, tokenizer) -> dict:
     """One (input_ids, answer id, images) example of the given batch kind."""
-    if kind == "global" and spec.small_scene_fraction and rng.random() < spec.small_scene_fraction:
-        scene = small_scene(rng, n_objects, spec.small_scene_side)
-    else:
-        scene = render_scene(rng, n_objects=n_objects)
-    question = pick_question(rng, scene, spec.fine_fraction)
+    scene = draw_scene(rng, spec, n_objects, kind)
+    return example_from_scene(rng, spec, scene, global_view(scene, spec), kind, tokenizer)
+
+
+def example_from_scene(rng: np.random.Generator, spec: BatchSpec, scene: Scene, global_image: Image.Image, kind: str,
+                       tokenizer, asked: set[str] | None = None) -> dict:
+    """One example about a rendered scene; `asked` holds questions already used on it (avoided
+    while others remain, so that reusing a scene does not repeat an example)."""
+    question = pick_question(rng, scene, spec.fine_fraction, asked)
+    if asked is not None:
+        asked.add(question.question)
     size = (spec.image_size, spec.image_size)
-    global_image = jpeg_round_trip(make_global_image(scene.image, size)[0], spec.jpeg_quality)
     images = [global_image]
     negative = False
     if kind == "local":
@@ -139,13 +159,29 @@ def collate(examples: list[dict], spec: BatchSpec, pad_id: int, eos_id: int) -> 
     }
 
 
-class BatchStream(torch.utils.data.IterableDataset):
-    """Endless batches; the curriculum (objects per scene) follows the batch counter."""
+def worker_shard() -> tuple[int, int]:
+    """(this DataLoader worker's index, number of workers); (0, 1) in the main process.
 
-    def __init__(self, spec: BatchSpec, tokenizer, batch_size: int, seed: int, curriculum, local_fraction: float, start: int = 0):
+    Streams give batch k to worker k mod n and the DataLoader returns batches in task order, so
+    the batch sequence is the same for any number of workers."""
+    info = torch.utils.data.get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+class BatchStream(torch.utils.data.IterableDataset):
+    """Endless batches; the curriculum (objects per scene) follows the batch counter.
+
+    `scene_reuse` > 1 asks up to that many questions about each rendered scene (rendering is most
+    of a batch's cost; a GPU trainer would otherwise wait on it)."""
+
+    def __init__(self, spec: BatchSpec, tokenizer, batch_size: int, seed: int, curriculum, local_fraction: float,
+                 start: int = 0, scene_reuse: int = 1):
         super().__init__()
+        if scene_reuse < 1:
+            raise ValueError(f"scene_reuse must be >= 1, got {scene_reuse}")
         self.spec, self.tokenizer, self.batch_size = spec, tokenizer, batch_size
         self.seed, self.curriculum, self.local_fraction, self.start = seed, curriculum, local_fraction, start
+        self.scene_reuse = scene_reuse
 
     def max_objects(self, step: int) -> int:
         for until, n in self.curriculum:
@@ -153,16 +189,21 @@ class BatchStream(torch.utils.data.IterableDataset):
                 return n
         return self.curriculum[-1][1]
 
+    def batch(self, step: int) -> dict:
+        rng = np.random.default_rng([self.seed, step])
+        kind = "local" if rng.random() < self.local_fraction else "global"
+        top = self.max_objects(step)
+        examples: list[dict] = []
+        while len(examples) < self.batch_size:
+            scene = draw_scene(rng, self.spec, int(rng.integers(1, top + 1)), kind)
+            image, asked = global_view(scene, self.spec), set()
+            for _ in range(min(self.scene_reuse, self.batch_size - len(examples))):
+                examples.append(example_from_scene(rng, self.spec, scene, image, kind, self.tokenizer, asked))
+        return collate(examples, self.spec, self.tokenizer.pad_token_id, self.tokenizer.eos_token_id)
+
     def __iter__(self):
-        step = self.start
-        pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
+        worker, workers = worker_shard()
+        step = self.start + worker
         while True:
-            rng = np.random.default_rng([self.seed, step])
-            kind = "local" if rng.random() < self.local_fraction else "global"
-            top = self.max_objects(step)
-            examples = [
-                make_example(rng, self.spec, int(rng.integers(1, top + 1)), kind, self.tokenizer)
-                for _ in range(self.batch_size)
-            ]
-            yield collate(examples, self.spec, pad, eos)
-            step += 1
+            yield self.batch(step)
+            step += workers

@@ -38,7 +38,7 @@ from collab.data.synthetic import COLORS, MAX_OBJECTS, SHAPES, VOCABULARY, _draw
 from collab.imaging import crop_local_image, make_global_image
 from collab.roi import box_around
 from collab.models.tiny import TinyLlavaSpec, build_image_processor, build_tiny_llava, build_tokenizer, save_tiny_llava
-from collab.training.data import BatchSpec, BatchStream, collate, jpeg_round_trip, make_example, to_pixels
+from collab.training.data import BatchSpec, BatchStream, collate, jpeg_round_trip, make_example, to_pixels, worker_shard
 
 # LLaVA-1.5's order, image first. Tried question-first (visual tokens then know the question):
 # the answer could then be gathered into later visual tokens instead of read from the object's
@@ -87,6 +87,14 @@ class Recipe:
     eval_seed: int = 777_000  # never a benchmark seed
     threads: int = 1
     workers: int = 1
+    # Where and how fast. The CPU recipe leaves these at their defaults. On a GPU the renderers must
+    # keep up with the steps (reuse each rendered scene for several examples; the H100 run with 15
+    # rendering workers waited on data < 3 s of 505 s) and a wall-clock budget sizes the stages.
+    device: str = "cpu"  # "cpu", "cuda", "cuda:1", or "auto" (cuda when present)
+    amp_dtype: str = "float32"  # "bfloat16": autocast matmuls on the device (weights stay float32)
+    scene_reuse: int = 1  # examples drawn from each rendered scene (stage 1 crops, stage 2 questions)
+    pretrain_budget_s: float | None = None  # stage 1 stops at pretrain_steps or this many seconds
+    budget_s: float | None = None  # stage 2 likewise; the cosine schedule follows whichever is further
 
 
 # ------------------------------------------------------------------------------ stage 1: tower
@@ -168,22 +176,31 @@ class ScaleCurriculum:
             self.recent.clear()
 
 
-def tower_batch(rng: np.random.Generator, spec: BatchSpec, n: int, max_scale: float, global_fraction: float | None = None) -> dict:
+def tower_batch(rng: np.random.Generator, spec: BatchSpec, n: int, max_scale: float, global_fraction: float | None = None,
+                scene_reuse: int = 1) -> dict:
     """3/4 crops (digit/colour/shape of the crop's object), 1/4 globals (presence, count, and the
     colour and shape at each patch: real VLM towers come with local semantics, ours must learn them).
 
     Crop side = glyph height x s, s uniform in [2, max_scale], centre jittered by 10% of the side.
-    `global_fraction` overrides the 1/4 share of global images (1.0: globals only).
+    `global_fraction` overrides the 1/4 share of global images (1.0: globals only). `scene_reuse`
+    > 1 takes up to that many samples from each rendered scene (crops of different objects; a
+    global image always starts a new scene, so no image repeats).
     """
     n_global = None if global_fraction is None else round(n * global_fraction)
     size = (spec.image_size, spec.image_size)
     crops, crop_labels, globals_, global_labels, dense = [], [], [], [], []
     grid = spec.image_size // spec.patch_size
+    scene, uses, cropped = None, scene_reuse, []
     for i in range(n):
-        scene = render_scene(rng, n_objects=int(rng.integers(1, MAX_OBJECTS + 1)))
         is_global = (i % 4 == 3) if n_global is None else i < n_global
+        if is_global or uses >= scene_reuse:
+            scene = render_scene(rng, n_objects=int(rng.integers(1, MAX_OBJECTS + 1)))
+            uses, cropped = 0, []
+        uses += 1
         if not is_global:
-            obj = scene.objects[int(rng.integers(len(scene.objects)))]
+            pool = [o for o in scene.objects if o not in cropped] or scene.objects
+            obj = pool[int(rng.integers(len(pool)))]
+            cropped.append(obj)
             g = obj.glyph_box
             side = (g[3] - g[1]) * rng.uniform(2.0, max_scale)
             cx = (g[0] + g[2]) / 2 + rng.uniform(-0.1, 0.1) * side
@@ -215,75 +232,128 @@ def tower_batch(rng: np.random.Generator, spec: BatchSpec, n: int, max_scale: fl
 class TowerStream(torch.utils.data.IterableDataset):
     """Stage-1 batches rendered in a worker process."""
 
-    def __init__(self, spec: BatchSpec, batch: int, seed: int, curriculum: ScaleCurriculum, global_fraction: float | None = None):
+    def __init__(self, spec: BatchSpec, batch: int, seed: int, curriculum: ScaleCurriculum, global_fraction: float | None = None,
+                 scene_reuse: int = 1):
         super().__init__()
         self.spec, self.batch, self.seed, self.curriculum = spec, batch, seed, curriculum
-        self.global_fraction = global_fraction
+        self.global_fraction, self.scene_reuse = global_fraction, scene_reuse
 
     def __iter__(self):
-        step = 0
+        worker, workers = worker_shard()
+        step = worker
         while True:
             scale = self.curriculum.get()
-            yield tower_batch(np.random.default_rng([self.seed, 1, step]), self.spec, self.batch, scale, self.global_fraction)
-            step += 1
+            yield tower_batch(np.random.default_rng([self.seed, 1, step]), self.spec, self.batch, scale, self.global_fraction,
+                              self.scene_reuse)
+            step += workers
 
 
-def _loader(stream, workers: int):
+def _loader(stream, workers: int, device: torch.device):
     return torch.utils.data.DataLoader(
-        stream, batch_size=None, num_workers=workers, persistent_workers=False, prefetch_factor=2 if workers else None
+        stream, batch_size=None, num_workers=workers, persistent_workers=False, prefetch_factor=2 if workers else None,
+        pin_memory=device.type == "cuda",
     )
 
 
-def pretrain_tower(model, spec: BatchSpec, recipe: Recipe, log, scale_start: float = 2.5) -> None:
-    heads = TowerHeads(recipe.spec.vision_hidden)
+class TimedBatches:
+    """Batches from a loader, with the seconds spent waiting for them (`wait_s`): tells a run held
+    up by rendering from one held up by compute (each step syncs on a loss value, so the wait is
+    the data's alone)."""
+
+    def __init__(self, loader):
+        self.batches, self.wait_s = iter(loader), 0.0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        t = time.monotonic()
+        batch = next(self.batches)
+        self.wait_s += time.monotonic() - t
+        return batch
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' is the first GPU when there is one; an unavailable device is refused here, not mid-run."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but torch sees no CUDA device")
+    return device
+
+
+def autocast(device: torch.device, amp_dtype: str):
+    """bf16/fp16 autocast on the device when asked; a no-op context for float32."""
+    dtype = getattr(torch, amp_dtype)
+    return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def pretrain_tower(model, spec: BatchSpec, recipe: Recipe, log, scale_start: float = 2.5) -> int:
+    """Stage 1; returns the number of steps run (fewer than pretrain_steps when the budget ends it)."""
+    device = next(model.parameters()).device
+    heads = TowerHeads(recipe.spec.vision_hidden).to(device)
     params = list(model.model.vision_tower.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=recipe.pretrain_lr, weight_decay=recipe.weight_decay)
-    sched = cosine_schedule(opt, recipe.warmup, recipe.pretrain_steps)
+    sched = CosineSchedule(opt, recipe.warmup, recipe.pretrain_steps, recipe.pretrain_budget_s)
     model.train()
     curriculum = ScaleCurriculum(start=scale_start)
-    loader = _loader(TowerStream(spec, recipe.pretrain_batch, recipe.seed, curriculum, recipe.tower_global_fraction), recipe.workers)
-    bar = tqdm(zip(range(recipe.pretrain_steps), loader), total=recipe.pretrain_steps, desc="stage 1: vision tower", dynamic_ncols=True)
+    stream = TowerStream(spec, recipe.pretrain_batch, recipe.seed, curriculum, recipe.tower_global_fraction, recipe.scene_reuse)
+    loader = TimedBatches(_loader(stream, recipe.workers, device))
+    bar = tqdm(total=recipe.pretrain_steps, desc="stage 1: vision tower", dynamic_ncols=True)
     # objects cover a few of the 144 patches: down-weight background or it is all the tower learns
-    color_w = torch.ones(len(COLOR_NAMES) + 1)
-    shape_w = torch.ones(len(SHAPES) + 1)
+    color_w = torch.ones(len(COLOR_NAMES) + 1, device=device)
+    shape_w = torch.ones(len(SHAPES) + 1, device=device)
     color_w[-1] = shape_w[-1] = recipe.background_weight
-    for step, b in bar:
-        loss = torch.zeros(())
-        loss_digit = torch.zeros(())
+    step = 0
+    for step, b in enumerate(loader):
+        if sched.finished(step):
+            break
+        sched.set(step)
+        b = to_device(b, device)
+        loss = torch.zeros((), device=device)
+        loss_digit = torch.zeros((), device=device)
         acc = float("nan")
-        if len(b["crops"]):
-            fc = tower_features(model, b["crops"])
-            digit, color, shape = b["crop_labels"].T
-            loss_digit = F.cross_entropy(heads.digit(fc), digit)
-            loss = (loss
-                    + 2.0 * loss_digit  # reading the glyph is the hard part; colour and shape come easily
-                    + F.cross_entropy(heads.color(fc), color)
-                    + F.cross_entropy(heads.shape(fc), shape))
-        dense_loss = torch.zeros(())
-        color_acc = shape_acc = patch_acc = float("nan")
-        if len(b["globals"]):
-            pg = patch_features(model, b["globals"])
-            fg = pg.mean(1)
-            loss = (loss
-                    + F.binary_cross_entropy_with_logits(heads.present(fg), b["present"])
-                    + F.cross_entropy(heads.count(fg), b["count"]))
-            dense_loss = (F.cross_entropy(heads.patch_color(pg).flatten(0, 1), b["patch_color"].flatten(), weight=color_w)
-                          + F.cross_entropy(heads.patch_shape(pg).flatten(0, 1), b["patch_shape"].flatten(), weight=shape_w))
-            if recipe.dense_weight:
-                loss = loss + recipe.dense_weight * dense_loss
+        with autocast(device, recipe.amp_dtype):
+            if len(b["crops"]):
+                fc = tower_features(model, b["crops"]).float()
+                digit, color, shape = b["crop_labels"].T
+                loss_digit = F.cross_entropy(heads.digit(fc), digit)
+                loss = (loss
+                        + 2.0 * loss_digit  # reading the glyph is the hard part; colour and shape come easily
+                        + F.cross_entropy(heads.color(fc), color)
+                        + F.cross_entropy(heads.shape(fc), shape))
+            dense_loss = torch.zeros((), device=device)
+            color_acc = shape_acc = patch_acc = float("nan")
+            if len(b["globals"]):
+                pg = patch_features(model, b["globals"]).float()
+                fg = pg.mean(1)
+                loss = (loss
+                        + F.binary_cross_entropy_with_logits(heads.present(fg), b["present"])
+                        + F.cross_entropy(heads.count(fg), b["count"]))
+                dense_loss = (F.cross_entropy(heads.patch_color(pg).flatten(0, 1), b["patch_color"].flatten(), weight=color_w)
+                              + F.cross_entropy(heads.patch_shape(pg).flatten(0, 1), b["patch_shape"].flatten(), weight=shape_w))
+                if recipe.dense_weight:
+                    loss = loss + recipe.dense_weight * dense_loss
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        sched.step()
+        bar.update(1)
         # accuracies with the updated heads, as the shipped recipe measured them (the crop-digit
         # accuracy drives the scale curriculum, so this order is part of the recipe)
-        if len(b["crops"]):
-            acc = (heads.digit(fc).argmax(-1) == digit).float().mean().item()
+        with torch.no_grad(), autocast(device, recipe.amp_dtype):
+            if len(b["crops"]):
+                acc = (heads.digit(fc).argmax(-1) == digit).float().mean().item()
         if len(b["globals"]):
             on_object = b["patch_color"] < len(COLOR_NAMES)
-            color_ok = heads.patch_color(pg).argmax(-1) == b["patch_color"]
-            shape_ok = heads.patch_shape(pg).argmax(-1) == b["patch_shape"]
+            with torch.no_grad():
+                color_ok = heads.patch_color(pg).argmax(-1) == b["patch_color"]
+                shape_ok = heads.patch_shape(pg).argmax(-1) == b["patch_shape"]
             color_acc = color_ok[on_object].float().mean().item()
             shape_acc = shape_ok[on_object].float().mean().item()
             patch_acc = (color_ok & shape_ok)[on_object].float().mean().item()
@@ -294,20 +364,49 @@ def pretrain_tower(model, spec: BatchSpec, recipe: Recipe, log, scale_start: flo
         if step % 50 == 0 or step == recipe.pretrain_steps - 1:
             log({"stage": 1, "step": step, "loss": loss.item(), "digit_loss": loss_digit.item(), "crop_digit_acc": acc,
                  "dense_loss": dense_loss.item(), "object_patch_acc": patch_acc,
-                 "object_patch_color_acc": color_acc, "object_patch_shape_acc": shape_acc, "max_scale": b["max_scale"]})
+                 "object_patch_color_acc": color_acc, "object_patch_shape_acc": shape_acc, "max_scale": b["max_scale"],
+                 "lr": opt.param_groups[0]["lr"], "data_wait_s": round(loader.wait_s, 1)})
+    bar.close()
+    done = step if sched.finished(step) else step + 1
+    log({"stage_done": 1, "steps": done})
+    return done
 
 
 # ------------------------------------------------------------------------------ stage 2: VLM
 
 
-def cosine_schedule(opt, warmup: int, total: int):
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+class CosineSchedule:
+    """Linear warm-up over `warmup` steps, then cosine from the base learning rates to 10 % of them.
+
+    Progress is steps over `total` or, with a wall-clock `budget_s`, elapsed over budget, whichever
+    is further; `finished` says when either runs out. Without a budget this is exactly a
+    LambdaLR on the step count (the CPU recipe's schedule)."""
+
+    def __init__(self, opt, warmup: int, total: int, budget_s: float | None = None):
+        if budget_s is not None and budget_s <= 0:
+            raise ValueError(f"budget_s must be > 0, got {budget_s}")
+        self.opt, self.warmup, self.total, self.budget_s = opt, warmup, total, budget_s
+        self.base = [group["lr"] for group in opt.param_groups]
+        self.started = time.monotonic()
+        self.set(0)
+
+    def elapsed_fraction(self) -> float:
+        return 0.0 if self.budget_s is None else (time.monotonic() - self.started) / self.budget_s
+
+    def finished(self, step: int) -> bool:
+        return step >= self.total or self.elapsed_fraction() >= 1.0
+
+    def factor(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        progress = min(1.0, max((step - self.warmup) / max(1, self.total - self.warmup), self.elapsed_fraction()))
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
-    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    def set(self, step: int) -> None:
+        """Learning rates for training step `step` (0-based)."""
+        factor = self.factor(step)
+        for group, base in zip(self.opt.param_groups, self.base):
+            group["lr"] = base * factor
 
 
 def answer_loss(model, batch: dict, eos_weight: float, pixel_values: torch.Tensor | None = None):
@@ -323,8 +422,8 @@ def answer_loss(model, batch: dict, eos_weight: float, pixel_values: torch.Tenso
     eos_logits = out.logits[rows, pos]
     answer_ids = batch["input_ids"][rows, pos]
     eos_ids = batch["input_ids"][rows, pos + 1]
-    per_example = F.cross_entropy(answer_logits, answer_ids, reduction="none")
-    loss = per_example.mean() + eos_weight * F.cross_entropy(eos_logits, eos_ids)
+    per_example = F.cross_entropy(answer_logits.float(), answer_ids, reduction="none")
+    loss = per_example.mean() + eos_weight * F.cross_entropy(eos_logits.float(), eos_ids)
     return loss, per_example, answer_logits.argmax(-1) == answer_ids
 
 
@@ -339,6 +438,7 @@ def shuffled_pixels(batch: dict) -> torch.Tensor:
 def evaluate(model, stream: BatchStream, recipe: Recipe) -> dict:
     """Accuracy by (pass, kind) and the shuffled-image loss gap on fixed held-out batches."""
     model.eval()
+    device = next(model.parameters()).device
     stats: dict[str, list] = {}
     spec = replace(stream.spec, small_scene_fraction=0.0)  # measured on benchmark-like scenes only
     for kind in ("global", "local"):
@@ -350,9 +450,10 @@ def evaluate(model, stream: BatchStream, recipe: Recipe) -> dict:
             ]
             for ex in examples:
                 ex["negative"] = False
-            batch = collate(examples, spec, stream.tokenizer.pad_token_id, stream.tokenizer.eos_token_id)
-            _, per_ex, correct = answer_loss(model, batch, recipe.eos_weight)
-            _, per_ex_shuf, _ = answer_loss(model, batch, recipe.eos_weight, shuffled_pixels(batch))
+            batch = to_device(collate(examples, spec, stream.tokenizer.pad_token_id, stream.tokenizer.eos_token_id), device)
+            with autocast(device, recipe.amp_dtype):
+                _, per_ex, correct = answer_loss(model, batch, recipe.eos_weight)
+                _, per_ex_shuf, _ = answer_loss(model, batch, recipe.eos_weight, shuffled_pixels(batch))
             for name, mask in (("fine", batch["fine"]), ("coarse", ~batch["fine"])):
                 key = f"{kind}_{name}"
                 stats.setdefault(f"{key}_acc", []).extend(correct[mask].float().tolist())
@@ -371,6 +472,9 @@ def save_checkpoint(model, tokenizer, recipe: Recipe, out_dir: Path, step: int) 
 
 def train(recipe: Recipe, out_dir: Path, log_path: Path | None = None, init_tower: Path | None = None,
           pretrain_only: bool = False, init_model: Path | None = None, continue_tower: bool = False) -> Path:
+    device = resolve_device(recipe.device)
+    if recipe.scene_reuse < 1:
+        raise ValueError(f"scene_reuse must be >= 1, got {recipe.scene_reuse}")
     torch.manual_seed(recipe.seed)
     torch.set_num_threads(recipe.threads)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
@@ -397,7 +501,7 @@ def train(recipe: Recipe, out_dir: Path, log_path: Path | None = None, init_towe
             log_file.write(json.dumps(row) + "\n")
             log_file.flush()
 
-    log({"recipe": asdict(recipe)})
+    log({"recipe": asdict(recipe), "device": str(device)})
     if init_model:  # warm start: continue stage 2 from a saved model (same tokenizer and sizes)
         from transformers import LlavaForConditionalGeneration
 
@@ -409,18 +513,20 @@ def train(recipe: Recipe, out_dir: Path, log_path: Path | None = None, init_towe
     elif init_tower:
         model.model.vision_tower.load_state_dict(torch.load(init_tower, weights_only=True))
         log({"init_tower": str(init_tower)})
-        if continue_tower and recipe.pretrain_steps:  # more stage 1 on a tower that already reads: full-size crops
-            pretrain_tower(model, spec, recipe, log, scale_start=ScaleCurriculum().end)
-            torch.save(model.model.vision_tower.state_dict(), Path(out_dir) / "vision_tower_stage1.pt")
-    elif recipe.pretrain_steps:
+    model.to(device)
+    if init_tower and not init_model and continue_tower and recipe.pretrain_steps:
+        # more stage 1 on a tower that already reads: full-size crops
+        pretrain_tower(model, spec, recipe, log, scale_start=ScaleCurriculum().end)
+        torch.save(model.model.vision_tower.state_dict(), Path(out_dir) / "vision_tower_stage1.pt")
+    elif not init_tower and not init_model and recipe.pretrain_steps:
         pretrain_tower(model, spec, recipe, log)
         torch.save(model.model.vision_tower.state_dict(), Path(out_dir) / "vision_tower_stage1.pt")
     if pretrain_only:
         return Path(out_dir)
 
     stream = BatchStream(spec, tokenizer, recipe.batch, recipe.seed, recipe.curriculum, recipe.local_fraction,
-                         start=recipe.curriculum_offset)
-    loader = _loader(stream, recipe.workers)
+                         start=recipe.curriculum_offset, scene_reuse=recipe.scene_reuse)
+    loader = TimedBatches(_loader(stream, recipe.workers, device))
     tower = list(model.model.vision_tower.parameters())
     tower_ids = {id(p) for p in tower}
     rest = [p for p in model.parameters() if id(p) not in tower_ids]
@@ -428,32 +534,42 @@ def train(recipe: Recipe, out_dir: Path, log_path: Path | None = None, init_towe
         [{"params": rest, "lr": recipe.lr}, {"params": tower, "lr": recipe.lr * recipe.tower_lr_scale}],
         weight_decay=recipe.weight_decay,
     )
-    sched = cosine_schedule(opt, recipe.warmup, recipe.steps)
+    sched = CosineSchedule(opt, recipe.warmup, recipe.steps, recipe.budget_s)
     model.train()
     bar = tqdm(total=recipe.steps, desc="stage 2: VLM", dynamic_ncols=True)
     ema = None
+    step = 0
     for step, batch in enumerate(loader):
-        if step >= recipe.steps:
+        if sched.finished(step):
             break
+        sched.set(step)
         frozen = step < recipe.freeze_tower_steps and (init_model is None or init_tower is not None)
         for p in tower:
             p.requires_grad_(not frozen)
-        loss, _, correct = answer_loss(model, batch, recipe.eos_weight)
+        batch = to_device(batch, device)
+        with autocast(device, recipe.amp_dtype):
+            loss, _, correct = answer_loss(model, batch, recipe.eos_weight)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        sched.step()
         ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
         bar.update(1)
         bar.set_postfix(loss=f"{ema:.3f}", objs=stream.max_objects(step + recipe.curriculum_offset))
         if step % recipe.eval_every == 0 or step == recipe.steps - 1:
             metrics = evaluate(model, stream, recipe)
             bar.write(f"step {step}: " + " ".join(f"{k}={v:.3f}" for k, v in sorted(metrics.items())))
-            log({"stage": 2, "step": step, "loss_ema": ema, **metrics})
+            log({"stage": 2, "step": step, "loss_ema": ema, "lr": opt.param_groups[0]["lr"],
+                 "data_wait_s": round(loader.wait_s, 1), **metrics})
             save_checkpoint(model, tokenizer, recipe, out_dir, step)  # a usable model if training is stopped early
     bar.close()
-    save_checkpoint(model, tokenizer, recipe, out_dir, recipe.steps)
+    done = step if sched.finished(step) else step + 1
+    if done and (done - 1) % recipe.eval_every and done - 1 != recipe.steps - 1:  # stopped by the budget between evaluations
+        metrics = evaluate(model, stream, recipe)
+        log({"stage": 2, "step": done - 1, "loss_ema": ema, "lr": opt.param_groups[0]["lr"],
+             "data_wait_s": round(loader.wait_s, 1), **metrics})
+    save_checkpoint(model, tokenizer, recipe, out_dir, done)
+    log({"stage_done": 2, "steps": done})
     log({"done": True, "minutes": round((time.time() - started) / 60, 1)})
     if log_file:
         log_file.close()
@@ -464,7 +580,8 @@ def main(argv: list[str] | None = None) -> None:
     defaults = Recipe()
     p = argparse.ArgumentParser(
         prog="python -m collab.training.train_tiny",
-        description="Train the embedded tiny LLaVA from scratch on synthetic fine-detail VQA (CPU, seeded).",
+        description="Train the embedded tiny LLaVA from scratch on synthetic fine-detail VQA (seeded; CPU by default, "
+                    "--device cuda --amp-dtype bfloat16 --workers N --scene-reuse K on a GPU).",
     )
     p.add_argument("--out", default="models/collab-tiny-llava", help="output directory (default: %(default)s)")
     p.add_argument("--log", help="JSONL file for training metrics (default: OUT/training_log.jsonl)")
@@ -490,17 +607,45 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--small-scene-fraction", type=float, default=defaults.small_scene_fraction,
                    help="stage 2: fraction of global-only examples drawn from small originals (digit legible)")
     p.add_argument("--curriculum-offset", type=int, default=0, help="start the objects-per-scene curriculum at this step")
+    p.add_argument("--local-fraction", type=float, default=defaults.local_fraction,
+                   help="stage 2: share of global + local batches (the rest are global-only) (default: %(default)s)")
+    p.add_argument("--fine-fraction", type=float, default=defaults.fine_fraction,
+                   help="stage 2: share of fine (digit) questions (default: %(default)s)")
+    p.add_argument("--pretrain-batch", type=int, default=defaults.pretrain_batch, help="stage 1 batch size")
+    p.add_argument("--device", default=defaults.device, help="cpu, cuda, cuda:N or auto (default: %(default)s)")
+    p.add_argument("--amp-dtype", default=defaults.amp_dtype, choices=["float32", "bfloat16", "float16"],
+                   help="autocast dtype on the device; weights and the saved model stay float32 (default: %(default)s)")
+    p.add_argument("--scene-reuse", type=int, default=defaults.scene_reuse,
+                   help="examples drawn from each rendered scene; > 1 feeds a GPU faster (default: %(default)s)")
+    p.add_argument("--pretrain-budget-s", type=float, default=None,
+                   help="stage 1 wall-clock budget: stop at --pretrain-steps or after this many seconds")
+    p.add_argument("--budget-s", type=float, default=None, help="stage 2 wall-clock budget, likewise with --steps")
     args = p.parse_args(argv)
     recipe = Recipe(
         seed=args.seed, pretrain_steps=args.pretrain_steps, steps=args.steps, batch=args.batch, lr=args.lr,
         eval_every=args.eval_every, threads=args.threads, workers=args.workers, curriculum_offset=args.curriculum_offset,
         dense_weight=args.dense_weight, small_scene_fraction=args.small_scene_fraction,
         tower_global_fraction=args.tower_global_fraction, pretrain_lr=args.pretrain_lr,
+        pretrain_batch=args.pretrain_batch, device=args.device, amp_dtype=args.amp_dtype, scene_reuse=args.scene_reuse,
+        pretrain_budget_s=args.pretrain_budget_s, budget_s=args.budget_s,
+        local_fraction=args.local_fraction, fine_fraction=args.fine_fraction,
     )
     if recipe.tower_global_fraction is not None and not 0.0 <= recipe.tower_global_fraction <= 1.0:
         p.error("--tower-global-fraction must be in [0, 1]")
     if not 0.0 <= recipe.small_scene_fraction <= 1.0:
         p.error("--small-scene-fraction must be in [0, 1]")
+    if recipe.scene_reuse < 1:
+        p.error("--scene-reuse must be >= 1")
+    for name in ("local_fraction", "fine_fraction"):
+        if not 0.0 <= getattr(recipe, name) <= 1.0:
+            p.error(f"--{name.replace('_', '-')} must be in [0, 1]")
+    for name in ("pretrain_budget_s", "budget_s"):
+        if getattr(recipe, name) is not None and getattr(recipe, name) <= 0:
+            p.error(f"--{name.replace('_', '-')} must be > 0")
+    try:
+        resolve_device(recipe.device)
+    except (ValueError, RuntimeError) as e:
+        p.error(f"--device: {e}")
     if args.image_size % recipe.spec.patch_size:
         p.error(f"--image-size must be a multiple of the patch size {recipe.spec.patch_size}")
     tokens = (args.image_size // recipe.spec.patch_size) ** 2
