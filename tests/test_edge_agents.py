@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import time
 
@@ -214,3 +215,26 @@ def test_agents_as_ray_actors_complete_both_stages(served, tmp_path):
         assert (tmp_path / name).stat().st_size > 0
     assert len((tmp_path / "queries.csv").read_text().strip().splitlines()) == len(rows) + 1
     assert "throughput" in report.table(summary)
+
+
+def test_load_test_driver_keeps_rays_auth_settings(monkeypatch):
+    """`serve run` starts local clusters with token authentication (Ray >= 2.59); the driver must
+    join with the environment as the user has it. Forcing RAY_AUTH_MODE=disabled (as it once did)
+    left it unable to authenticate, and it ran the agents on a separate local Ray."""
+    import ray
+
+    from edge_agents import loadtest
+
+    seen = {}
+
+    def fake_init(**kwargs):
+        seen.update(kwargs, auth_mode=os.environ.get("RAY_AUTH_MODE"))
+
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", fake_init)
+    assert loadtest.connect_ray(None) is True
+    assert seen["address"] == "auto" and seen["auth_mode"] is None
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    assert loadtest.connect_ray("10.0.0.5:6379") is True
+    assert seen["address"] == "10.0.0.5:6379" and seen["auth_mode"] == "token"
