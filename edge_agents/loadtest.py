@@ -37,10 +37,11 @@ POLICIES = ("never", "always", "random", "entropy")
 def connect_ray(address: str | None) -> bool:
     """Join the app's Ray cluster (True) or, with none running, start a local one (False).
 
-    Ray's auth settings are left as the environment has them: `serve run` starts local clusters
-    with token authentication (Ray >= 2.59), which a driver joins with the default environment;
-    forced to RAY_AUTH_MODE=disabled it could not authenticate and ran the agents on a separate
-    local Ray, without the app's replica counts."""
+    Ray's auth settings are left as the environment has them, as `serve run` had them: it starts
+    local clusters with token authentication (Ray >= 2.59), which a driver joins with the default
+    environment; forced to RAY_AUTH_MODE=disabled it could not authenticate and ran the agents on
+    a separate local Ray, without the app's replica counts. Run the app and the load test with the
+    same RAY_AUTH_MODE."""
     import ray
 
     if ray.is_initialized():

@@ -238,3 +238,38 @@ def test_load_test_driver_keeps_rays_auth_settings(monkeypatch):
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
     assert loadtest.connect_ray("10.0.0.5:6379") is True
     assert seen["address"] == "10.0.0.5:6379" and seen["auth_mode"] == "token"
+
+
+def test_started_app_inherits_the_drivers_ray_auth_mode(monkeypatch):
+    """`--start-app` / the demo start `serve run` and then join its cluster from this process: Ray
+    needs both in one auth mode (a token-mode driver's actors never start on a cluster started with
+    RAY_AUTH_MODE=disabled, which is how `make demo` broke), so the child inherits whatever the
+    driver has."""
+    import subprocess
+
+    from edge_agents import app_process
+
+    launched = {}
+
+    class FakeProc:
+        pid, returncode = 12345, None
+
+        def wait(self, timeout=None):
+            return 0
+
+    def fake_popen(cmd, **kwargs):
+        launched["env"] = kwargs["env"]
+        return FakeProc()
+
+    monkeypatch.setattr(subprocess, "Popen", fake_popen)
+    monkeypatch.setattr(app_process, "wait_ready", lambda *a, **k: None)
+    monkeypatch.setattr(app_process.os, "killpg", lambda *a: None)
+    for mode in (None, "token", "disabled"):
+        if mode is None:
+            monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+        else:
+            monkeypatch.setenv("RAY_AUTH_MODE", mode)
+        with app_process.serve_app(quiet=True):
+            pass
+        assert launched["env"].get("RAY_AUTH_MODE") == mode
+        assert launched["env"]["HF_HUB_OFFLINE"] == "1"
