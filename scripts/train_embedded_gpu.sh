@@ -10,8 +10,8 @@
 # Environment: DEVICE (default cuda), WORKERS (default: cores - 1), PYTHON (default python3).
 set -euo pipefail
 out=${1:?usage: bash scripts/train_embedded_gpu.sh OUT_DIR [STAGE1_SECONDS] [STAGE2_SECONDS]}
-stage1_s=${2:-210}
-stage2_s=${3:-280}
+stage1_s=${2:-215}
+stage2_s=${3:-285}
 workers=${WORKERS:-$(( $(nproc) > 1 ? $(nproc) - 1 : 1 ))}
 amp=bfloat16
 [[ ${DEVICE:-cuda} == cpu ]] && amp=float32

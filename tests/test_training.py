@@ -201,7 +201,8 @@ def test_cosine_schedule_is_the_step_lambda_without_a_budget_and_stops_on_time_w
 
 def test_streams_are_the_same_for_any_number_of_workers():
     """Worker k renders batches k, k+n, ...; the DataLoader returns them in order, so the batch
-    sequence (and the run) does not depend on --workers."""
+    sequence does not depend on --workers (stage 1 here with a curriculum that does not move: a live
+    one is read when a batch is rendered, so there the timing matters too)."""
     from collab.training.train_tiny import ScaleCurriculum, TowerStream, _loader
 
     tok = build_tokenizer(VOCABULARY)
@@ -211,7 +212,7 @@ def test_streams_are_the_same_for_any_number_of_workers():
     def first(stream, workers, key, n=5):
         return [b[key] for b, _ in zip(_loader(stream, workers, cpu), range(n))]
 
-    stage2 = [first(BatchStream(spec, tok, 4, 3, [[None, 3]], 0.5, scene_reuse=2), w, "input_ids") for w in (0, 2)]
+    stage2 = [first(BatchStream(spec, tok, 4, 3, [[None, 3]], 0.5, scene_reuse=2), w, "pixel_values") for w in (0, 2)]
     assert all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(*stage2))
     stage1 = [first(TowerStream(spec, 4, 3, ScaleCurriculum(), 0.5, scene_reuse=2), w, "crop_labels") for w in (0, 2)]
     assert all(torch.equal(a, b) for a, b in zip(*stage1))
@@ -235,10 +236,26 @@ def test_scene_reuse_asks_different_questions_of_one_scene():
             questions = {tuple(batch["input_ids"][i].tolist()) for i in group}
             assert len(questions) == 3
         assert not torch.equal(pixels[0], pixels[3])
-    crops = tower_batch(np.random.default_rng(0), spec, 8, 6.0, global_fraction=0.0, scene_reuse=4)
+    import collab.training.train_tiny as tt
+
+    scenes = []
+    render = tt.render_scene
+
+    def recording(*args, **kwargs):
+        scenes.append(render(*args, **kwargs))
+        return scenes[-1]
+
+    tt.render_scene = recording
+    try:
+        crops = tower_batch(np.random.default_rng(0), spec, 12, 6.0, global_fraction=0.0, scene_reuse=4)
+    finally:
+        tt.render_scene = render
+    assert len(scenes) == 3
     labels = [tuple(x) for x in crops["crop_labels"].tolist()]
-    for group in (labels[:4], labels[4:]):  # (digit, colour, shape): distinct objects of one scene
-        assert len({(c, s) for _, c, s in group}) == min(4, len(group))
+    for scene, group in zip(scenes, (labels[:4], labels[4:8], labels[8:])):
+        # (digit, colour, shape): every object of the scene before any repeats
+        assert len({(c, s) for _, c, s in group}) == min(4, len(scene.objects))
+        assert {(c, s) for _, c, s in group} <= {(tt.COLOR_NAMES.index(o.color), tt.SHAPES.index(o.shape)) for o in scene.objects}
 
 
 def test_budgeted_bf16_run_stops_on_time_and_logs_it(tmp_path):
@@ -246,7 +263,7 @@ def test_budgeted_bf16_run_stops_on_time_and_logs_it(tmp_path):
     many steps ran (autocast bf16 on CPU exercises the GPU recipe's code path)."""
     import dataclasses
 
-    recipe = dataclasses.replace(toy_recipe(), pretrain_steps=10_000, steps=10_000, pretrain_budget_s=2.0, budget_s=2.0,
+    recipe = dataclasses.replace(toy_recipe(), pretrain_steps=10_000, steps=10_000, pretrain_budget_s=3.0, budget_s=3.0,
                                  amp_dtype="bfloat16", scene_reuse=2, eval_every=10_000)
     out = train(recipe, tmp_path / "m", tmp_path / "log.jsonl")
     rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
@@ -270,3 +287,23 @@ def test_training_cli_refuses_bad_throughput_options(capsys):
         with pytest.raises(SystemExit):
             main(["--out", "/nonexistent/never-written", *args])
         assert message in capsys.readouterr().err
+
+
+def test_default_stream_is_the_one_example_per_scene_stream():
+    """scene_reuse=1 (the CPU recipe) draws exactly what the stream drew before reuse existed: per
+    batch, a kind, then for each example a scene size and make_example (same random stream)."""
+    from collab.training.data import collate, make_example
+
+    tok = build_tokenizer(VOCABULARY)
+    spec = BatchSpec(image_size=32, tokens_per_image=16, prompt_template=PROMPT, refine_template=REFINE_PROMPT,
+                     small_scene_fraction=0.3)
+    stream = BatchStream(spec, tok, 5, 9, [[2, 1], [None, 5]], 0.5)
+    for step in range(5):
+        rng = np.random.default_rng([9, step])
+        kind = "local" if rng.random() < 0.5 else "global"
+        top = stream.max_objects(step)
+        examples = [make_example(rng, spec, int(rng.integers(1, top + 1)), kind, tok) for _ in range(5)]
+        expected = collate(examples, spec, tok.pad_token_id, tok.eos_token_id)
+        got = stream.batch(step)
+        for key in ("input_ids", "pixel_values", "answer_pos", "fine", "negative"):
+            assert torch.equal(got[key], expected[key]), (step, key)

@@ -163,7 +163,8 @@ def worker_shard() -> tuple[int, int]:
     """(this DataLoader worker's index, number of workers); (0, 1) in the main process.
 
     Streams give batch k to worker k mod n and the DataLoader returns batches in task order, so
-    the batch sequence is the same for any number of workers."""
+    stage 2's batch sequence is the same for any number of workers. (Stage 1's crop scale follows
+    a live curriculum that workers read when they render, so its batches also depend on timing.)"""
     info = torch.utils.data.get_worker_info()
     return (0, 1) if info is None else (info.id, info.num_workers)
 

@@ -89,12 +89,13 @@ class Recipe:
     workers: int = 1
     # Where and how fast. The CPU recipe leaves these at their defaults. On a GPU the renderers must
     # keep up with the steps (reuse each rendered scene for several examples; the H100 run with 15
-    # rendering workers waited on data < 3 s of 505 s) and a wall-clock budget sizes the stages.
+    # rendering workers waited on data 3.9 s of 505 s) and a wall-clock budget sizes the stages.
     device: str = "cpu"  # "cpu", "cuda", "cuda:1", or "auto" (cuda when present)
     amp_dtype: str = "float32"  # "bfloat16": autocast matmuls on the device (weights stay float32)
     scene_reuse: int = 1  # examples drawn from each rendered scene (stage 1 crops, stage 2 questions)
     pretrain_budget_s: float | None = None  # stage 1 stops at pretrain_steps or this many seconds
     budget_s: float | None = None  # stage 2 likewise; the cosine schedule follows whichever is further
+    # (a budget counts from the stage's start: worker start-up, evaluations and checkpoints included)
 
 
 # ------------------------------------------------------------------------------ stage 1: tower
@@ -280,11 +281,14 @@ def resolve_device(name: str) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} asked for, but torch sees no CUDA device")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {name!r} asked for, but torch sees {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 
 def autocast(device: torch.device, amp_dtype: str):
-    """bf16/fp16 autocast on the device when asked; a no-op context for float32."""
+    """bf16 autocast on the device when asked (no float16: it would need gradient scaling); a no-op
+    context for float32."""
     dtype = getattr(torch, amp_dtype)
     return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
 
@@ -309,7 +313,7 @@ def pretrain_tower(model, spec: BatchSpec, recipe: Recipe, log, scale_start: flo
     color_w = torch.ones(len(COLOR_NAMES) + 1, device=device)
     shape_w = torch.ones(len(SHAPES) + 1, device=device)
     color_w[-1] = shape_w[-1] = recipe.background_weight
-    step = 0
+    step, row = 0, None
     for step, b in enumerate(loader):
         if sched.finished(step):
             break
@@ -320,7 +324,7 @@ def pretrain_tower(model, spec: BatchSpec, recipe: Recipe, log, scale_start: flo
         acc = float("nan")
         with autocast(device, recipe.amp_dtype):
             if len(b["crops"]):
-                fc = tower_features(model, b["crops"]).float()
+                fc = tower_features(model, b["crops"]).float()  # float: the accuracy heads below run without autocast
                 digit, color, shape = b["crop_labels"].T
                 loss_digit = F.cross_entropy(heads.digit(fc), digit)
                 loss = (loss
@@ -361,13 +365,17 @@ def pretrain_tower(model, spec: BatchSpec, recipe: Recipe, log, scale_start: flo
             curriculum.update(acc)
         bar.set_postfix(loss=f"{loss.item():.3f}", digit_acc=f"{acc:.2f}", patch_acc=f"{patch_acc:.2f}",
                         shape_acc=f"{shape_acc:.2f}", scale=f"{b['max_scale']:.1f}")
+        row = {"stage": 1, "step": step, "loss": loss.item(), "digit_loss": loss_digit.item(), "crop_digit_acc": acc,
+               "dense_loss": dense_loss.item(), "object_patch_acc": patch_acc,
+               "object_patch_color_acc": color_acc, "object_patch_shape_acc": shape_acc, "max_scale": b["max_scale"],
+               "lr": opt.param_groups[0]["lr"], "data_wait_s": round(loader.wait_s, 1)}
         if step % 50 == 0 or step == recipe.pretrain_steps - 1:
-            log({"stage": 1, "step": step, "loss": loss.item(), "digit_loss": loss_digit.item(), "crop_digit_acc": acc,
-                 "dense_loss": dense_loss.item(), "object_patch_acc": patch_acc,
-                 "object_patch_color_acc": color_acc, "object_patch_shape_acc": shape_acc, "max_scale": b["max_scale"],
-                 "lr": opt.param_groups[0]["lr"], "data_wait_s": round(loader.wait_s, 1)})
+            log(row)
+            row = None
     bar.close()
     done = step if sched.finished(step) else step + 1
+    if done and row is not None:  # the budget ended it between logged steps: log the last one
+        log(row)
     log({"stage_done": 1, "steps": done})
     return done
 
@@ -613,7 +621,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="stage 2: share of fine (digit) questions (default: %(default)s)")
     p.add_argument("--pretrain-batch", type=int, default=defaults.pretrain_batch, help="stage 1 batch size")
     p.add_argument("--device", default=defaults.device, help="cpu, cuda, cuda:N or auto (default: %(default)s)")
-    p.add_argument("--amp-dtype", default=defaults.amp_dtype, choices=["float32", "bfloat16", "float16"],
+    p.add_argument("--amp-dtype", default=defaults.amp_dtype, choices=["float32", "bfloat16"],
                    help="autocast dtype on the device; weights and the saved model stay float32 (default: %(default)s)")
     p.add_argument("--scene-reuse", type=int, default=defaults.scene_reuse,
                    help="examples drawn from each rendered scene; > 1 feeds a GPU faster (default: %(default)s)")
