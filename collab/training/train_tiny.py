@@ -297,6 +297,16 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
+def scheduled_batches(loader, sched: "CosineSchedule", device: torch.device):
+    """(step, batch on the device) with the learning rates set for that step, until the schedule's
+    steps or time budget run out: the loop head both stages share."""
+    for step, batch in enumerate(loader):
+        if sched.finished(step):
+            return
+        sched.set(step)
+        yield step, to_device(batch, device)
+
+
 def pretrain_tower(model, spec: BatchSpec, recipe: Recipe, log, scale_start: float = 2.5) -> int:
     """Stage 1; returns the number of steps run (fewer than pretrain_steps when the budget ends it)."""
     device = next(model.parameters()).device
@@ -313,12 +323,8 @@ def pretrain_tower(model, spec: BatchSpec, recipe: Recipe, log, scale_start: flo
     color_w = torch.ones(len(COLOR_NAMES) + 1, device=device)
     shape_w = torch.ones(len(SHAPES) + 1, device=device)
     color_w[-1] = shape_w[-1] = recipe.background_weight
-    step, row = 0, None
-    for step, b in enumerate(loader):
-        if sched.finished(step):
-            break
-        sched.set(step)
-        b = to_device(b, device)
+    step, row = -1, None
+    for step, b in scheduled_batches(loader, sched, device):
         loss = torch.zeros((), device=device)
         loss_digit = torch.zeros((), device=device)
         acc = float("nan")
@@ -373,7 +379,7 @@ def pretrain_tower(model, spec: BatchSpec, recipe: Recipe, log, scale_start: flo
             log(row)
             row = None
     bar.close()
-    done = step if sched.finished(step) else step + 1
+    done = step + 1
     if done and row is not None:  # the budget ended it between logged steps: log the last one
         log(row)
     log({"stage_done": 1, "steps": done})
@@ -546,15 +552,11 @@ def train(recipe: Recipe, out_dir: Path, log_path: Path | None = None, init_towe
     model.train()
     bar = tqdm(total=recipe.steps, desc="stage 2: VLM", dynamic_ncols=True)
     ema = None
-    step = 0
-    for step, batch in enumerate(loader):
-        if sched.finished(step):
-            break
-        sched.set(step)
+    step = -1
+    for step, batch in scheduled_batches(loader, sched, device):
         frozen = step < recipe.freeze_tower_steps and (init_model is None or init_tower is not None)
         for p in tower:
             p.requires_grad_(not frozen)
-        batch = to_device(batch, device)
         with autocast(device, recipe.amp_dtype):
             loss, _, correct = answer_loss(model, batch, recipe.eos_weight)
         opt.zero_grad()
@@ -571,7 +573,7 @@ def train(recipe: Recipe, out_dir: Path, log_path: Path | None = None, init_towe
                  "data_wait_s": round(loader.wait_s, 1), **metrics})
             save_checkpoint(model, tokenizer, recipe, out_dir, step)  # a usable model if training is stopped early
     bar.close()
-    done = step if sched.finished(step) else step + 1
+    done = step + 1
     if done and (done - 1) % recipe.eval_every and done - 1 != recipe.steps - 1:  # stopped by the budget between evaluations
         metrics = evaluate(model, stream, recipe)
         log({"stage": 2, "step": done - 1, "loss_ema": ema, "lr": opt.param_groups[0]["lr"],
