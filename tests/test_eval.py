@@ -1,5 +1,6 @@
 """collab.eval on a tiny split: the report has its stable keys and agrees with the pipeline."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -141,3 +142,31 @@ def test_dataset_items_carry_question_type(tmp_path):
     write_dataset(tmp_path / "ds", 8, 4, progress=False)
     items = dataset_items(tmp_path / "ds")
     assert [it.qtype for it in items] == [it.qtype for it in generate_items(8, 4)]
+
+
+def test_object_hit_tells_a_wrong_object_from_background(outcomes, tmp_path):
+    """roi.object_hit_rate: the RoI holds the centre of SOME annotated object. Checked against the
+    items' own boxes, and equal when the same split is read back from disk."""
+    from collab.data.synthetic import generate_items, write_dataset
+    from collab.eval.report import roi_quality
+    from collab.eval.runner import EvalItem, dataset_items, hit, object_boxes_of
+
+    truth = {it.question_id: it for it in generate_items(*SPLIT)}
+    items = list(synthetic_items(*SPLIT))
+    assert [it.object_boxes for it in items] == [[o["box"] for o in truth[it.question_id].objects] for it in items]
+    write_dataset(tmp_path / "ds", *SPLIT, progress=False)
+    assert [it.object_boxes for it in dataset_items(tmp_path / "ds")] == [it.object_boxes for it in items]
+    assert object_boxes_of({}) is None and object_boxes_of({"objects": [{"shape": "circle"}]}) is None
+    assert EvalItem("q", "?", ["a"], lambda: None).object_boxes is None  # real datasets: no annotations
+
+    rows = [o for o in outcomes if o.target_box is not None]
+    assert rows
+    for o in rows:
+        boxes = [ob["box"] for ob in truth[o.question_id].objects]
+        assert o.object_hit == any(hit(o.roi_box, b) for b in boxes)
+        assert o.object_hit or not hit(o.roi_box, o.target_box)  # the asked object is one of them
+    q = roi_quality(rows, None)
+    assert q["object_hit_rate"] == pytest.approx(np.mean([o.object_hit for o in rows]))
+    assert q["object_hit_rate"] >= q["hit_rate"]
+    assert roi_quality([dataclasses.replace(o, object_hit=None) for o in rows], None)["object_hit_rate"] is None
+

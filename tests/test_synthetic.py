@@ -196,3 +196,25 @@ def test_cli_help():
     assert out.returncode == 0
     for flag in ("--seed", "--n", "--out", "--fine-fraction"):
         assert flag in out.stdout
+
+
+def test_position_questions_name_the_cell_of_each_object_and_stay_out_of_the_benchmark():
+    assert syn.position_word([0, 0, 10, 10], 300, 300) == "northwest"
+    assert syn.position_word([140, 140, 160, 160], 300, 300) == "center"
+    assert syn.position_word([290, 0, 300, 10], 300, 300) == "northeast"
+    assert syn.position_word([0, 250, 20, 300], 300, 300) == "southwest"
+    assert syn.position_word([250, 250, 300, 300], 300, 300) == "southeast"
+    assert syn.position_word([199, 0, 200, 10], 300, 300) == "north"  # thirds are half-open: [100, 200) is the middle
+    assert syn.position_word([199, 0, 201, 10], 300, 300) == "northeast"  # centre x = 200 starts the east third
+    scene = syn.make_scene(3, 2, n_objects=4)
+    questions = syn.position_questions(scene)
+    assert [q.target_box for q in questions] == [o.box for o in scene.objects]
+    for q, o in zip(questions, scene.objects):
+        assert q.question == f"where is the {o.color} {o.shape}?" and q.kind == "coarse" and q.qtype == "position"
+        cx, cy = (o.box[0] + o.box[2]) / 2, (o.box[1] + o.box[3]) / 2
+        col, row = int(3 * cx / scene.width), int(3 * cy / scene.height)
+        assert q.answer == syn.POSITION_WORDS[3 * row + col]
+    # training-only: the benchmark never asks them, and their words extend the vocabulary
+    assert not set(syn.POSITION_VOCABULARY) & set(syn.VOCABULARY)
+    assert all(tok in syn.VOCABULARY + syn.POSITION_VOCABULARY for q in questions for tok in syn.tokenize_text(q.question))
+    assert all(it.qtype != "position" for it in syn.generate_items(5, 60))

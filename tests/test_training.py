@@ -307,3 +307,53 @@ def test_default_stream_is_the_one_example_per_scene_stream():
         got = stream.batch(step)
         for key in ("input_ids", "pixel_values", "answer_pos", "fine", "negative"):
             assert torch.equal(got[key], expected[key]), (step, key)
+
+
+def test_position_questions_only_in_global_examples_and_only_when_asked():
+    from collab.data.synthetic import POSITION_VOCABULARY, POSITION_WORDS
+    from collab.training.data import make_example
+
+    tok = build_tokenizer(VOCABULARY + POSITION_VOCABULARY)
+    plain = build_tokenizer(VOCABULARY)
+    assert all(tok.convert_tokens_to_ids(w) == plain.convert_tokens_to_ids(w) for w in VOCABULARY)  # ids kept
+    base = BatchSpec(image_size=32, tokens_per_image=16, prompt_template=PROMPT, refine_template=REFINE_PROMPT)
+    always = BatchSpec(**{**base.__dict__, "position_fraction": 1.0})
+    where = tok.convert_tokens_to_ids("where")
+    for i in range(20):
+        assert make_example(np.random.default_rng(i), base, 4, "global", tok)["qtype"] != "position"
+        assert make_example(np.random.default_rng(i), always, 4, "local", tok)["qtype"] != "position"
+        ex = make_example(np.random.default_rng(i), always, 4, "global", tok)
+        assert ex["qtype"] == "position" and where in ex["ids"]
+        assert tok.convert_ids_to_tokens(ex["answer"]) in POSITION_WORDS
+
+
+def test_warm_start_with_position_questions_grows_the_vocabulary(tmp_path):
+    """A saved model without the position words gets new rows for them; every old row is kept."""
+    import dataclasses
+
+    from transformers import AutoTokenizer, LlavaForConditionalGeneration
+
+    from collab.data.synthetic import POSITION_VOCABULARY
+    from collab.training.train_tiny import grow_vocabulary
+
+    first = train(toy_recipe(), tmp_path / "a", None)
+    model = LlavaForConditionalGeneration.from_pretrained(first)
+    old_in = model.get_input_embeddings().weight.detach().clone()
+    old_out = model.get_output_embeddings().weight.detach().clone()
+    grow_vocabulary(model, len(old_in) + 3)
+    assert torch.equal(model.get_input_embeddings().weight[: len(old_in)], old_in)
+    assert torch.equal(model.get_output_embeddings().weight[: len(old_out)], old_out)
+    assert model.get_output_embeddings().weight.shape[0] == len(old_in) + 3
+    import pytest
+
+    with pytest.raises(ValueError, match="only"):
+        grow_vocabulary(model, 5)
+
+    recipe = dataclasses.replace(toy_recipe(), position_fraction=0.5)
+    again = train(recipe, tmp_path / "b", tmp_path / "log.jsonl", init_model=first)
+    tok = AutoTokenizer.from_pretrained(again)
+    assert len(tok) == len(old_in) + len(POSITION_VOCABULARY)
+    grown = LlavaForConditionalGeneration.from_pretrained(again)
+    assert grown.get_input_embeddings().weight.shape[0] == len(tok)
+    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert any(0.0 <= r.get("global_position_acc", -1) <= 1.0 for r in rows)

@@ -94,6 +94,21 @@ def _build_vocabulary() -> list[str]:
 
 VOCABULARY: list[str] = _build_vocabulary()
 
+# Training-only questions, never in the benchmark: where the named object is, as one of nine
+# compass cells of the image. Answerable from the global image (colour survives the downscale and
+# the object's tokens sit where it is), so they reward, through plain answers, looking at the
+# object a question names -- what LLaVA-1.5 learns from its region-level (RefCOCO / Visual Genome)
+# data and what the attention read relies on. Their words are appended after VOCABULARY's, so a
+# tokenizer built from both keeps every benchmark token's id.
+POSITION_TEMPLATE = "where is the {color} {shape}?"
+POSITION_WORDS: tuple[str, ...] = (
+    "northwest", "north", "northeast", "west", "center", "east", "southwest", "south", "southeast",
+)
+POSITION_VOCABULARY: list[str] = [
+    tok for tok in dict.fromkeys([*tokenize_text(POSITION_TEMPLATE.format(color="red", shape="circle")), *POSITION_WORDS])
+    if tok not in VOCABULARY and tok not in COLORS and tok not in SHAPES
+]
+
 
 @dataclass
 class SceneObject:
@@ -385,6 +400,22 @@ def questions_for_scene(scene: Scene) -> list[Question]:
             out.append(Question(SHAPE_TEMPLATE.format(color=o.color), o.shape, "coarse", "shape", list(o.box)))
     out.append(Question(COUNT_QUESTION, str(len(scene.objects)), "coarse", "count", None))
     return out
+
+
+def position_word(box: Sequence[int], width: int, height: int) -> str:
+    """The compass cell (3 x 3 grid of the image) that holds the box's centre."""
+    col = min(int(3 * (box[0] + box[2]) / 2 / width), 2)
+    row = min(int(3 * (box[1] + box[3]) / 2 / height), 2)
+    return POSITION_WORDS[3 * row + col]
+
+
+def position_questions(scene: Scene) -> list[Question]:
+    """The training-only "where is the red circle?" questions (see POSITION_TEMPLATE)."""
+    return [
+        Question(POSITION_TEMPLATE.format(color=o.color, shape=o.shape), position_word(o.box, scene.width, scene.height),
+                 "coarse", "position", list(o.box))
+        for o in scene.objects
+    ]
 
 
 def _counts(values) -> dict[str, int]:

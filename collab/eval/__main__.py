@@ -171,7 +171,9 @@ def print_summary(report: dict, out: Path) -> None:
             print(f"separability {kind:12s} overlap {s['overlap']:.3f}  bhattacharyya {s['bhattacharyya']:.3f}  auc {s['auc']:.3f}")
     roi = report["roi"]
     if roi["hit_rate"] is not None:
-        print(f"RoI (fine): hit rate {roi['hit_rate']:.3f}  mean IoU {roi['mean_iou']:.3f}  area {roi['area_fraction']:.3f}  (n={roi['n']})")
+        on_any = f"  on some object {roi['object_hit_rate']:.3f}" if roi.get("object_hit_rate") is not None else ""
+        print(f"RoI (fine): hit rate {roi['hit_rate']:.3f}{on_any}  mean IoU {roi['mean_iou']:.3f}  "
+              f"area {roi['area_fraction']:.3f}  (n={roi['n']})")
     if report["layers"]:
         print("layer hit rates: " + "  ".join(f"L{k}={v:.2f}" for k, v in report["layers"].items()))
     by_qtype = {k: v for k, v in report.get("stages_by_qtype", {}).items() if k != "all"}  # "all" is printed above

@@ -2,7 +2,7 @@
 
 Report keys are stable so runs can be compared: `policies.<name>.{accuracy, refine_rate,
 extra_bytes_mean, total_bytes_mean}`, `separability.<score>.{overlap, bhattacharyya, auc}`,
-`roi.{hit_rate, mean_iou, area_fraction}`, `sweep` (list of points), `layers`, `aggregation`,
+`roi.{hit_rate, mean_iou, area_fraction, object_hit_rate}`, `sweep` (list of points), `layers`, `aggregation`,
 `stages`, `n`.
 """
 
@@ -75,7 +75,7 @@ def roi_quality(outcomes: list[ItemOutcome], kind: str | None = "fine") -> dict:
     """Hit rate (GT centre in box), mean IoU and box area fraction over items with a target box."""
     rows = [o for o in outcomes if o.target_box is not None and (kind is None or o.kind == kind)]
     if not rows:
-        return {"hit_rate": None, "mean_iou": None, "area_fraction": None, "n": 0}
+        return {"hit_rate": None, "mean_iou": None, "area_fraction": None, "object_hit_rate": None, "n": 0}
     hits, ious, areas = [], [], []
     for o in rows:
         box, target = Box.from_seq(o.roi_box), Box.from_seq(o.target_box)
@@ -86,6 +86,9 @@ def roi_quality(outcomes: list[ItemOutcome], kind: str | None = "fine") -> dict:
         "hit_rate": float(np.mean(hits)),
         "mean_iou": float(np.mean(ious)),
         "area_fraction": float(np.mean(areas)),
+        # on SOME annotated object, the asked one or not (hit_rate far below it: attention finds
+        # objects but not the one the question names); None without object annotations
+        "object_hit_rate": float(np.mean(annotated)) if (annotated := [o.object_hit for o in rows if o.object_hit is not None]) else None,
         "n": len(rows),
     }
 

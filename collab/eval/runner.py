@@ -47,6 +47,9 @@ class EvalItem:
     target_box: list[int] | None = None
     # finer than kind: synthetic "number"/"color"/"shape"/"count", VQAv2 answer_type ("yes/no", ...)
     qtype: str | None = None
+    # every annotated object in the image (synthetic data): tells a RoI on the wrong object from
+    # one on background
+    object_boxes: list[list[int]] | None = None
 
 
 @dataclass
@@ -75,6 +78,7 @@ class ItemOutcome:
     gt_refined_acc: float | None = None
     layer_hits: dict[int, bool] = field(default_factory=dict)
     qtype: str | None = None
+    object_hit: bool | None = None  # the RoI holds the centre of SOME annotated object (None: no annotations)
     attention: np.ndarray | None = None  # relative map at the configured layer (kept for plots)
 
     def uncertainty(self, kind: str, length: str = "all") -> float:
@@ -150,6 +154,7 @@ class Evaluator:
             refined_acc=vqa_accuracy(refined.answer, item.answers),
             attention=chosen if index < self.keep_attention else None,
             qtype=item.qtype,
+            object_hit=None if item.object_boxes is None else any(hit(roi.box, b) for b in item.object_boxes),
         )
         if item.target_box is not None:
             for layer in self.layers:
@@ -205,7 +210,16 @@ def synthetic_items(seed: int, n: int) -> Iterator[EvalItem]:
     from collab.data.synthetic import generate_items
 
     for it in generate_items(seed, n):
-        yield EvalItem(it.question_id, it.question, it.answers, (lambda im=it.image: im), it.kind, it.target_box, it.qtype)
+        yield EvalItem(it.question_id, it.question, it.answers, (lambda im=it.image: im), it.kind, it.target_box, it.qtype,
+                       [o["box"] for o in it.objects])
+
+
+def object_boxes_of(extra: dict) -> list[list[int]] | None:
+    """The boxes of a record's "objects" list (our synthetic layout), or None."""
+    objects = extra.get("objects")
+    if not isinstance(objects, list) or not all(isinstance(o, dict) and "box" in o for o in objects):
+        return None
+    return [list(o["box"]) for o in objects]
 
 
 def dataset_items(path: str | Path, limit: int | None = None) -> list[EvalItem]:
@@ -213,6 +227,7 @@ def dataset_items(path: str | Path, limit: int | None = None) -> list[EvalItem]:
 
     return [
         EvalItem(ex.question_id, ex.question, ex.answers, ex.load_image, ex.kind,
-                 list(ex.target_box) if ex.target_box else None, ex.extra.get("qtype") or ex.extra.get("answer_type"))
+                 list(ex.target_box) if ex.target_box else None, ex.extra.get("qtype") or ex.extra.get("answer_type"),
+                 object_boxes_of(ex.extra))
         for ex in load_dataset(path, limit=limit)
     ]

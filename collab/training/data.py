@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from collab.backends.llava import expand_prompt
-from collab.data.synthetic import Question, Scene, questions_for_scene, render_scene
+from collab.data.synthetic import Question, Scene, position_questions, questions_for_scene, render_scene
 from collab.imaging import crop_local_image, make_global_image, round_trip
 from collab.roi import box_around
 
@@ -51,6 +51,9 @@ class BatchSpec:
     # detail is too small to read (which is what the attention read relies on).
     small_scene_fraction: float = 0.0
     small_scene_side: tuple[int, int] = (208, 256)
+    # This fraction of global-only examples asks a training-only "where is the red circle?"
+    # question instead (collab.data.synthetic.POSITION_TEMPLATE); 0 leaves the stream unchanged.
+    position_fraction: float = 0.0
 
 
 def to_pixels(images: list[Image.Image], mean: float, std: float) -> torch.Tensor:
@@ -119,7 +122,12 @@ def example_from_scene(rng: np.random.Generator, spec: BatchSpec, scene: Scene, 
                        tokenizer, asked: set[str] | None = None) -> dict:
     """One example about a rendered scene; `asked` holds questions already used on it (avoided
     while others remain, so that reusing a scene does not repeat an example)."""
-    question = pick_question(rng, scene, spec.fine_fraction, asked)
+    question = None
+    if kind == "global" and spec.position_fraction and rng.random() < spec.position_fraction:
+        options = [q for q in position_questions(scene) if not asked or q.question not in asked]
+        question = options[int(rng.integers(len(options)))] if options else None
+    if question is None:
+        question = pick_question(rng, scene, spec.fine_fraction, asked)
     if asked is not None:
         asked.add(question.question)
     size = (spec.image_size, spec.image_size)
@@ -133,7 +141,8 @@ def example_from_scene(rng: np.random.Generator, spec: BatchSpec, scene: Scene, 
     text = expand_prompt(template, question.question, len(images), spec.placeholder, spec.image_token, spec.tokens_per_image)
     ids = tokenizer(text, add_special_tokens=True)["input_ids"]
     answer = tokenizer.convert_tokens_to_ids(question.answer)
-    return {"ids": ids, "answer": answer, "images": images, "kind": question.kind, "negative": negative}
+    return {"ids": ids, "answer": answer, "images": images, "kind": question.kind, "negative": negative,
+            "qtype": question.qtype}
 
 
 def collate(examples: list[dict], spec: BatchSpec, pad_id: int, eos_id: int) -> dict:

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from PIL import Image, ImageDraw
 
-from collab.data.synthetic import COLORS, MAX_OBJECTS, SHAPES, VOCABULARY, _draw_shape, render_scene
+from collab.data.synthetic import COLORS, MAX_OBJECTS, POSITION_VOCABULARY, SHAPES, VOCABULARY, _draw_shape, render_scene
 from collab.imaging import crop_local_image, make_global_image
 from collab.roi import box_around
 from collab.models.tiny import TinyLlavaSpec, build_image_processor, build_tiny_llava, build_tokenizer, save_tiny_llava
@@ -80,6 +80,7 @@ class Recipe:
     fine_fraction: float = 0.5
     negative_fraction: float = 0.15
     small_scene_fraction: float = 0.0  # stage 2: global-only examples from small originals (see BatchSpec)
+    position_fraction: float = 0.0  # stage 2: global-only examples asking "where is the red circle?" (see BatchSpec)
     curriculum: list = field(default_factory=lambda: [[300, 1], [700, 2], [1200, 3], [None, MAX_OBJECTS]])
     curriculum_offset: int = 0  # warm starts: begin the objects-per-scene curriculum (and data stream) here
     eval_every: int = 200
@@ -454,7 +455,7 @@ def evaluate(model, stream: BatchStream, recipe: Recipe) -> dict:
     model.eval()
     device = next(model.parameters()).device
     stats: dict[str, list] = {}
-    spec = replace(stream.spec, small_scene_fraction=0.0)  # measured on benchmark-like scenes only
+    spec = replace(stream.spec, small_scene_fraction=0.0, position_fraction=0.0)  # benchmark-like items only
     for kind in ("global", "local"):
         for i in range(recipe.eval_batches):
             rng = np.random.default_rng([recipe.eval_seed, i, kind == "local"])
@@ -472,8 +473,33 @@ def evaluate(model, stream: BatchStream, recipe: Recipe) -> dict:
                 key = f"{kind}_{name}"
                 stats.setdefault(f"{key}_acc", []).extend(correct[mask].float().tolist())
                 stats.setdefault(f"{key}_gap", []).extend((per_ex_shuf - per_ex)[mask].tolist())
+    if stream.spec.position_fraction:  # the training-only position questions, on their own
+        rng = np.random.default_rng([recipe.eval_seed, 0, 2])
+        where = replace(spec, position_fraction=1.0)
+        examples = [make_example(rng, where, int(rng.integers(2, MAX_OBJECTS + 1)), "global", stream.tokenizer)
+                    for _ in range(recipe.batch)]
+        batch = to_device(collate(examples, where, stream.tokenizer.pad_token_id, stream.tokenizer.eos_token_id), device)
+        with autocast(device, recipe.amp_dtype):
+            _, _, correct = answer_loss(model, batch, recipe.eos_weight)
+        stats["global_position_acc"] = correct.float().tolist()
     model.train()
     return {k: float(np.mean(v)) for k, v in stats.items() if v}
+
+
+def training_words(recipe: Recipe) -> list[str]:
+    """The tokenizer's words: the benchmark's, plus the position words when the recipe asks them
+    (appended, so the ids of the benchmark's tokens do not move)."""
+    return VOCABULARY + (POSITION_VOCABULARY if recipe.position_fraction else [])
+
+
+def grow_vocabulary(model, size: int) -> None:
+    """Warm starts: give a saved model rows for words its tokenizer did not have (new rows start
+    at the mean of the old ones); old rows are untouched. A smaller vocabulary is refused."""
+    have = model.get_input_embeddings().weight.shape[0]
+    if size < have:
+        raise ValueError(f"the saved model has {have} token ids, this recipe's tokenizer only {size}")
+    if size > have:
+        model.resize_token_embeddings(size, mean_resizing=True)
 
 
 def save_checkpoint(model, tokenizer, recipe: Recipe, out_dir: Path, step: int) -> None:
@@ -492,7 +518,7 @@ def train(recipe: Recipe, out_dir: Path, log_path: Path | None = None, init_towe
     torch.manual_seed(recipe.seed)
     torch.set_num_threads(recipe.threads)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(VOCABULARY)
+    tokenizer = build_tokenizer(training_words(recipe))
     model = build_tiny_llava(tokenizer, recipe.spec, seed=recipe.seed)
     model.set_attn_implementation("sdpa")  # fast training; the served model is loaded with eager
     grid = recipe.spec.image_size // recipe.spec.patch_size
@@ -505,6 +531,7 @@ def train(recipe: Recipe, out_dir: Path, log_path: Path | None = None, init_towe
         fine_fraction=recipe.fine_fraction,
         negative_fraction=recipe.negative_fraction,
         small_scene_fraction=recipe.small_scene_fraction,
+        position_fraction=recipe.position_fraction,
     )
     log_file = open(log_path, "a") if log_path else None
     started = time.time()
@@ -521,6 +548,7 @@ def train(recipe: Recipe, out_dir: Path, log_path: Path | None = None, init_towe
 
         model = LlavaForConditionalGeneration.from_pretrained(init_model, attn_implementation="sdpa")
         log({"init_model": str(init_model)})
+        grow_vocabulary(model, len(tokenizer))
         if init_tower:  # a retrained tower under the saved decoder: freeze it first, as from scratch
             model.model.vision_tower.load_state_dict(torch.load(init_tower, weights_only=True))
             log({"init_tower": str(init_tower)})
@@ -621,6 +649,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="stage 2: share of global + local batches (the rest are global-only) (default: %(default)s)")
     p.add_argument("--fine-fraction", type=float, default=defaults.fine_fraction,
                    help="stage 2: share of fine (digit) questions (default: %(default)s)")
+    p.add_argument("--position-fraction", type=float, default=defaults.position_fraction,
+                   help="stage 2: share of global-only examples that ask the training-only \"where is the red circle?\" "
+                        "(answer: one of nine compass cells; rewards looking at the named object) (default: %(default)s)")
     p.add_argument("--pretrain-batch", type=int, default=defaults.pretrain_batch, help="stage 1 batch size")
     p.add_argument("--device", default=defaults.device, help="cpu, cuda, cuda:N or auto (default: %(default)s)")
     p.add_argument("--amp-dtype", default=defaults.amp_dtype, choices=["float32", "bfloat16"],
@@ -638,7 +669,7 @@ def main(argv: list[str] | None = None) -> None:
         tower_global_fraction=args.tower_global_fraction, pretrain_lr=args.pretrain_lr,
         pretrain_batch=args.pretrain_batch, device=args.device, amp_dtype=args.amp_dtype, scene_reuse=args.scene_reuse,
         pretrain_budget_s=args.pretrain_budget_s, budget_s=args.budget_s,
-        local_fraction=args.local_fraction, fine_fraction=args.fine_fraction,
+        local_fraction=args.local_fraction, fine_fraction=args.fine_fraction, position_fraction=args.position_fraction,
     )
     if recipe.tower_global_fraction is not None and not 0.0 <= recipe.tower_global_fraction <= 1.0:
         p.error("--tower-global-fraction must be in [0, 1]")
@@ -646,7 +677,7 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--small-scene-fraction must be in [0, 1]")
     if recipe.scene_reuse < 1:
         p.error("--scene-reuse must be >= 1")
-    for name in ("local_fraction", "fine_fraction"):
+    for name in ("local_fraction", "fine_fraction", "position_fraction"):
         if not 0.0 <= getattr(recipe, name) <= 1.0:
             p.error(f"--{name.replace('_', '-')} must be in [0, 1]")
     for name in ("pretrain_budget_s", "budget_s"):
