@@ -62,3 +62,33 @@ def test_cli_on_tiny_model(tiny_config, tmp_path, capsys):
     assert main(["--config", str(cfg), "--n", "2"]) == 2
     assert main(["--config", "/nonexistent.yaml", "--n", "16", "--train", "1.0"]) == 2  # split refused first
     assert "no held-out objects" in capsys.readouterr().err
+
+
+def test_collect_labels_each_object_with_its_own_attributes_and_cell(tiny_backend, tiny_config, monkeypatch):
+    """Scenes with one object at a known place: every label is that object's, the cell its compass cell."""
+    import numpy as np
+
+    import collab.eval.probe as probe
+    from collab.data.synthetic import COLORS, DIGITS, POSITION_WORDS, SHAPES, render_scene
+
+    corners = {"northwest": (8, 8), "southeast": (470, 470), "center": (250, 250), "east": (470, 250)}
+    drawn = []
+
+    def one_object_scene(rng):
+        name = list(corners)[len(drawn) % len(corners)]
+        scene = render_scene(np.random.default_rng(len(drawn)), n_objects=1, size=(576, 576))
+        obj = scene.objects[0]
+        x, y = corners[name]
+        side = obj.box[2] - obj.box[0]
+        obj.box = [x, y, x + side, y + side]  # labels only read the box; the pixels do not matter here
+        drawn.append((name, obj))
+        return scene
+
+    monkeypatch.setattr(probe, "render_scene", one_object_scene)
+    data = probe.collect(tiny_backend, tiny_config, 8, seed=0, batch=3, progress=False)
+    labels = {a: y.tolist() for a, y in data["labels"].items()}
+    assert [POSITION_WORDS[c] for c in labels["cell"]] == [name for name, _ in drawn]
+    assert [SHAPES[s] for s in labels["shape"]] == [o.shape for _, o in drawn]
+    assert [list(COLORS)[c] for c in labels["color"]] == [o.color for _, o in drawn]
+    assert [DIGITS[d] for d in labels["digit"]] == [o.digit for _, o in drawn]
+    assert {v: f.shape[0] for v, f in data["features"].items()} == {v: 8 for v in VIEWS}

@@ -6,7 +6,7 @@ The method needs the first pass to find "the red circle" in the global image, an
 to read it in the crop. When either fails, this says whether the visual tokens hold the needed
 attribute at all (then the decoder did not learn to use it) or not (then the encoder is the limit).
 For objects of the synthetic benchmark it fits one multinomial logistic regression per attribute
-(shape, colour, digit) and per view, on the projected visual tokens the decoder receives:
+(shape, colour, digit, and the cell of the image it sits in) and per view, on the projected visual tokens the decoder receives:
 
 - ``global``: the global image's tokens whose cells' centres lie inside the object's box, averaged
   (the object's own tokens; a first pass must find them);
@@ -32,11 +32,15 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from collab.data.synthetic import COLORS, DIGITS, SHAPES, render_scene
+from collab.data.synthetic import COLORS, DIGITS, POSITION_WORDS, SHAPES, position_word, render_scene
 from collab.imaging import crop_local_image, make_global_image, round_trip
 from collab.roi import box_around
 
-ATTRIBUTES = {"shape": list(SHAPES), "color": list(COLORS), "digit": list(DIGITS)}
+# "cell": where the object is, as the 3 x 3 compass cell of the image (collab.data.synthetic.
+# position_word). From the global view it asks whether a token's content says where it sits (the
+# decoder's rotary positions only compare positions, they do not pass them on); from the crop view
+# it is a control: a crop does not know where it was cut, so it should stay near the majority.
+ATTRIBUTES = {"shape": list(SHAPES), "color": list(COLORS), "digit": list(DIGITS), "cell": list(POSITION_WORDS)}
 VIEWS = ("global", "crop")
 
 
@@ -87,6 +91,7 @@ def collect(backend, config, n: int, seed: int, batch: int = 32, progress: bool 
             labels["shape"].append(SHAPES.index(obj.shape))
             labels["color"].append(list(COLORS).index(obj.color))
             labels["digit"].append(DIGITS.index(obj.digit))
+            labels["cell"].append(POSITION_WORDS.index(position_word(obj.box, scene.width, scene.height)))
         with torch.no_grad():
             g = backend.encode_images(globals_).float().cpu()
             c = backend.encode_images(crops).float().cpu()
