@@ -135,6 +135,22 @@ class ConfigError(ValueError):
     """A configuration file that cannot be used; the message names the file and field."""
 
 
+def parse_sets(items: list[str]) -> dict:
+    """Command-line `--set` items, ['attention.layer=2', ...] -> {'attention': {'layer': 2}} (values
+    parsed as YAML), for load_config's overrides."""
+    out: dict = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
+    return out
+
+
 def load_config(path: str | Path, overrides: dict | None = None) -> CollabConfig:
     """Read a YAML file into a CollabConfig. Relative model paths resolve against the repo root."""
     path = Path(path)

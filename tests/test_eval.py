@@ -95,7 +95,7 @@ def test_calibrated_threshold_meets_tolerance(outcomes):
 
 def test_set_overrides_parse_as_yaml():
     from collab.config import ConfigError
-    from collab.eval.__main__ import parse_sets
+    from collab.config import parse_sets
 
     assert parse_sets(["attention.layer=2", "attention.relative=false", "gate.score=shannon"]) == {
         "attention": {"layer": 2, "relative": False},

@@ -92,3 +92,16 @@ def test_collect_labels_each_object_with_its_own_attributes_and_cell(tiny_backen
     assert [list(COLORS)[c] for c in labels["color"]] == [o.color for _, o in drawn]
     assert [DIGITS[d] for d in labels["digit"]] == [o.digit for _, o in drawn]
     assert {v: f.shape[0] for v, f in data["features"].items()} == {v: 8 for v in VIEWS}
+
+
+def test_cli_takes_model_and_set_overrides(tiny_config, tiny_model_dir, tmp_path, capsys):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({**tiny_config.model_dump(mode="json"), "model": {
+        **tiny_config.model.model_dump(mode="json"), "path": str(tmp_path / "absent")}}))
+    assert main(["--config", str(cfg), "--n", "8", "--no-progress"]) == 2  # the config's model is absent
+    capsys.readouterr()
+    assert main(["--config", str(cfg), "--model", str(tiny_model_dir), "--n", "8", "--no-progress",
+                 "--set", "imaging.jpeg_quality=70", "--out", str(tmp_path / "p")]) == 0
+    assert json.loads((tmp_path / "p" / "probe.json").read_text())["model"] == str(tiny_model_dir)
+    assert main(["--config", str(cfg), "--set", "imaging.jpeg_quality"]) == 2
+    assert "KEY=VALUE" in capsys.readouterr().err

@@ -376,3 +376,17 @@ def test_patch_position_loss_teaches_the_tower_where_its_tokens_are(tmp_path):
           tmp_path / "plain.jsonl", pretrain_only=True)
     plain = [json.loads(line) for line in (tmp_path / "plain.jsonl").read_text().splitlines()]
     assert not any("patch_position_acc" in r for r in plain)
+
+
+def test_init_tower_takes_a_checkpoint_or_a_saved_models_tower(tmp_path):
+    from transformers import LlavaForConditionalGeneration
+
+    from collab.training.train_tiny import tower_state
+
+    model_dir = train(toy_recipe(), tmp_path / "m", None)
+    from_dir = tower_state(model_dir)
+    saved = LlavaForConditionalGeneration.from_pretrained(model_dir).model.vision_tower.state_dict()
+    assert from_dir.keys() == saved.keys() and all(torch.equal(from_dir[k], saved[k]) for k in saved)
+    stage1 = tower_state(model_dir / "vision_tower_stage1.pt")
+    assert stage1.keys() == saved.keys()
+    assert any(not torch.equal(stage1[k], saved[k]) for k in saved)  # stage 2 trained the tower further

@@ -95,10 +95,11 @@ def _build_vocabulary() -> list[str]:
 VOCABULARY: list[str] = _build_vocabulary()
 
 # Training-only questions, never in the benchmark: where the named object is, as one of nine
-# compass cells of the image. Answerable from the global image (colour survives the downscale and
-# the object's tokens sit where it is), so they reward, through plain answers, looking at the
-# object a question names -- what LLaVA-1.5 learns from its region-level (RefCOCO / Visual Genome)
-# data and what the attention read relies on. Their words are appended after VOCABULARY's, so a
+# compass cells of the image. Meant to reward, through plain answers, looking at the object a
+# question names -- what LLaVA-1.5 learns from its region-level (RefCOCO / Visual Genome) data and
+# what the attention read relies on. Answerable from the global image only if the object's tokens
+# say where they are (colour survives the downscale; position must survive the vision tower:
+# `python -m collab.eval.probe`'s "cell" column). Their words are appended after VOCABULARY's, so a
 # tokenizer built from both keeps every benchmark token's id.
 POSITION_TEMPLATE = "where is the {color} {shape}?"
 POSITION_WORDS: tuple[str, ...] = (

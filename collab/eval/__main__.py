@@ -16,7 +16,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from collab.backends import ModelLoadError, load_backend
-from collab.config import ConfigError, load_config
+from collab.config import ConfigError, load_config, parse_sets
 from collab.eval import plots
 from collab.eval.report import build_report, calibrate_threshold
 from collab.eval.runner import Evaluator, EvalItem, dataset_items, decisions, synthetic_items
@@ -34,23 +34,6 @@ def split_spec(text: str) -> tuple[int, int]:
     if n_i < 1:
         raise argparse.ArgumentTypeError("N must be >= 1")
     return seed_i, n_i
-
-
-def parse_sets(items: list[str]) -> dict:
-    """['attention.layer=2', ...] -> {'attention': {'layer': 2}} (values parsed as YAML)."""
-    import yaml
-
-    out: dict = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
-        node = out
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
-    return out
 
 
 def build_parser() -> argparse.ArgumentParser:

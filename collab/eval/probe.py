@@ -151,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
         "encoder limit (tokens do not hold it) from a decoder one (they do, the answers do not use it).",
     )
     p.add_argument("--config", type=Path, default=None, help="method config YAML (default: configs/default.yaml)")
+    p.add_argument("--model", help="override model.path (e.g. a training run's output directory)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config field, as in python -m collab.eval (YAML values)")
     p.add_argument("--n", type=int, default=1600, help="objects (one per synthetic scene; default %(default)s)")
     p.add_argument("--seed", type=int, default=123, help="scene seed (default %(default)s)")
     p.add_argument("--train", type=float, default=0.75, help="share of objects the probes are fitted on (default %(default)s)")
@@ -161,8 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from collab.backends import ModelLoadError, load_backend
-    from collab.config import ConfigError, load_config
-    from collab.paths import DEFAULT_CONFIG
+    from collab.config import ConfigError, load_config, parse_sets
+    from collab.paths import DEFAULT_CONFIG, REPO_ROOT
 
     args = build_parser().parse_args(argv)
     if args.n < 8:
@@ -174,8 +177,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        config = load_config(args.config or DEFAULT_CONFIG)
-        backend = load_backend(config.model)
+        overrides = parse_sets(args.set)
+        if args.model:
+            overrides.setdefault("model", {})["path"] = args.model
+        config = load_config(args.config or DEFAULT_CONFIG, overrides or None)
+        backend = load_backend(config.model, search_roots=[REPO_ROOT])
     except (ConfigError, ModelLoadError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -505,6 +505,15 @@ def evaluate(model, stream: BatchStream, recipe: Recipe) -> dict:
     return {k: float(np.mean(v)) for k, v in stats.items() if v}
 
 
+def tower_state(path: Path) -> dict:
+    """A vision tower's weights: a stage-1 checkpoint (.pt), or the tower of a saved model directory."""
+    if Path(path).is_dir():
+        from transformers import LlavaForConditionalGeneration
+
+        return LlavaForConditionalGeneration.from_pretrained(path).model.vision_tower.state_dict()
+    return torch.load(path, weights_only=True)
+
+
 def training_words(recipe: Recipe) -> list[str]:
     """The tokenizer's words: the benchmark's, plus the position words when the recipe asks them
     (appended, so the ids of the benchmark's tokens do not move)."""
@@ -569,10 +578,10 @@ def train(recipe: Recipe, out_dir: Path, log_path: Path | None = None, init_towe
         log({"init_model": str(init_model)})
         grow_vocabulary(model, len(tokenizer))
         if init_tower:  # a retrained tower under the saved decoder: freeze it first, as from scratch
-            model.model.vision_tower.load_state_dict(torch.load(init_tower, weights_only=True))
+            model.model.vision_tower.load_state_dict(tower_state(init_tower))
             log({"init_tower": str(init_tower)})
     elif init_tower:
-        model.model.vision_tower.load_state_dict(torch.load(init_tower, weights_only=True))
+        model.model.vision_tower.load_state_dict(tower_state(init_tower))
         log({"init_tower": str(init_tower)})
     model.to(device)
     if init_tower and not init_model and continue_tower and recipe.pretrain_steps:
@@ -653,7 +662,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--eval-every", type=int, default=defaults.eval_every)
     p.add_argument("--threads", type=int, default=defaults.threads, help="torch threads for the training process")
     p.add_argument("--workers", type=int, default=defaults.workers, help="data-rendering worker processes")
-    p.add_argument("--init-tower", help="start stage 2 from this stage-1 tower checkpoint (skips stage 1)")
+    p.add_argument("--init-tower", help="start stage 2 from this stage-1 tower checkpoint, or the tower of this saved "
+                   "model directory (skips stage 1)")
     p.add_argument("--pretrain-only", action="store_true", help="run stage 1 only and save the tower checkpoint")
     p.add_argument("--init-model", help="continue stage 2 from a saved model directory (skips stage 1); "
                    "with --init-tower, that tower replaces the saved one")
