@@ -135,9 +135,9 @@ class ConfigError(ValueError):
     """A configuration file that cannot be used; the message names the file and field."""
 
 
-def parse_sets(items: list[str]) -> dict:
+def parse_sets(items: list[str], model_path: str | None = None) -> dict:
     """Command-line `--set` items, ['attention.layer=2', ...] -> {'attention': {'layer': 2}} (values
-    parsed as YAML), for load_config's overrides."""
+    parsed as YAML), plus a `--model` path, for load_config's overrides."""
     out: dict = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -147,7 +147,17 @@ def parse_sets(items: list[str]) -> dict:
         *parents, leaf = key.split(".")
         for part in parents:
             node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {part!r} was already set to a value, not a section")
+        try:
+            node[leaf] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {item!r}: the value is not YAML ({exc})") from None
+    if model_path:
+        model = out.setdefault("model", {})
+        if not isinstance(model, dict):
+            raise ConfigError("--model conflicts with --set model=...")
+        model["path"] = model_path
     return out
 
 

@@ -103,6 +103,10 @@ def test_set_overrides_parse_as_yaml():
     }
     with pytest.raises(ConfigError):
         parse_sets(["attention.layer"])
+    assert parse_sets(["model.dtype=bfloat16"], "runs/m") == {"model": {"dtype": "bfloat16", "path": "runs/m"}}
+    for bad, model in ((["model=x"], "runs/m"), (["a=1", "a.b=2"], None), (["gate.threshold=[1"], None)):
+        with pytest.raises(ConfigError):
+            parse_sets(bad, model)
 
 
 def test_gate_aggregation_length_is_scored_not_replaced(tiny_backend, tiny_config):
@@ -149,7 +153,7 @@ def test_object_hit_tells_a_wrong_object_from_background(outcomes, tmp_path):
     items' own boxes, and equal when the same split is read back from disk."""
     from collab.data.synthetic import generate_items, write_dataset
     from collab.eval.report import roi_quality
-    from collab.eval.runner import EvalItem, dataset_items, hit, object_boxes_of
+    from collab.eval.runner import EvalItem, dataset_items, hit, object_boxes_of, on_some_object
 
     truth = {it.question_id: it for it in generate_items(*SPLIT)}
     items = list(synthetic_items(*SPLIT))
@@ -159,11 +163,16 @@ def test_object_hit_tells_a_wrong_object_from_background(outcomes, tmp_path):
     assert object_boxes_of({}) is None and object_boxes_of({"objects": [{"shape": "circle"}]}) is None
     assert EvalItem("q", "?", ["a"], lambda: None).object_boxes is None  # real datasets: no annotations
 
+    named, other = [100, 100, 140, 140], [300, 300, 340, 340]
+    assert on_some_object([90, 90, 150, 150], [named, other]) is True  # the asked object
+    assert on_some_object([290, 290, 350, 350], [named, other]) is True  # the wrong object: still an object
+    assert on_some_object([0, 300, 60, 360], [named, other]) is False  # background
+    assert on_some_object([90, 90, 150, 150], None) is None and on_some_object([0, 0, 9, 9], []) is False
+
     rows = [o for o in outcomes if o.target_box is not None]
     assert rows
-    for o in rows:
-        boxes = [ob["box"] for ob in truth[o.question_id].objects]
-        assert o.object_hit == any(hit(o.roi_box, b) for b in boxes)
+    for o in rows:  # the evaluator scores its RoI against each item's own objects
+        assert o.object_hit == on_some_object(o.roi_box, [ob["box"] for ob in truth[o.question_id].objects])
         assert o.object_hit or not hit(o.roi_box, o.target_box)  # the asked object is one of them
     q = roi_quality(rows, None)
     assert q["object_hit_rate"] == pytest.approx(np.mean([o.object_hit for o in rows]))

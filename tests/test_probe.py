@@ -102,6 +102,7 @@ def test_cli_takes_model_and_set_overrides(tiny_config, tiny_model_dir, tmp_path
     capsys.readouterr()
     assert main(["--config", str(cfg), "--model", str(tiny_model_dir), "--n", "8", "--no-progress",
                  "--set", "imaging.jpeg_quality=70", "--out", str(tmp_path / "p")]) == 0
-    assert json.loads((tmp_path / "p" / "probe.json").read_text())["model"] == str(tiny_model_dir)
+    report = json.loads((tmp_path / "p" / "probe.json").read_text())
+    assert report["model"] == str(tiny_model_dir) and report["config"]["imaging"]["jpeg_quality"] == 70
     assert main(["--config", str(cfg), "--set", "imaging.jpeg_quality"]) == 2
     assert "KEY=VALUE" in capsys.readouterr().err

@@ -156,6 +156,8 @@ def test_training_cli_refuses_bad_sizes_and_fractions(capsys):
     from collab.training.train_tiny import main
 
     for args, message in ((["--image-size", "100"], "multiple of the patch size"),
+                          (["--patch-position-weight", "-1"], "--patch-position-weight must be >= 0"),
+                          (["--patch-position-weight", "1", "--init-model", "m"], "is a stage-1 loss"),
                           (["--tower-global-fraction", "1.5"], "--tower-global-fraction must be in [0, 1]"),
                           (["--small-scene-fraction", "-0.1"], "--small-scene-fraction must be in [0, 1]")):
         with pytest.raises(SystemExit):
@@ -351,6 +353,13 @@ def test_warm_start_with_position_questions_grows_the_vocabulary(tmp_path):
 
     recipe = dataclasses.replace(toy_recipe(), position_fraction=0.5)
     again = train(recipe, tmp_path / "b", tmp_path / "log.jsonl", init_model=first)
+    from collab.models.tiny import build_tokenizer as build
+
+    (tmp_path / "odd").mkdir()
+    build(["zebra"] + VOCABULARY).save_pretrained(tmp_path / "odd")  # same words, other ids
+    model.save_pretrained(tmp_path / "odd")
+    with pytest.raises(ValueError, match="would change id"):
+        train(recipe, tmp_path / "c", None, init_model=tmp_path / "odd")
     tok = AutoTokenizer.from_pretrained(again)
     assert len(tok) == len(old_in) + len(POSITION_VOCABULARY)
     grown = LlavaForConditionalGeneration.from_pretrained(again)
@@ -362,7 +371,7 @@ def test_warm_start_with_position_questions_grows_the_vocabulary(tmp_path):
 def test_patch_position_loss_teaches_the_tower_where_its_tokens_are(tmp_path):
     """Stage 1 with patch_position_weight: each global token's row and column become readable
     from its features (logged accuracy rises far above the 1/16 of a toy 4 x 4 grid); without it
-    nothing about positions is logged or trained."""
+    nothing about positions is logged."""
     import dataclasses
 
     recipe = dataclasses.replace(toy_recipe(), pretrain_steps=60, tower_global_fraction=1.0, patch_position_weight=1.0,

@@ -96,8 +96,8 @@ VOCABULARY: list[str] = _build_vocabulary()
 
 # Training-only questions, never in the benchmark: where the named object is, as one of nine
 # compass cells of the image. Meant to reward, through plain answers, looking at the object a
-# question names -- what LLaVA-1.5 learns from its region-level (RefCOCO / Visual Genome) data and
-# what the attention read relies on. Answerable from the global image only if the object's tokens
+# question names (the kind of region-level supervision LLaVA-1.5's training mix has, from RefCOCO
+# and Visual Genome; the attention read needs the first pass to look there). Answerable from the global image only if the object's tokens
 # say where they are (colour survives the downscale; position must survive the vision tower:
 # `python -m collab.eval.probe`'s "cell" column). Their words are appended after VOCABULARY's, so a
 # tokenizer built from both keeps every benchmark token's id.

@@ -73,9 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --calibrate must use a different seed than the evaluated split", file=sys.stderr)
         return 2
     try:
-        overrides = parse_sets(args.set)
-        if args.model:
-            overrides.setdefault("model", {})["path"] = args.model
+        overrides = parse_sets(args.set, args.model)
         config = load_config(args.config, overrides or None)
         backend = load_backend(config.model, search_roots=[REPO_ROOT])
     except (ConfigError, ModelLoadError) as exc:

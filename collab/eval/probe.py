@@ -37,9 +37,10 @@ from collab.imaging import crop_local_image, make_global_image, round_trip
 from collab.roi import box_around
 
 # "cell": where the object is, as the 3 x 3 compass cell of the image (collab.data.synthetic.
-# position_word). From the global view it asks whether a token's content says where it sits (the
-# decoder's rotary positions only compare positions, they do not pass them on); from the crop view
-# it is a control: a crop does not know where it was cut, so it should stay near the majority.
+# position_word). From the global view it asks whether a token's content says where it sits (rotary
+# positions enter the decoder's attention scores, not the values tokens pass on); from the crop view
+# it is a control that should stay near the majority (a crop mostly does not show where it was cut;
+# crops at the image edge are shifted inside it, a small leak).
 ATTRIBUTES = {"shape": list(SHAPES), "color": list(COLORS), "digit": list(DIGITS), "cell": list(POSITION_WORDS)}
 VIEWS = ("global", "crop")
 
@@ -177,9 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        overrides = parse_sets(args.set)
-        if args.model:
-            overrides.setdefault("model", {})["path"] = args.model
+        overrides = parse_sets(args.set, args.model)
         config = load_config(args.config or DEFAULT_CONFIG, overrides or None)
         backend = load_backend(config.model, search_roots=[REPO_ROOT])
     except (ConfigError, ModelLoadError, FileNotFoundError) as exc:
@@ -187,6 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     report = probe_table(collect(backend, config, args.n, args.seed, progress=not args.no_progress), args.train)
     report["model"] = str(config.model.path)
+    report["config"] = config.model_dump(mode="json")
     report["seed"] = args.seed
     print(f"linear probes on {report['n'] - report['n_train']} held-out objects (fit on {report['n_train']}); "
           "accuracy (in brackets: always the training split's most frequent class)")

@@ -97,6 +97,11 @@ def hit(box: Box | list[int], target: list[int]) -> bool:
     return b.contains_point((target[0] + target[2]) / 2, (target[1] + target[3]) / 2)
 
 
+def on_some_object(box: Box | list[int], object_boxes: list[list[int]] | None) -> bool | None:
+    """Whether the box holds the centre of any annotated object (None: no annotations)."""
+    return None if object_boxes is None else any(hit(box, b) for b in object_boxes)
+
+
 class Evaluator:
     """Runs items through the backend with one configuration."""
 
@@ -154,7 +159,7 @@ class Evaluator:
             refined_acc=vqa_accuracy(refined.answer, item.answers),
             attention=chosen if index < self.keep_attention else None,
             qtype=item.qtype,
-            object_hit=None if item.object_boxes is None else any(hit(roi.box, b) for b in item.object_boxes),
+            object_hit=on_some_object(roi.box, item.object_boxes),
         )
         if item.target_box is not None:
             for layer in self.layers:

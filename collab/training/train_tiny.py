@@ -66,9 +66,10 @@ class Recipe:
     pretrain_batch: int = 48
     pretrain_lr: float = 1e-3
     dense_weight: float = 1.0  # stage 1: weight of the per-patch colour/shape loss on global images
-    # stage 1: weight of a per-patch loss on each global-image token's own row and column. The
-    # decoder's rotary positions compare positions without passing them on, so a token says where
-    # it is only if its content does (probe: barely, 0.21 vs 0.17 majority for the 3 x 3 cell).
+    # stage 1: weight of a per-patch loss on each global-image token's own row and column. Rotary
+    # positions enter the decoder's attention scores, not the values a token passes on, so an
+    # answer about where something is needs it in the token's content (probe: barely, 0.21 vs
+    # 0.17 majority for the 3 x 3 cell) or a multi-step attention pattern.
     patch_position_weight: float = 0.0
     background_weight: float = 0.05  # class weight of "no object" patches in that loss
     tower_global_fraction: float | None = None  # stage 1: share of global images per batch (None: 1/4)
@@ -383,8 +384,9 @@ def pretrain_tower(model, spec: BatchSpec, recipe: Recipe, log, scale_start: flo
             shape_acc = shape_ok[on_object].float().mean().item()
             patch_acc = (color_ok & shape_ok)[on_object].float().mean().item()
             if recipe.patch_position_weight:
-                with torch.no_grad():
-                    position_ok = (row_logits.argmax(-1) == cells // grid) & (col_logits.argmax(-1) == cells % grid)
+                with torch.no_grad():  # with the updated heads, like colour and shape above
+                    position_ok = ((heads.patch_row(pg).argmax(-1).flatten() == cells // grid)
+                                   & (heads.patch_col(pg).argmax(-1).flatten() == cells % grid))
                 position_acc = position_ok.float().mean().item()
         if not math.isnan(acc):
             curriculum.update(acc)
@@ -520,6 +522,17 @@ def training_words(recipe: Recipe) -> list[str]:
     return VOCABULARY + (POSITION_VOCABULARY if recipe.position_fraction else [])
 
 
+def check_token_ids(model_dir: Path, tokenizer) -> None:
+    """Warm starts: every word of the saved model's tokenizer must keep its id in this recipe's
+    (grown rows are only meaningful when the old vocabulary is a prefix of the new one)."""
+    from transformers import AutoTokenizer
+
+    new = tokenizer.get_vocab()
+    moved = {w: i for w, i in AutoTokenizer.from_pretrained(model_dir).get_vocab().items() if new.get(w) != i}
+    if moved:
+        raise ValueError(f"{model_dir}'s tokenizer does not match this recipe's: {sorted(moved)[:5]} would change id")
+
+
 def grow_vocabulary(model, size: int) -> None:
     """Warm starts: give a saved model rows for words its tokenizer did not have (new rows start
     at the mean of the old ones); old rows are untouched. A smaller vocabulary is refused."""
@@ -576,6 +589,7 @@ def train(recipe: Recipe, out_dir: Path, log_path: Path | None = None, init_towe
 
         model = LlavaForConditionalGeneration.from_pretrained(init_model, attn_implementation="sdpa")
         log({"init_model": str(init_model)})
+        check_token_ids(init_model, tokenizer)
         grow_vocabulary(model, len(tokenizer))
         if init_tower:  # a retrained tower under the saved decoder: freeze it first, as from scratch
             model.model.vision_tower.load_state_dict(tower_state(init_tower))
@@ -710,6 +724,11 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--small-scene-fraction must be in [0, 1]")
     if recipe.scene_reuse < 1:
         p.error("--scene-reuse must be >= 1")
+    if recipe.patch_position_weight < 0:
+        p.error("--patch-position-weight must be >= 0")
+    if recipe.patch_position_weight and (args.init_model or (args.init_tower and not args.continue_tower)):
+        p.error("--patch-position-weight is a stage-1 loss: stage 1 does not run with --init-model, or with "
+                "--init-tower unless --continue-tower")
     for name in ("local_fraction", "fine_fraction", "position_fraction"):
         if not 0.0 <= getattr(recipe, name) <= 1.0:
             p.error(f"--{name.replace('_', '-')} must be in [0, 1]")
