@@ -97,10 +97,11 @@ VOCABULARY: list[str] = _build_vocabulary()
 # Training-only questions, never in the benchmark: where the named object is, as one of nine
 # compass cells of the image. Meant to reward, through plain answers, looking at the object a
 # question names (the kind of region-level supervision LLaVA-1.5's training mix has, from RefCOCO
-# and Visual Genome; the attention read needs the first pass to look there). Answerable from the global image only if the object's tokens
-# say where they are (colour survives the downscale; position must survive the vision tower:
-# `python -m collab.eval.probe`'s "cell" column). Their words are appended after VOCABULARY's, so a
-# tokenizer built from both keeps every benchmark token's id.
+# and Visual Genome; the attention read needs the first pass to look there). Answerable from the
+# global image only if the object's tokens say where they are (colour survives the downscale;
+# position must survive the vision tower: `python -m collab.eval.probe`'s "cell" column). Their
+# words are appended after VOCABULARY's, so a tokenizer built from both keeps every benchmark
+# token's id.
 POSITION_TEMPLATE = "where is the {color} {shape}?"
 POSITION_WORDS: tuple[str, ...] = (
     "northwest", "north", "northeast", "west", "center", "east", "southwest", "south", "southeast",
