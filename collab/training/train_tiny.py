@@ -470,6 +470,16 @@ def shuffled_pixels(batch: dict) -> torch.Tensor:
     return pv.roll(1, dims=0).reshape(batch["pixel_values"].shape)
 
 
+def eval_batch(rng: np.random.Generator, spec: BatchSpec, kind: str, stream: BatchStream, recipe: Recipe,
+               device: torch.device) -> dict:
+    """One fixed evaluation batch of `kind` examples (2-5 objects each, no hard negatives), on the device."""
+    examples = [make_example(rng, spec, int(rng.integers(2, MAX_OBJECTS + 1)), kind, stream.tokenizer)
+                for _ in range(recipe.batch)]
+    for ex in examples:
+        ex["negative"] = False
+    return to_device(collate(examples, spec, stream.tokenizer.pad_token_id, stream.tokenizer.eos_token_id), device)
+
+
 @torch.no_grad()
 def evaluate(model, stream: BatchStream, recipe: Recipe) -> dict:
     """Accuracy by (pass, kind) and the shuffled-image loss gap on fixed held-out batches."""
@@ -479,14 +489,7 @@ def evaluate(model, stream: BatchStream, recipe: Recipe) -> dict:
     spec = replace(stream.spec, small_scene_fraction=0.0, position_fraction=0.0)  # benchmark-like items only
     for kind in ("global", "local"):
         for i in range(recipe.eval_batches):
-            rng = np.random.default_rng([recipe.eval_seed, i, kind == "local"])
-            examples = [
-                make_example(rng, spec, int(rng.integers(2, MAX_OBJECTS + 1)), kind, stream.tokenizer)
-                for _ in range(recipe.batch)
-            ]
-            for ex in examples:
-                ex["negative"] = False
-            batch = to_device(collate(examples, spec, stream.tokenizer.pad_token_id, stream.tokenizer.eos_token_id), device)
+            batch = eval_batch(np.random.default_rng([recipe.eval_seed, i, kind == "local"]), spec, kind, stream, recipe, device)
             with autocast(device, recipe.amp_dtype):
                 _, per_ex, correct = answer_loss(model, batch, recipe.eos_weight)
                 _, per_ex_shuf, _ = answer_loss(model, batch, recipe.eos_weight, shuffled_pixels(batch))
@@ -495,11 +498,8 @@ def evaluate(model, stream: BatchStream, recipe: Recipe) -> dict:
                 stats.setdefault(f"{key}_acc", []).extend(correct[mask].float().tolist())
                 stats.setdefault(f"{key}_gap", []).extend((per_ex_shuf - per_ex)[mask].tolist())
     if stream.spec.position_fraction:  # the training-only position questions, on their own
-        rng = np.random.default_rng([recipe.eval_seed, 0, 2])
         where = replace(spec, position_fraction=1.0)
-        examples = [make_example(rng, where, int(rng.integers(2, MAX_OBJECTS + 1)), "global", stream.tokenizer)
-                    for _ in range(recipe.batch)]
-        batch = to_device(collate(examples, where, stream.tokenizer.pad_token_id, stream.tokenizer.eos_token_id), device)
+        batch = eval_batch(np.random.default_rng([recipe.eval_seed, 0, 2]), where, "global", stream, recipe, device)
         with autocast(device, recipe.amp_dtype):
             _, _, correct = answer_loss(model, batch, recipe.eos_weight)
         stats["global_position_acc"] = correct.float().tolist()
@@ -622,6 +622,13 @@ def train(recipe: Recipe, out_dir: Path, log_path: Path | None = None, init_towe
     model.train()
     bar = tqdm(total=recipe.steps, desc="stage 2: VLM", dynamic_ncols=True)
     ema = None
+
+    def evaluate_and_log(step: int) -> dict:
+        metrics = evaluate(model, stream, recipe)
+        log({"stage": 2, "step": step, "loss_ema": ema, "lr": opt.param_groups[0]["lr"],
+             "data_wait_s": round(loader.wait_s, 1), **metrics})
+        return metrics
+
     step = -1
     for step, batch in scheduled_batches(loader, sched, device):
         frozen = step < recipe.freeze_tower_steps and (init_model is None or init_tower is not None)
@@ -637,17 +644,13 @@ def train(recipe: Recipe, out_dir: Path, log_path: Path | None = None, init_towe
         bar.update(1)
         bar.set_postfix(loss=f"{ema:.3f}", objs=stream.max_objects(step + recipe.curriculum_offset))
         if step % recipe.eval_every == 0 or step == recipe.steps - 1:
-            metrics = evaluate(model, stream, recipe)
+            metrics = evaluate_and_log(step)
             bar.write(f"step {step}: " + " ".join(f"{k}={v:.3f}" for k, v in sorted(metrics.items())))
-            log({"stage": 2, "step": step, "loss_ema": ema, "lr": opt.param_groups[0]["lr"],
-                 "data_wait_s": round(loader.wait_s, 1), **metrics})
             save_checkpoint(model, tokenizer, recipe, out_dir, step)  # a usable model if training is stopped early
     bar.close()
     done = step + 1
     if done and (done - 1) % recipe.eval_every and done - 1 != recipe.steps - 1:  # stopped by the budget between evaluations
-        metrics = evaluate(model, stream, recipe)
-        log({"stage": 2, "step": done - 1, "loss_ema": ema, "lr": opt.param_groups[0]["lr"],
-             "data_wait_s": round(loader.wait_s, 1), **metrics})
+        evaluate_and_log(done - 1)
     save_checkpoint(model, tokenizer, recipe, out_dir, done)
     log({"stage_done": 2, "steps": done})
     log({"done": True, "minutes": round((time.time() - started) / 60, 1)})
@@ -720,8 +723,6 @@ def main(argv: list[str] | None = None) -> None:
     )
     if recipe.tower_global_fraction is not None and not 0.0 <= recipe.tower_global_fraction <= 1.0:
         p.error("--tower-global-fraction must be in [0, 1]")
-    if not 0.0 <= recipe.small_scene_fraction <= 1.0:
-        p.error("--small-scene-fraction must be in [0, 1]")
     if recipe.scene_reuse < 1:
         p.error("--scene-reuse must be >= 1")
     if recipe.patch_position_weight < 0:
@@ -729,7 +730,7 @@ def main(argv: list[str] | None = None) -> None:
     if recipe.patch_position_weight and (args.init_model or (args.init_tower and not args.continue_tower)):
         p.error("--patch-position-weight is a stage-1 loss: stage 1 does not run with --init-model, or with "
                 "--init-tower unless --continue-tower")
-    for name in ("local_fraction", "fine_fraction", "position_fraction"):
+    for name in ("small_scene_fraction", "local_fraction", "fine_fraction", "position_fraction"):
         if not 0.0 <= getattr(recipe, name) <= 1.0:
             p.error(f"--{name.replace('_', '-')} must be in [0, 1]")
     for name in ("pretrain_budget_s", "budget_s"):
