@@ -179,3 +179,20 @@ def test_object_hit_tells_a_wrong_object_from_background(outcomes, tmp_path):
     assert q["object_hit_rate"] >= q["hit_rate"]
     assert roi_quality([dataclasses.replace(o, object_hit=None) for o in rows], None)["object_hit_rate"] is None
 
+
+
+def test_hit_rate_by_objects_groups_items_by_their_scene(outcomes):
+    """roi.hit_rate_by_objects: each item counts once, under its own scene's object count."""
+    from collab.data.synthetic import generate_items
+    from collab.eval.report import roi_quality
+    from collab.eval.runner import hit
+
+    truth = {it.question_id: len(it.objects) for it in generate_items(*SPLIT)}
+    rows = [o for o in outcomes if o.target_box is not None]
+    assert all(o.n_objects == truth[o.question_id] for o in rows)
+    by = roi_quality(rows, None)["hit_rate_by_objects"]
+    for n, rate in by.items():
+        group = [o for o in rows if o.n_objects == int(n)]
+        assert rate == pytest.approx(np.mean([hit(o.roi_box, o.target_box) for o in group]))
+    assert sum(len([o for o in rows if o.n_objects == int(n)]) for n in by) == len(rows)
+    assert roi_quality([dataclasses.replace(o, n_objects=None) for o in rows], None)["hit_rate_by_objects"] == {}

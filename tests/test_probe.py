@@ -69,9 +69,9 @@ def test_collect_labels_each_object_with_its_own_attributes_and_cell(tiny_backen
     import numpy as np
 
     import collab.eval.probe as probe
-    from collab.data.synthetic import COLORS, DIGITS, POSITION_WORDS, SHAPES, render_scene
+    from collab.data.synthetic import COLORS, DIGITS, SHAPES, render_scene
 
-    corners = {"northwest": (8, 8), "southeast": (470, 470), "center": (250, 250), "east": (470, 250)}
+    corners = {"northwest": (8, 8), "southeast": (440, 440), "center": (230, 230), "east": (440, 230)}
     drawn = []
 
     def one_object_scene(rng):
@@ -87,7 +87,7 @@ def test_collect_labels_each_object_with_its_own_attributes_and_cell(tiny_backen
     monkeypatch.setattr(probe, "render_scene", one_object_scene)
     data = probe.collect(tiny_backend, tiny_config, 8, seed=0, batch=3, progress=False)
     labels = {a: y.tolist() for a, y in data["labels"].items()}
-    assert [POSITION_WORDS[c] for c in labels["cell"]] == [name for name, _ in drawn]
+    assert [probe.CELLS[c] for c in labels["cell"]] == [name for name, _ in drawn]
     assert [SHAPES[s] for s in labels["shape"]] == [o.shape for _, o in drawn]
     assert [list(COLORS)[c] for c in labels["color"]] == [o.color for _, o in drawn]
     assert [DIGITS[d] for d in labels["digit"]] == [o.digit for _, o in drawn]

@@ -1,46 +1,130 @@
-"""The training script runs end to end on a toy budget and saves a model from_pretrained can load."""
+"""The training package: recipe files, both stages on a toy budget, streams, schedule, checkpoints."""
 
 import json
+import math
+import subprocess
+import sys
 
 import numpy as np
+import pytest
 import torch
 
 from collab.backends import load_backend
-from collab.config import ModelConfig
-from collab.models.tiny import TinyLlavaSpec
-from collab.training.data import BatchSpec, BatchStream, crop_box
-from collab.training.train_tiny import PROMPT, REFINE_PROMPT, Recipe, ScaleCurriculum, train
-from collab.data.synthetic import VOCABULARY, make_scene
+from collab.config import ConfigError, ModelConfig
+from collab.data.synthetic import COLORS, SHAPES, VOCABULARY, make_scene, render_scene
 from collab.models.tiny import build_tokenizer
+from collab.paths import REPO_ROOT
+from collab.training.data import BatchSpec, BatchStream, collate, crop_box, make_example
+from collab.training.loop import CosineSchedule, make_loader
+from collab.training.recipe import PROMPT, REFINE_PROMPT, Recipe, load_recipe
+from collab.training.tower import ScaleCurriculum, TowerStream, patch_labels, tower_batch
+from collab.training.train import TOWER_CHECKPOINT, train, tower_state
+
+TOY = {
+    "model": {"image_size": 32, "patch_size": 8, "vision_hidden": 32, "vision_layers": 1, "vision_heads": 2,
+              "text_hidden": 32, "text_layers": 2, "text_heads": 4, "text_kv_heads": 2, "text_intermediate": 64,
+              "max_positions": 160},
+    "tower": {"steps": 3, "batch": 4},
+    "vlm": {"steps": 3, "batch": 4, "warmup": 1},
+    "monitor": {"every": 2, "batches": 1, "attention_items": 3, "maps": 1},
+    "runtime": {"workers": 0},
+}
 
 
-def toy_recipe():
-    spec = TinyLlavaSpec(image_size=32, patch_size=8, vision_hidden=32, vision_layers=1, text_hidden=32, text_layers=1)
-    return Recipe(spec=spec, pretrain_steps=3, pretrain_batch=4, steps=3, batch=4, eval_every=2, eval_batches=1,
-                  warmup=1, freeze_tower_steps=1, workers=0)
+def toy_recipe(**sections) -> Recipe:
+    raw = json.loads(json.dumps(TOY))
+    for name, values in sections.items():
+        raw.setdefault(name, {}).update(values)
+    return Recipe.model_validate(raw)
 
 
-def test_train_saves_a_loadable_model(tmp_path):
+def rows_of(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def toy_spec(**kw):
+    return BatchSpec(image_size=32, tokens_per_image=16, prompt_template=PROMPT, refine_template=REFINE_PROMPT, **kw)
+
+
+def test_train_saves_a_loadable_model_and_monitors_localisation(tmp_path):
     out = train(toy_recipe(), tmp_path / "model", tmp_path / "log.jsonl")
     backend = load_backend(ModelConfig(path=str(out), prompt_template=PROMPT, refine_template=REFINE_PROMPT, max_new_tokens=2))
     feats = backend.encode_images([make_scene(1, 0).image.resize((32, 32))])
     assert feats.shape == (1, 16, 32)
-    gen = backend.generate([feats[0]], "what number is in the red circle?")
-    assert len(gen.token_ids) >= 1
-    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
-    assert any(r.get("stage") == 1 for r in rows) and any("global_fine_acc" in r for r in rows)
-    assert (out / "vision_tower_stage1.pt").exists() and (out / "training_recipe.json").exists()
+    assert len(backend.generate([feats[0]], "what number is in the red circle?").token_ids) >= 1
+    rows = rows_of(tmp_path / "log.jsonl")
+    assert any(r.get("stage") == 1 for r in rows)
+    evals = [r for r in rows if r.get("stage") == 2]
+    assert [r["step"] for r in evals] == [2, 3]  # after 2 steps, then where the stage ended
+    for key in ("global_fine_acc", "local_fine_gap", "L0_plain_hit", "L1_rel_hit", "L1_rel_some", "L0_rel_hit2"):
+        assert 0.0 <= evals[-1][key] <= 1.0 or key.endswith("gap"), key
+    assert (out / TOWER_CHECKPOINT).exists() and (out / "monitor" / "maps_000003.png").exists()
+    saved = json.loads((out / "training_recipe.json").read_text())
+    assert saved["saved_at_step"] == 3 and saved["model"]["text_layers"] == 2
+
+
+def test_the_shipped_recipe_files_load_and_the_cpu_one_trains_two_steps(tmp_path):
+    """The recipe that made models/collab-tiny-llava, run end to end for 2 steps a stage from the CLI."""
+    cpu = load_recipe(REPO_ROOT / "configs/training/embedded.yaml")
+    gpu = load_recipe(REPO_ROOT / "configs/training/embedded_gpu.yaml")
+    assert cpu.model == gpu.model and cpu.vlm.legible_fraction == gpu.vlm.legible_fraction
+    assert cpu.runtime.device == "cpu" and gpu.runtime.device == "cuda"
+    shipped = json.loads((REPO_ROOT / "models/collab-tiny-llava/training_recipe.json").read_text())
+    assert shipped["model"] == cpu.model.model_dump() and shipped["vlm"]["legible_fraction"] == cpu.vlm.legible_fraction
+    sets = ["tower.steps=2", "tower.batch=4", "vlm.steps=2", "vlm.batch=4", "monitor.batches=1", "monitor.attention_items=2",
+            "runtime.workers=0"]
+    cmd = [sys.executable, "-m", "collab.training", "--recipe", str(REPO_ROOT / "configs/training/embedded.yaml"),
+           "--out", str(tmp_path / "m")] + [x for s in sets for x in ("--set", s)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = rows_of(tmp_path / "m" / "training_log.jsonl")
+    assert {r["stage_done"]: r["steps"] for r in rows if "stage_done" in r} == {1: 2, 2: 2}
+
+
+def test_recipe_errors_name_the_field_and_the_cli_exits_2(tmp_path, capsys):
+    from collab.training.__main__ import main
+
+    with pytest.raises(ConfigError, match="vlm.local_fraction"):
+        load_recipe(None, {"vlm": {"local_fraction": 1.5}})
+    with pytest.raises(ConfigError, match="image_size must be a multiple"):
+        load_recipe(None, {"model": {"image_size": 100}})
+    for bad in ([[10, 2], [5, 3], [None, 5]], [[10, 2], [None, 6]], [[10, 2], [20, 5]]):
+        with pytest.raises(ConfigError, match="curriculum"):
+            load_recipe(None, {"vlm": {"curriculum": bad}})
+    with pytest.raises(ConfigError, match="tower.stepz"):
+        load_recipe(None, {"tower": {"stepz": 1}})
+    for args, message in ((["--set", "vlm.batch=1"], "vlm.batch"), (["--stages", "vlm"], "needs --init-tower"),
+                          (["--stages", "decoder"], "--stages must be"), (["--set", "nokey"], "KEY=VALUE"),
+                          (["--recipe", str(tmp_path / "missing.yaml")], "not found")):
+        assert main(["--out", str(tmp_path / "never"), *args]) == 2
+        assert message in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["--out", str(tmp_path / "never"), "--set", "runtime.device=cuda"]) == 2
+        assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_vlm_stage_from_a_saved_tower_keeps_it_frozen(tmp_path):
+    first = train(toy_recipe(), tmp_path / "a", None, stages=("tower",))
+    tower = torch.load(first / TOWER_CHECKPOINT, weights_only=True)
+    second = train(toy_recipe(), tmp_path / "b", tmp_path / "log.jsonl", stages=("vlm",), init_tower=first / TOWER_CHECKPOINT)
+    assert not any(r.get("stage") == 1 for r in rows_of(tmp_path / "log.jsonl"))
+    saved = tower_state(second)
+    assert saved.keys() == tower.keys() and all(torch.equal(saved[k], tower[k]) for k in tower)
+    assert tower_state(first).keys() == tower.keys()  # a saved model directory also provides a tower
+    tuned = train(toy_recipe(vlm={"tower_lr_scale": 1.0, "lr": 0.05}), tmp_path / "c", None, stages=("vlm",),
+                  init_tower=first / TOWER_CHECKPOINT)
+    assert any(not torch.equal(tower_state(tuned)[k], tower[k]) for k in tower)
+    with pytest.raises(ValueError, match="init_tower"):
+        train(toy_recipe(), tmp_path / "d", None, stages=("vlm",))
 
 
 def test_batches_have_the_answer_where_labels_say():
     tok = build_tokenizer(VOCABULARY)
-    spec = BatchSpec(image_size=32, tokens_per_image=16, prompt_template=PROMPT, refine_template=REFINE_PROMPT)
-    stream = BatchStream(spec, tok, batch_size=6, seed=3, curriculum=[[None, 3]], local_fraction=0.5)
+    stream = BatchStream(toy_spec(), tok, batch_size=6, seed=3, curriculum=[[None, 3]], local_fraction=0.5)
     for batch, _ in zip(stream, range(4)):
         n = batch["n_images"]
         assert batch["pixel_values"].shape == (6 * n, 3, 32, 32)
-        image_tokens = (batch["input_ids"] == tok.convert_tokens_to_ids("<image>")).sum(1)
-        assert torch.all(image_tokens == 16 * n)
+        assert torch.all((batch["input_ids"] == tok.convert_tokens_to_ids("<image>")).sum(1) == 16 * n)
         rows = torch.arange(6)
         assert torch.all(batch["input_ids"][rows, batch["answer_pos"] + 1] == tok.eos_token_id)
         answers = tok.convert_ids_to_tokens(batch["input_ids"][rows, batch["answer_pos"]].tolist())
@@ -55,8 +139,45 @@ def test_crops_hold_their_target_and_negatives_do_not():
     centre = ((target[0] + target[2]) / 2, (target[1] + target[3]) / 2)
     for _ in range(50):
         box = crop_box(rng, scene, target, spec, negative=False)
-        assert box.contains_point(*centre)
-        assert 96 <= box.width <= 192 + 1
+        assert box.contains_point(*centre) and 96 <= box.width <= 192 + 1
+        neg = crop_box(rng, scene, target, spec, negative=True)
+        others = [o.box for o in scene.objects[1:]]
+        assert any(neg.contains_point((b[0] + b[2]) / 2, (b[1] + b[3]) / 2) for b in others)
+
+
+def test_legible_scenes_only_in_global_examples_and_only_when_asked(monkeypatch):
+    import collab.training.data as data
+
+    tok = build_tokenizer(VOCABULARY)
+    seen = []
+    original = data.render_scene
+    monkeypatch.setattr(data, "render_scene", lambda *a, **k: seen.append(k.get("legible_glyphs")) or original(*a, **k))
+    for i in range(10):
+        make_example(np.random.default_rng(i), toy_spec(), 3, "global", tok)
+        make_example(np.random.default_rng(i), toy_spec(legible_fraction=1.0), 3, "local", tok)
+    assert not any(seen)
+    fine = [make_example(np.random.default_rng(i), toy_spec(legible_fraction=1.0, legible_fine_fraction=1.0), 3, "global", tok)
+            for i in range(10)]
+    assert all(seen[-10:]) and all(ex["kind"] == "fine" for ex in fine)
+
+
+def test_streams_draw_two_or_more_objects_past_the_first_curriculum_step():
+    import collab.training.data as data
+
+    tok = build_tokenizer(VOCABULARY)
+    stream = BatchStream(toy_spec(), tok, 8, 1, [[2, 2], [None, 5]], 0.0)
+    counts = {}
+    for step in range(6):
+        batch_counts = []
+        original = data.draw_scene
+        data.draw_scene = lambda rng, spec, n, kind: batch_counts.append(n) or original(rng, spec, n, kind)
+        try:
+            stream.batch(step)
+        finally:
+            data.draw_scene = original
+        counts[step] = batch_counts
+    assert all(1 <= n <= 2 for s in (0, 1) for n in counts[s]) and any(n == 1 for s in (0, 1) for n in counts[s])
+    assert all(2 <= n <= 5 for s in range(2, 6) for n in counts[s])
 
 
 def test_scale_curriculum_promotes_only_when_reading():
@@ -70,22 +191,9 @@ def test_scale_curriculum_promotes_only_when_reading():
     assert c.get() == 4.5
 
 
-def test_warm_start_continues_from_a_saved_model(tmp_path):
-    first = train(toy_recipe(), tmp_path / "a", None)
-    again = train(toy_recipe(), tmp_path / "b", tmp_path / "log.jsonl", init_model=first)
-    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
-    assert any("init_model" in r for r in rows) and not any(r.get("stage") == 1 for r in rows)
-    assert (again / "model.safetensors").exists()
-
-
 def test_patch_labels_follow_the_objects():
     """Stage-1 per-patch labels: the patch under an object's centre carries its colour and shape;
     a patch no object touches is background."""
-    import numpy as np
-
-    from collab.data.synthetic import COLORS, SHAPES, render_scene
-    from collab.training.train_tiny import patch_labels
-
     scene = render_scene(np.random.default_rng(3), n_objects=3)
     grid = 12
     colors, shapes = patch_labels(scene, grid)
@@ -103,74 +211,8 @@ def test_patch_labels_follow_the_objects():
     assert background and all(colors[p] == len(COLORS) and shapes[p] == len(SHAPES) for p in background)
 
 
-def test_small_scenes_only_in_global_examples_and_only_when_asked(monkeypatch):
-    """Scale augmentation: small originals (<= 3 objects, side in range), for global-only examples
-    and only when the fraction is set."""
-    import collab.training.data as data
-
-    tok = build_tokenizer(VOCABULARY)
-    base = BatchSpec(image_size=32, tokens_per_image=16, prompt_template=PROMPT, refine_template=REFINE_PROMPT)
-    for i in range(30):
-        scene = data.small_scene(np.random.default_rng(i), 5, (208, 256))
-        assert 208 <= scene.width == scene.height <= 256 and 1 <= len(scene.objects) <= 3
-    calls = []
-    original = data.small_scene
-    monkeypatch.setattr(data, "small_scene", lambda *a, **k: calls.append(1) or original(*a, **k))
-    data.make_example(np.random.default_rng(5), base, 4, "global", tok)  # default fraction 0
-    assert calls == []
-    always = BatchSpec(**{**base.__dict__, "small_scene_fraction": 1.0})
-    data.make_example(np.random.default_rng(1), always, 5, "local", tok)  # crops need the benchmark's geometry
-    assert calls == []
-    ex = data.make_example(np.random.default_rng(1), always, 5, "global", tok)
-    assert calls == [1] and len(ex["images"]) == 1
-
-
-def test_globals_only_tower_phase_and_a_new_tower_under_a_saved_decoder(tmp_path):
-    """--tower-global-fraction 1.0 trains on per-patch labels alone (finite losses, per-attribute
-    accuracies logged); --init-model with --init-tower swaps the tower in and freezes it first."""
-    import dataclasses
-
-    import torch as _torch
-
-    recipe = dataclasses.replace(toy_recipe(), tower_global_fraction=1.0)
-    tower_dir = train(recipe, tmp_path / "tower", tmp_path / "tower.jsonl", pretrain_only=True)
-    rows = [json.loads(line) for line in (tmp_path / "tower.jsonl").read_text().splitlines()]
-    stage1 = [r for r in rows if r.get("stage") == 1]
-    assert stage1 and all(np.isfinite(r["loss"]) and 0 <= r["object_patch_shape_acc"] <= 1 for r in stage1)
-    assert all(np.isnan(r["crop_digit_acc"]) for r in stage1)  # no crops in these batches
-    tower = _torch.load(tower_dir / "vision_tower_stage1.pt", weights_only=True)
-
-    base = train(toy_recipe(), tmp_path / "base", None)
-    swapped = train(dataclasses.replace(toy_recipe(), steps=1, freeze_tower_steps=5), tmp_path / "swapped",
-                    tmp_path / "swap.jsonl", init_tower=tower_dir / "vision_tower_stage1.pt", init_model=base)
-    from transformers import LlavaForConditionalGeneration
-
-    saved = LlavaForConditionalGeneration.from_pretrained(swapped).model.vision_tower.state_dict()
-    for name, value in tower.items():  # frozen for the only step: exactly the tower that was put in
-        assert _torch.equal(saved[name], value), name
-
-
-def test_training_cli_refuses_bad_sizes_and_fractions(capsys):
-    import pytest
-
-    from collab.training.train_tiny import main
-
-    for args, message in ((["--image-size", "100"], "multiple of the patch size"),
-                          (["--patch-position-weight", "-1"], "--patch-position-weight must be >= 0"),
-                          (["--patch-position-weight", "1", "--init-model", "m"], "is a stage-1 loss"),
-                          (["--tower-global-fraction", "1.5"], "--tower-global-fraction must be in [0, 1]"),
-                          (["--small-scene-fraction", "-0.1"], "--small-scene-fraction must be in [0, 1]")):
-        with pytest.raises(SystemExit):
-            main(["--out", "/nonexistent/never-written", *args])
-        assert message in capsys.readouterr().err
-
-
-def test_cosine_schedule_is_the_step_lambda_without_a_budget_and_stops_on_time_with_one(monkeypatch):
-    """Without a budget: exactly LambdaLR's warm-up + cosine on steps (the CPU recipe). With a
-    wall-clock budget: progress follows elapsed time and `finished` turns true when it is spent."""
-    import math
-
-    import collab.training.train_tiny as tt
+def test_cosine_schedule_follows_steps_or_a_time_budget(monkeypatch):
+    import collab.training.loop as loop
 
     def opt():
         return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
@@ -179,223 +221,110 @@ def test_cosine_schedule_is_the_step_lambda_without_a_budget_and_stops_on_time_w
     lam = torch.optim.lr_scheduler.LambdaLR(reference, lambda s: (s + 1) / 3 if s < 3 else
                                             0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, (s - 3) / 7))))
     ours = opt()
-    sched = tt.CosineSchedule(ours, warmup=3, total=10)
+    sched = CosineSchedule(ours, warmup=3, total=10)
     for step in range(12):
         sched.set(step)
         assert math.isclose(ours.param_groups[0]["lr"], reference.param_groups[0]["lr"], rel_tol=1e-12), step
         assert sched.finished(step) == (step >= 10)
-        reference.step()  # (no gradients: a no-op, but the order LambdaLR expects)
+        reference.step()
         lam.step()
-
     now = [100.0]
-    monkeypatch.setattr(tt.time, "monotonic", lambda: now[0])
-    timed = tt.CosineSchedule(opt(), warmup=0, total=1_000_000, budget_s=60)
+    monkeypatch.setattr(loop.time, "monotonic", lambda: now[0])
+    timed = CosineSchedule(opt(), warmup=0, total=1_000_000, budget_s=60)
     assert not timed.finished(5) and math.isclose(timed.factor(5), 1.0, abs_tol=1e-6)
     now[0] = 130.0  # half the budget: half-way down the cosine, whatever the step count says
     assert math.isclose(timed.factor(5), 0.1 + 0.45, rel_tol=1e-9)
     now[0] = 160.0
     assert timed.finished(5) and math.isclose(timed.factor(5), 0.1)
-    import pytest
-
     with pytest.raises(ValueError, match="budget_s"):
-        tt.CosineSchedule(opt(), 1, 10, budget_s=0)
+        CosineSchedule(opt(), 1, 10, budget_s=0)
 
 
 def test_streams_are_the_same_for_any_number_of_workers():
     """Worker k renders batches k, k+n, ...; the DataLoader returns them in order, so the batch
-    sequence does not depend on --workers (stage 1 here with a curriculum that does not move: a live
-    one is read when a batch is rendered, so there the timing matters too)."""
-    from collab.training.train_tiny import ScaleCurriculum, TowerStream, _loader
-
+    sequence does not depend on runtime.workers (stage 1 with a curriculum that does not move)."""
     tok = build_tokenizer(VOCABULARY)
-    spec = BatchSpec(image_size=32, tokens_per_image=16, prompt_template=PROMPT, refine_template=REFINE_PROMPT)
     cpu = torch.device("cpu")
 
     def first(stream, workers, key, n=5):
-        return [b[key] for b, _ in zip(_loader(stream, workers, cpu), range(n))]
+        return [b[key] for b, _ in zip(make_loader(stream, workers, cpu), range(n))]
 
-    stage2 = [first(BatchStream(spec, tok, 4, 3, [[None, 3]], 0.5, scene_reuse=2), w, "pixel_values") for w in (0, 2)]
+    stage2 = [first(BatchStream(toy_spec(), tok, 4, 3, [[None, 3]], 0.5, scene_reuse=2), w, "pixel_values") for w in (0, 2)]
     assert all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(*stage2))
-    stage1 = [first(TowerStream(spec, 4, 3, ScaleCurriculum(), 0.5, scene_reuse=2), w, "crop_labels") for w in (0, 2)]
+    stage1 = [first(TowerStream(toy_spec(), 4, 3, ScaleCurriculum(), 0.5, scene_reuse=2), w, "crop_labels") for w in (0, 2)]
     assert all(torch.equal(a, b) for a, b in zip(*stage1))
     assert len({tuple(map(tuple, b.tolist())) for b in stage1[0]}) > 1  # not one batch repeated
 
 
-def test_scene_reuse_asks_different_questions_of_one_scene():
-    """Stage 2 with scene_reuse=3: examples come in groups sharing one global image, with distinct
-    questions while the scene has them; stage 1 crops of one scene take different objects."""
-    from collab.training.train_tiny import tower_batch
+def test_scene_reuse_asks_different_questions_of_one_scene(monkeypatch):
+    """Stage 2 with scene_reuse=3: groups of examples share one global image with distinct questions;
+    stage 1 crops of one scene take different objects."""
+    import collab.training.tower as tower
 
     tok = build_tokenizer(VOCABULARY)
-    spec = BatchSpec(image_size=32, tokens_per_image=16, prompt_template=PROMPT, refine_template=REFINE_PROMPT)
-    stream = BatchStream(spec, tok, 6, 11, [[None, 5]], local_fraction=0.0, scene_reuse=3)
+    stream = BatchStream(toy_spec(), tok, 6, 11, [[None, 5]], local_fraction=0.0, scene_reuse=3)
     for step in range(4):
         batch = stream.batch(step)
         pixels = batch["pixel_values"]
         for group in (range(0, 3), range(3, 6)):
-            first = group[0]
-            assert all(torch.equal(pixels[i], pixels[first]) for i in group)
-            questions = {tuple(batch["input_ids"][i].tolist()) for i in group}
-            assert len(questions) == 3
+            assert all(torch.equal(pixels[i], pixels[group[0]]) for i in group)
+            assert len({tuple(batch["input_ids"][i].tolist()) for i in group}) == 3
         assert not torch.equal(pixels[0], pixels[3])
-    import collab.training.train_tiny as tt
-
     scenes = []
-    render = tt.render_scene
-
-    def recording(*args, **kwargs):
-        scenes.append(render(*args, **kwargs))
-        return scenes[-1]
-
-    tt.render_scene = recording
-    try:
-        crops = tower_batch(np.random.default_rng(0), spec, 12, 6.0, global_fraction=0.0, scene_reuse=4)
-    finally:
-        tt.render_scene = render
+    render = tower.render_scene
+    monkeypatch.setattr(tower, "render_scene", lambda *a, **k: scenes.append(render(*a, **k)) or scenes[-1])
+    crops = tower_batch(np.random.default_rng(0), toy_spec(), 12, 6.0, global_fraction=0.0, scene_reuse=4)
     assert len(scenes) == 3
     labels = [tuple(x) for x in crops["crop_labels"].tolist()]
     for scene, group in zip(scenes, (labels[:4], labels[4:8], labels[8:])):
-        # (digit, colour, shape): every object of the scene before any repeats
         assert len({(c, s) for _, c, s in group}) == min(4, len(scene.objects))
-        assert {(c, s) for _, c, s in group} <= {(tt.COLOR_NAMES.index(o.color), tt.SHAPES.index(o.shape)) for o in scene.objects}
+        assert {(c, s) for _, c, s in group} <= {(tower.COLOR_NAMES.index(o.color), SHAPES.index(o.shape)) for o in scene.objects}
 
 
 def test_budgeted_bf16_run_stops_on_time_and_logs_it(tmp_path):
     """A wall-clock budget ends each stage early; the model is still saved and the log says how
     many steps ran (autocast bf16 on CPU exercises the GPU recipe's code path)."""
-    import dataclasses
-
-    recipe = dataclasses.replace(toy_recipe(), pretrain_steps=10_000, steps=10_000, pretrain_budget_s=3.0, budget_s=3.0,
-                                 amp_dtype="bfloat16", scene_reuse=2, eval_every=10_000)
+    recipe = toy_recipe(tower={"steps": 10_000, "budget_s": 3.0}, vlm={"steps": 10_000, "budget_s": 3.0},
+                        runtime={"amp_dtype": "bfloat16", "scene_reuse": 2, "workers": 0}, monitor={"every": 10_000})
     out = train(recipe, tmp_path / "m", tmp_path / "log.jsonl")
-    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    rows = rows_of(tmp_path / "log.jsonl")
     done = {r["stage_done"]: r["steps"] for r in rows if "stage_done" in r}
     assert 0 < done[1] < 10_000 and 0 < done[2] < 10_000
     final = [r for r in rows if r.get("stage") == 2][-1]
-    assert final["step"] == done[2] - 1 and np.isfinite(final["loss_ema"])  # evaluated where the budget stopped it
+    assert final["step"] == done[2] and np.isfinite(final["loss_ema"])  # evaluated where the budget stopped it
     assert json.loads((out / "training_recipe.json").read_text())["saved_at_step"] == done[2]
 
 
-def test_training_cli_refuses_bad_throughput_options(capsys):
-    import pytest
-
-    from collab.training.train_tiny import main
-
-    cases = [(["--scene-reuse", "0"], "--scene-reuse must be >= 1"), (["--budget-s", "0"], "--budget-s must be > 0"),
-             (["--pretrain-budget-s", "-5"], "--pretrain-budget-s must be > 0")]
-    if not torch.cuda.is_available():
-        cases.append((["--device", "cuda"], "torch sees no CUDA device"))
-    for args, message in cases:
-        with pytest.raises(SystemExit):
-            main(["--out", "/nonexistent/never-written", *args])
-        assert message in capsys.readouterr().err
-
-
-def test_default_stream_is_the_one_example_per_scene_stream():
-    """scene_reuse=1 (the CPU recipe) draws exactly what the stream drew before reuse existed: per
-    batch, a kind, then for each example a scene size and make_example (same random stream)."""
-    from collab.training.data import collate, make_example
-
+def test_collate_labels_answer_and_eos_only():
     tok = build_tokenizer(VOCABULARY)
-    spec = BatchSpec(image_size=32, tokens_per_image=16, prompt_template=PROMPT, refine_template=REFINE_PROMPT,
-                     small_scene_fraction=0.3)
-    stream = BatchStream(spec, tok, 5, 9, [[2, 1], [None, 5]], 0.5)
-    for step in range(5):
-        rng = np.random.default_rng([9, step])
-        kind = "local" if rng.random() < 0.5 else "global"
-        top = stream.max_objects(step)
-        examples = [make_example(rng, spec, int(rng.integers(1, top + 1)), kind, tok) for _ in range(5)]
-        expected = collate(examples, spec, tok.pad_token_id, tok.eos_token_id)
-        got = stream.batch(step)
-        for key in ("input_ids", "pixel_values", "answer_pos", "fine", "negative"):
-            assert torch.equal(got[key], expected[key]), (step, key)
+    examples = [make_example(np.random.default_rng(i), toy_spec(), 3, "global", tok) for i in range(3)]
+    batch = collate(examples, toy_spec(), tok.pad_token_id, tok.eos_token_id)
+    for i, ex in enumerate(examples):
+        n = len(ex["ids"])
+        assert batch["answer_pos"][i] == n and batch["input_ids"][i, n] == ex["answer"]
+        assert batch["attention_mask"][i].sum() == n + 2
 
 
-def test_position_questions_only_in_global_examples_and_only_when_asked():
-    from collab.data.synthetic import POSITION_VOCABULARY, POSITION_WORDS
-    from collab.training.data import make_example
+def test_object_cells_are_the_probes_object_tokens():
+    """Stage 1's pooled-object loss reads the same tokens as collab.eval.probe: cells whose centres lie
+    in the box (the centre cell for a box smaller than a cell)."""
+    from collab.eval.probe import object_token_indices
+    from collab.geometry import CanvasGeometry
+    from collab.training.tower import object_cells
 
-    tok = build_tokenizer(VOCABULARY + POSITION_VOCABULARY)
-    plain = build_tokenizer(VOCABULARY)
-    assert all(tok.convert_tokens_to_ids(w) == plain.convert_tokens_to_ids(w) for w in VOCABULARY)  # ids kept
-    base = BatchSpec(image_size=32, tokens_per_image=16, prompt_template=PROMPT, refine_template=REFINE_PROMPT)
-    always = BatchSpec(**{**base.__dict__, "position_fraction": 1.0})
-    where = tok.convert_tokens_to_ids("where")
-    for i in range(20):
-        assert make_example(np.random.default_rng(i), base, 4, "global", tok)["qtype"] != "position"
-        assert make_example(np.random.default_rng(i), always, 4, "local", tok)["qtype"] != "position"
-        ex = make_example(np.random.default_rng(i), always, 4, "global", tok)
-        assert ex["qtype"] == "position" and where in ex["ids"]
-        assert tok.convert_ids_to_tokens(ex["answer"]) in POSITION_WORDS
-
-
-def test_warm_start_with_position_questions_grows_the_vocabulary(tmp_path):
-    """A saved model without the position words gets new rows for them; every old row is kept."""
-    import dataclasses
-
-    from transformers import AutoTokenizer, LlavaForConditionalGeneration
-
-    from collab.data.synthetic import POSITION_VOCABULARY
-    from collab.training.train_tiny import grow_vocabulary
-
-    first = train(toy_recipe(), tmp_path / "a", None)
-    model = LlavaForConditionalGeneration.from_pretrained(first)
-    old_in = model.get_input_embeddings().weight.detach().clone()
-    old_out = model.get_output_embeddings().weight.detach().clone()
-    grow_vocabulary(model, len(old_in) + 3)
-    assert torch.equal(model.get_input_embeddings().weight[: len(old_in)], old_in)
-    assert torch.equal(model.get_output_embeddings().weight[: len(old_out)], old_out)
-    assert model.get_output_embeddings().weight.shape[0] == len(old_in) + 3
-    import pytest
-
-    with pytest.raises(ValueError, match="only"):
-        grow_vocabulary(model, 5)
-
-    recipe = dataclasses.replace(toy_recipe(), position_fraction=0.5)
-    again = train(recipe, tmp_path / "b", tmp_path / "log.jsonl", init_model=first)
-    from collab.models.tiny import build_tokenizer as build
-
-    (tmp_path / "odd").mkdir()
-    build(["zebra"] + VOCABULARY).save_pretrained(tmp_path / "odd")  # same words, other ids
-    model.save_pretrained(tmp_path / "odd")
-    with pytest.raises(ValueError, match="would change id"):
-        train(recipe, tmp_path / "c", None, init_model=tmp_path / "odd")
-    tok = AutoTokenizer.from_pretrained(again)
-    assert len(tok) == len(old_in) + len(POSITION_VOCABULARY)
-    grown = LlavaForConditionalGeneration.from_pretrained(again)
-    assert grown.get_input_embeddings().weight.shape[0] == len(tok)
-    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
-    assert any(0.0 <= r.get("global_position_acc", -1) <= 1.0 for r in rows)
+    scene = render_scene(np.random.default_rng(8), n_objects=4)
+    geometry = CanvasGeometry.create(scene.image.size, (96, 96), "resize")
+    for box in [o.box for o in scene.objects] + [[200, 200, 203, 203]]:
+        mask = object_cells(box, scene.width, scene.height, 12)
+        assert sorted(np.flatnonzero(mask).tolist()) == sorted(object_token_indices(box, geometry, (12, 12), 0))
+    batch = tower_batch(np.random.default_rng(1), toy_spec(), 6, 3.0, global_fraction=0.5)
+    assert batch["object_cells"].shape[0] == len(batch["object_image"]) == len(batch["object_shape"]) >= 3
+    assert set(batch["object_image"].tolist()) == {0, 1, 2} and torch.all(batch["object_cells"].sum(1) >= 1)
 
 
-def test_patch_position_loss_teaches_the_tower_where_its_tokens_are(tmp_path):
-    """Stage 1 with patch_position_weight: each global token's row and column become readable
-    from its features (logged accuracy rises far above the 1/16 of a toy 4 x 4 grid); without it
-    nothing about positions is logged."""
-    import dataclasses
-
-    recipe = dataclasses.replace(toy_recipe(), pretrain_steps=60, tower_global_fraction=1.0, patch_position_weight=1.0,
-                                 pretrain_lr=3e-3, warmup=1)
-    train(recipe, tmp_path / "pos", tmp_path / "pos.jsonl", pretrain_only=True)
-    rows = [json.loads(line) for line in (tmp_path / "pos.jsonl").read_text().splitlines()]
-    stage1 = [r for r in rows if r.get("stage") == 1]
-    assert stage1[0]["patch_position_acc"] < 0.3 and stage1[-1]["patch_position_acc"] > 0.5, stage1
-    assert all(np.isfinite(r["position_loss"]) for r in stage1)
-    train(dataclasses.replace(recipe, pretrain_steps=2, patch_position_weight=0.0), tmp_path / "plain",
-          tmp_path / "plain.jsonl", pretrain_only=True)
-    plain = [json.loads(line) for line in (tmp_path / "plain.jsonl").read_text().splitlines()]
-    assert not any("patch_position_acc" in r for r in plain)
-
-
-def test_init_tower_takes_a_checkpoint_or_a_saved_models_tower(tmp_path):
-    from transformers import LlavaForConditionalGeneration
-
-    from collab.training.train_tiny import tower_state
-
-    model_dir = train(toy_recipe(), tmp_path / "m", None)
-    from_dir = tower_state(model_dir)
-    saved = LlavaForConditionalGeneration.from_pretrained(model_dir).model.vision_tower.state_dict()
-    assert from_dir.keys() == saved.keys() and all(torch.equal(from_dir[k], saved[k]) for k in saved)
-    stage1 = tower_state(model_dir / "vision_tower_stage1.pt")
-    assert stage1.keys() == saved.keys()
-    assert any(not torch.equal(stage1[k], saved[k]) for k in saved)  # stage 2 trained the tower further
+def test_evaluations_are_labelled_by_steps_done_and_never_repeated(tmp_path):
+    train(toy_recipe(vlm={"steps": 4}, monitor={"attention_items": 0}), tmp_path / "a", tmp_path / "a.jsonl",
+          stages=("tower", "vlm"))
+    assert [r["step"] for r in rows_of(tmp_path / "a.jsonl") if r.get("stage") == 2] == [2, 4]
+    out = train(toy_recipe(vlm={"steps": 0}), tmp_path / "b", tmp_path / "b.jsonl")  # a model is saved all the same
+    assert json.loads((out / "training_recipe.json").read_text())["saved_at_step"] == 0

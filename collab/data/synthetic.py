@@ -1,9 +1,17 @@
-"""Synthetic fine-detail VQA: coloured shapes, each holding one small digit, on a cluttered background.
+"""Synthetic fine-detail VQA (generator v2): coloured shapes, each holding one small digit, on a cluttered background.
 
 Why it exists: the method only pays off when the global (downscaled) image hides a detail that a
-crop of the original reveals. Here colour and shape survive a downscale to ~112 px wide, the digit
-does not, and a crop of ~100-200 px around the object resized to ~112 px makes it readable again.
-Every item carries ground-truth boxes, so RoI search can be scored without a human in the loop.
+crop of the original reveals, while what NAMES the object stays visible, as a sign stays visible
+in a 336 px photo and only its text does not. The scale relations keep that premise for a 96 px
+global image (8 px patches):
+
+- objects are squares of side 0.23-0.27 of the original's long side: 22-26 px (about 3 x 3 patches)
+  in the global image, so colour and shape are legible there;
+- the digit is 0.12 of the object's side: 2.6-3.5 px tall in the global image (unreadable, 2 px
+  strokes become a smudge) and about 9 px tall in a crop of 1.25 object sides resized to 96 px
+  (the evaluation's ground-truth crop; readable);
+- 2-5 objects with unique (colour, shape) pairs, so "the red circle" names one object while
+  another object shares its colour or its shape in about half the fine questions.
 
 Determinism: item ``index`` of seed ``seed`` is drawn from ``numpy.random.default_rng([seed,
 index, stream])`` only (stream 0 renders the scene, stream 1 picks the question), so it never
@@ -31,11 +39,12 @@ import numpy as np
 from PIL import Image, ImageChops, ImageDraw
 
 GENERATOR_NAME = "collab.data.synthetic"
-GENERATOR_VERSION = "1.0"
+GENERATOR_VERSION = "2.0"
 
-# Width x height of the originals: 1:1, 4:3, 3:4, 16:9, 9:16; short side >= 384, long <= 704. Large
-# enough that a 112 px global image shrinks a digit 3.5-6x (unreadable), small enough to render fast.
-IMAGE_SIZES: tuple[tuple[int, int], ...] = ((576, 576), (640, 480), (480, 640), (704, 396), (396, 704))
+# Width x height of the originals: 1:1 at two sizes, 17:15 and 15:17. Mild aspect ratios: the
+# global image is the original stretched to a square, and a strong stretch would make the digit
+# legible along the short axis (or the shape illegible along the long one) before the other.
+IMAGE_SIZES: tuple[tuple[int, int], ...] = ((448, 448), (512, 512), (544, 480), (480, 544))
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (215, 35, 35),
     "green": (35, 160, 60),
@@ -46,8 +55,12 @@ COLORS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "cross")
 DIGITS: tuple[str, ...] = tuple(str(d) for d in range(10))
-OBJECT_SIZE = (48, 96)  # side of the (square) object box, inclusive range
-GLYPH_HEIGHT = (14, 18)  # digit height in original pixels, inclusive range
+OBJECT_FRACTION = (0.23, 0.27)  # object side as a fraction of the image's long side (uniform)
+GLYPH_FRACTION = 0.12  # digit height as a fraction of the object side (+-0.01 jitter)
+# Training-only scale augmentation (``legible_glyphs=True``): digits big enough to read in the
+# global image (about 10 px tall there), so that "look at the named object, then read" is rewarded
+# by plain answers as it is for real VLMs, whose training answers are mostly visible.
+LEGIBLE_GLYPH_FRACTION = (0.40, 0.48)
 OBJECT_GAP = 12  # minimum free pixels between two object boxes
 BORDER = 8  # minimum free pixels between an object box and the image edge
 MAX_OBJECTS = 5
@@ -94,24 +107,6 @@ def _build_vocabulary() -> list[str]:
 
 VOCABULARY: list[str] = _build_vocabulary()
 
-# Training-only questions, never in the benchmark: where the named object is, as one of nine
-# compass cells of the image. Meant to reward, through plain answers, looking at the object a
-# question names (the kind of region-level supervision LLaVA-1.5's training mix has, from RefCOCO
-# and Visual Genome; the attention read needs the first pass to look there). Answerable from the
-# global image only if the object's tokens say where they are (colour survives the downscale;
-# position must survive the vision tower: `python -m collab.eval.probe`'s "cell" column). Their
-# words are appended after VOCABULARY's, so a tokenizer built from both keeps every benchmark
-# token's id.
-POSITION_TEMPLATE = "where is the {color} {shape}?"
-POSITION_WORDS: tuple[str, ...] = (
-    "northwest", "north", "northeast", "west", "center", "east", "southwest", "south", "southeast",
-)
-POSITION_VOCABULARY: list[str] = [
-    tok for tok in dict.fromkeys([*tokenize_text(POSITION_TEMPLATE.format(color="red", shape="circle")), *POSITION_WORDS])
-    if tok not in VOCABULARY and tok not in COLORS and tok not in SHAPES
-]
-
-
 @dataclass
 class SceneObject:
     """One filled shape with its digit; boxes are half-open original pixels."""
@@ -132,6 +127,7 @@ class Scene:
 
     image: Image.Image
     objects: list[SceneObject]
+    legible_glyphs: bool = False  # training-only scale augmentation (digits readable globally)
 
     @property
     def width(self) -> int:
@@ -246,20 +242,29 @@ def _draw_clutter(draw: ImageDraw.ImageDraw, rng: np.random.Generator, base: np.
 
 
 def _place_boxes(rng: np.random.Generator, n: int, width: int, height: int) -> list[list[int]]:
-    """Square boxes of random side, at least OBJECT_GAP apart, by rejection sampling."""
-    boxes: list[list[int]] = []
-    for _ in range(n):
-        for _attempt in range(500):
-            s = int(rng.integers(OBJECT_SIZE[0], OBJECT_SIZE[1] + 1))
-            x0 = int(rng.integers(BORDER, width - BORDER - s + 1))
-            y0 = int(rng.integers(BORDER, height - BORDER - s + 1))
-            box = [x0, y0, x0 + s, y0 + s]
-            if all(_gap(box, other) >= OBJECT_GAP for other in boxes):
-                boxes.append(box)
+    """Square boxes of random side, at least OBJECT_GAP apart, by rejection sampling. A layout whose
+    next box finds no room is started again; after every 10 failed layouts the side range shrinks
+    by 5 % (crowded 5-object scenes)."""
+    long_side = max(width, height)
+    lo, hi = OBJECT_FRACTION
+    for layout in range(200):
+        if layout and layout % 10 == 0:
+            lo, hi = 0.95 * lo, 0.95 * hi
+        boxes: list[list[int]] = []
+        for _ in range(n):
+            for _attempt in range(200):
+                s = int(round(long_side * rng.uniform(lo, hi)))
+                x0 = int(rng.integers(BORDER, width - BORDER - s + 1))
+                y0 = int(rng.integers(BORDER, height - BORDER - s + 1))
+                box = [x0, y0, x0 + s, y0 + s]
+                if all(_gap(box, other) >= OBJECT_GAP for other in boxes):
+                    boxes.append(box)
+                    break
+            else:
                 break
-        else:  # pragma: no cover - sizes are chosen so that this never happens
-            raise RuntimeError(f"could not place {n} objects in {width}x{height}")
-    return boxes
+        if len(boxes) == n:
+            return boxes
+    raise RuntimeError(f"could not place {n} objects in {width}x{height}")  # pragma: no cover
 
 
 def _gap(a: Sequence[int], b: Sequence[int]) -> int:
@@ -348,7 +353,7 @@ def _glyph_box(shape: str, box: Sequence[int], glyph_height: int) -> list[int]:
     return [gx0, gy0, gx0 + gw, gy0 + gh]
 
 
-def _sample_objects(rng: np.random.Generator, n: int, width: int, height: int) -> list[SceneObject]:
+def _sample_objects(rng: np.random.Generator, n: int, width: int, height: int, legible_glyphs: bool = False) -> list[SceneObject]:
     """n objects with unique (colour, shape) pairs, random digits, non-overlapping boxes."""
     pairs = rng.choice(len(COLORS) * len(SHAPES), size=n, replace=False)
     colors = list(COLORS)
@@ -356,15 +361,17 @@ def _sample_objects(rng: np.random.Generator, n: int, width: int, height: int) -
     for pair, box in zip(pairs, _place_boxes(rng, n, width, height)):
         color, shape = colors[int(pair) // len(SHAPES)], SHAPES[int(pair) % len(SHAPES)]
         side = box[2] - box[0]
-        lo = GLYPH_HEIGHT[0] + (GLYPH_HEIGHT[1] - GLYPH_HEIGHT[0]) * (side - OBJECT_SIZE[0]) / (OBJECT_SIZE[1] - OBJECT_SIZE[0])
-        gh = int(np.clip(round(lo + rng.uniform(-1.5, 1.5)), *GLYPH_HEIGHT))
+        fraction = rng.uniform(*LEGIBLE_GLYPH_FRACTION) if legible_glyphs else GLYPH_FRACTION + rng.uniform(-0.01, 0.01)
+        gh = max(10, int(round(side * fraction)))
         digit = DIGITS[int(rng.integers(10))]
         objects.append(SceneObject(shape, color, digit, box, _glyph_box(shape, box, gh)))
     return objects
 
 
-def render_scene(rng: np.random.Generator, *, n_objects: int | None = None, clutter: float = 1.0, size: tuple[int, int] | None = None) -> Scene:
-    """Draw one scene from `rng`. n_objects (1-5) defaults to 2-5 at random; clutter scales the marks."""
+def render_scene(rng: np.random.Generator, *, n_objects: int | None = None, clutter: float = 1.0, size: tuple[int, int] | None = None,
+                 legible_glyphs: bool = False) -> Scene:
+    """Draw one scene from `rng`. n_objects (1-5) defaults to 2-5 at random; clutter scales the marks;
+    legible_glyphs (training only) draws digits readable in the global image."""
     if n_objects is not None and not 1 <= n_objects <= MAX_OBJECTS:
         raise ValueError(f"n_objects must be in 1..{MAX_OBJECTS}, got {n_objects}")
     width, height = size or IMAGE_SIZES[int(rng.integers(len(IMAGE_SIZES)))]
@@ -372,11 +379,11 @@ def render_scene(rng: np.random.Generator, *, n_objects: int | None = None, clut
     image, base = _background(rng, width, height)
     draw = ImageDraw.Draw(image)
     _draw_clutter(draw, rng, base, width, height, clutter)
-    objects = _sample_objects(rng, n, width, height)
+    objects = _sample_objects(rng, n, width, height, legible_glyphs)
     for obj in objects:
         _draw_shape(draw, obj.shape, obj.box, COLORS[obj.color])
         draw_digit(draw, obj.digit, obj.glyph_box, ink_for(obj.color))
-    return Scene(image=image, objects=objects)
+    return Scene(image=image, objects=objects, legible_glyphs=legible_glyphs)
 
 
 def make_scene(seed: int, index: int, **kw) -> Scene:
@@ -404,20 +411,19 @@ def questions_for_scene(scene: Scene) -> list[Question]:
     return out
 
 
-def position_word(box: Sequence[int], width: int, height: int) -> str:
-    """The compass cell (3 x 3 grid of the image) that holds the box's centre."""
-    col = min(int(3 * (box[0] + box[2]) / 2 / width), 2)
-    row = min(int(3 * (box[1] + box[3]) / 2 / height), 2)
-    return POSITION_WORDS[3 * row + col]
+def has_lookalike(objects: Sequence[dict], target_box: Sequence[int] | None) -> bool:
+    """Whether another object shares the target's colour or its shape (a distractor that a model
+    naming objects by one attribute only would confuse with it). `objects` as in item records."""
+    target = next((o for o in objects if list(o["box"]) == list(target_box or [])), None)
+    return target is not None and any(
+        o is not target and (o["color"] == target["color"] or o["shape"] == target["shape"]) for o in objects
+    )
 
 
-def position_questions(scene: Scene) -> list[Question]:
-    """The training-only "where is the red circle?" questions (see POSITION_TEMPLATE)."""
-    return [
-        Question(POSITION_TEMPLATE.format(color=o.color, shape=o.shape), position_word(o.box, scene.width, scene.height),
-                 "coarse", "position", list(o.box))
-        for o in scene.objects
-    ]
+def lookalike_share(records: Sequence[dict]) -> float | None:
+    """Share of fine items with a look-alike distractor (None without fine items)."""
+    fine = [r for r in records if r["kind"] == "fine"]
+    return float(np.mean([has_lookalike(r["objects"], r["target_box"]) for r in fine])) if fine else None
 
 
 def _counts(values) -> dict[str, int]:
@@ -479,11 +485,13 @@ def write_dataset(out_dir: str | Path, seed: int, n: int, *, fine_fraction: floa
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     items = generate_items(seed, n, fine_fraction=fine_fraction, **kw)
+    records = []
     with open(out / "questions.jsonl", "w", encoding="utf-8") as f:
         for item in tqdm(items, total=n, desc=f"synthetic seed={seed}", disable=not progress, unit="item"):
             # Level 1: the grain makes PNGs ~400 KiB at any level; 1 is 4x faster than the default 6.
             item.image.save(out / "images" / item.image_name, format="PNG", compress_level=1)
-            f.write(json.dumps(item.to_record()) + "\n")
+            records.append(item.to_record())
+            f.write(json.dumps(records[-1]) + "\n")
     meta = {
         "generator": GENERATOR_NAME,
         "version": GENERATOR_VERSION,
@@ -492,6 +500,7 @@ def write_dataset(out_dir: str | Path, seed: int, n: int, *, fine_fraction: floa
         "fine_fraction": fine_fraction,
         **kw,
         "box_convention": "[x0, y0, x1, y1], half-open, pixels of the original image",
+        "lookalike_share": lookalike_share(records),  # fine items whose target shares colour or shape with another object
         "vocabulary": VOCABULARY,
     }
     (out / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")

@@ -155,6 +155,8 @@ def print_summary(report: dict, out: Path) -> None:
         on_any = f"  on some object {roi['object_hit_rate']:.3f}" if roi.get("object_hit_rate") is not None else ""
         print(f"RoI (fine): hit rate {roi['hit_rate']:.3f}{on_any}  mean IoU {roi['mean_iou']:.3f}  "
               f"area {roi['area_fraction']:.3f}  (n={roi['n']})")
+        if roi.get("hit_rate_by_objects"):
+            print("RoI hit rate by objects in the scene: " + "  ".join(f"{k}: {v:.2f}" for k, v in roi["hit_rate_by_objects"].items()))
     if report["layers"]:
         print("layer hit rates: " + "  ".join(f"L{k}={v:.2f}" for k, v in report["layers"].items()))
     by_qtype = {k: v for k, v in report.get("stages_by_qtype", {}).items() if k != "all"}  # "all" is printed above

@@ -32,16 +32,26 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from collab.data.synthetic import COLORS, DIGITS, POSITION_WORDS, SHAPES, position_word, render_scene
+from collab.data.synthetic import COLORS, DIGITS, SHAPES, render_scene
 from collab.imaging import crop_local_image, make_global_image, round_trip
 from collab.roi import box_around
 
-# "cell": where the object is, as the 3 x 3 compass cell of the image (collab.data.synthetic.
-# position_word). From the global view it asks whether a token's content says where it sits (rotary
+# "cell": where the object is, as the 3 x 3 compass cell of the image (cell_of below).
+# From the global view it asks whether a token's content says where it sits (rotary
 # positions enter the decoder's attention scores, not the values tokens pass on); from the crop view
 # it is a control that should stay near the majority (a crop mostly does not show where it was cut;
 # crops at the image edge are shifted inside it, a small leak).
-ATTRIBUTES = {"shape": list(SHAPES), "color": list(COLORS), "digit": list(DIGITS), "cell": list(POSITION_WORDS)}
+CELLS: tuple[str, ...] = ("northwest", "north", "northeast", "west", "center", "east", "southwest", "south", "southeast")
+
+
+def cell_of(box: Sequence[int], width: int, height: int) -> str:
+    """The compass cell (3 x 3 grid of the image, thirds half-open) that holds the box's centre."""
+    col = min(int(3 * (box[0] + box[2]) / 2 / width), 2)
+    row = min(int(3 * (box[1] + box[3]) / 2 / height), 2)
+    return CELLS[3 * row + col]
+
+
+ATTRIBUTES = {"shape": list(SHAPES), "color": list(COLORS), "digit": list(DIGITS), "cell": list(CELLS)}
 VIEWS = ("global", "crop")
 
 
@@ -92,7 +102,7 @@ def collect(backend, config, n: int, seed: int, batch: int = 32, progress: bool 
             labels["shape"].append(SHAPES.index(obj.shape))
             labels["color"].append(list(COLORS).index(obj.color))
             labels["digit"].append(DIGITS.index(obj.digit))
-            labels["cell"].append(POSITION_WORDS.index(position_word(obj.box, scene.width, scene.height)))
+            labels["cell"].append(CELLS.index(cell_of(obj.box, scene.width, scene.height)))
         with torch.no_grad():
             g = backend.encode_images(globals_).float().cpu()
             c = backend.encode_images(crops).float().cpu()

@@ -2,7 +2,7 @@
 
 Report keys are stable so runs can be compared: `policies.<name>.{accuracy, refine_rate,
 extra_bytes_mean, total_bytes_mean}`, `separability.<score>.{overlap, bhattacharyya, auc}`,
-`roi.{hit_rate, mean_iou, area_fraction, object_hit_rate}`, `sweep` (list of points), `layers`, `aggregation`,
+`roi.{hit_rate, mean_iou, area_fraction, object_hit_rate, hit_rate_by_objects}`, `sweep` (list of points), `layers`, `aggregation`,
 `stages`, `n`.
 """
 
@@ -89,6 +89,12 @@ def roi_quality(outcomes: list[ItemOutcome], kind: str | None = "fine") -> dict:
         # on SOME annotated object, the asked one or not (hit_rate far below it: attention finds
         # objects but not the one the question names); None without object annotations
         "object_hit_rate": float(np.mean(annotated)) if (annotated := [o.object_hit for o in rows if o.object_hit is not None]) else None,
+        # hit rate by objects in the scene (annotated data only): chance falls as 1/n, so binding
+        # shows on crowded scenes; {"2": rate, ...}
+        "hit_rate_by_objects": {
+            str(n): float(np.mean([h for h, o in zip(hits, rows) if o.n_objects == n]))
+            for n in sorted({o.n_objects for o in rows if o.n_objects is not None})
+        },
         "n": len(rows),
     }
 

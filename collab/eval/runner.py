@@ -79,6 +79,7 @@ class ItemOutcome:
     layer_hits: dict[int, bool] = field(default_factory=dict)
     qtype: str | None = None
     object_hit: bool | None = None  # the RoI holds the centre of SOME annotated object (None: no annotations)
+    n_objects: int | None = None  # annotated objects in the image (None: no annotations)
     attention: np.ndarray | None = None  # relative map at the configured layer (kept for plots)
 
     def uncertainty(self, kind: str, length: str = "all") -> float:
@@ -160,6 +161,7 @@ class Evaluator:
             attention=chosen if index < self.keep_attention else None,
             qtype=item.qtype,
             object_hit=on_some_object(roi.box, item.object_boxes),
+            n_objects=None if item.object_boxes is None else len(item.object_boxes),
         )
         if item.target_box is not None:
             for layer in self.layers:

@@ -22,8 +22,9 @@ import torch
 from PIL import Image
 
 from collab.backends.llava import expand_prompt
-from collab.data.synthetic import Question, Scene, position_questions, questions_for_scene, render_scene
+from collab.data.synthetic import Question, Scene, questions_for_scene, render_scene
 from collab.imaging import crop_local_image, make_global_image, round_trip
+from collab.training.loop import worker_shard
 from collab.roi import box_around
 
 
@@ -44,26 +45,18 @@ class BatchSpec:
     jitter: float = 0.3  # crop centre offset, as a fraction of the crop side
     image_mean: float = 0.5
     image_std: float = 0.5
-    # Scale augmentation: this fraction of global-only examples is drawn from a SMALL original
-    # (side in small_scene_side px, <= 3 objects), whose downscale keeps the digit and the shape
-    # legible. Real photos hold objects at every scale; here it means the first pass learns, from
-    # answers alone, to look at the object the question names, and keeps looking there when the
-    # detail is too small to read (which is what the attention read relies on).
-    small_scene_fraction: float = 0.0
-    small_scene_side: tuple[int, int] = (208, 256)
-    # This fraction of global-only examples asks a training-only "where is the red circle?"
-    # question instead (collab.data.synthetic.POSITION_TEMPLATE); 0 leaves the stream unchanged.
-    position_fraction: float = 0.0
+    # Scale augmentation: this share of global-only scenes is drawn with digits legible at the
+    # encoder's resolution (collab.data.synthetic's legible_glyphs); on them, fine questions are
+    # asked with probability legible_fine_fraction. Plain answers then reward looking at the object
+    # the question names, and the look carries over to scenes whose digit cannot be read.
+    legible_fraction: float = 0.0
+    legible_fine_fraction: float = 0.8
 
 
 def to_pixels(images: list[Image.Image], mean: float, std: float) -> torch.Tensor:
     """CLIP-style normalisation (rescale 1/255, then (x - mean) / std), as the saved processor does."""
     arr = np.stack([np.asarray(im, dtype=np.float32) for im in images]) / 255.0
     return torch.from_numpy((arr - mean) / std).permute(0, 3, 1, 2).contiguous()
-
-
-def jpeg_round_trip(image: Image.Image, quality: int) -> Image.Image:
-    return round_trip(image, "jpeg", quality)
 
 
 def pick_question(rng: np.random.Generator, scene: Scene, fine_fraction: float, asked: set[str] | None = None) -> Question:
@@ -88,28 +81,16 @@ def crop_box(rng: np.random.Generator, scene: Scene, target: list[int] | None, s
     return box_around(cx, cy, side, scene.width, scene.height)
 
 
-def small_scene(rng: np.random.Generator, n_objects: int, sides: tuple[int, int]) -> Scene:
-    """A square scene of side in `sides`; fewer objects if they do not fit."""
-    side = int(rng.integers(sides[0], sides[1] + 1))
-    for n in range(min(n_objects, 3), 0, -1):
-        try:
-            return render_scene(rng, n_objects=n, size=(side, side))
-        except RuntimeError:  # could not place n objects: try fewer
-            continue
-    raise RuntimeError(f"no object fits a {side}x{side} scene")
-
-
 def draw_scene(rng: np.random.Generator, spec: BatchSpec, n_objects: int, kind: str) -> Scene:
-    """The scene an example is asked about (a small original for some global-only examples)."""
-    if kind == "global" and spec.small_scene_fraction and rng.random() < spec.small_scene_fraction:
-        return small_scene(rng, n_objects, spec.small_scene_side)
-    return render_scene(rng, n_objects=n_objects)
+    """The scene an example is asked about (legible digits for some global-only examples)."""
+    legible = kind == "global" and spec.legible_fraction > 0 and rng.random() < spec.legible_fraction
+    return render_scene(rng, n_objects=n_objects, legible_glyphs=legible)
 
 
 def global_view(scene: Scene, spec: BatchSpec) -> Image.Image:
     """The global image the edge would send for this scene, after the JPEG round trip."""
     size = (spec.image_size, spec.image_size)
-    return jpeg_round_trip(make_global_image(scene.image, size)[0], spec.jpeg_quality)
+    return round_trip(make_global_image(scene.image, size)[0], "jpeg", spec.jpeg_quality)
 
 
 def make_example(rng: np.random.Generator, spec: BatchSpec, n_objects: int, kind: str, tokenizer) -> dict:
@@ -122,12 +103,8 @@ def example_from_scene(rng: np.random.Generator, spec: BatchSpec, scene: Scene, 
                        tokenizer, asked: set[str] | None = None) -> dict:
     """One example about a rendered scene; `asked` holds questions already used on it (avoided
     while others remain, so that reusing a scene does not repeat an example)."""
-    question = None
-    if kind == "global" and spec.position_fraction and rng.random() < spec.position_fraction:
-        options = [q for q in position_questions(scene) if not asked or q.question not in asked]
-        question = options[int(rng.integers(len(options)))] if options else None
-    if question is None:
-        question = pick_question(rng, scene, spec.fine_fraction, asked)
+    fine_fraction = spec.legible_fine_fraction if scene.legible_glyphs else spec.fine_fraction
+    question = pick_question(rng, scene, fine_fraction, asked)
     if asked is not None:
         asked.add(question.question)
     size = (spec.image_size, spec.image_size)
@@ -136,7 +113,7 @@ def example_from_scene(rng: np.random.Generator, spec: BatchSpec, scene: Scene, 
     if kind == "local":
         negative = question.kind == "fine" and rng.random() < spec.negative_fraction
         box = crop_box(rng, scene, question.target_box, spec, negative)
-        images.append(jpeg_round_trip(crop_local_image(scene.image, box, size), spec.jpeg_quality))
+        images.append(round_trip(crop_local_image(scene.image, box, size), "jpeg", spec.jpeg_quality))
     template = spec.prompt_template if kind == "global" else spec.refine_template
     text = expand_prompt(template, question.question, len(images), spec.placeholder, spec.image_token, spec.tokens_per_image)
     ids = tokenizer(text, add_special_tokens=True)["input_ids"]
@@ -168,16 +145,6 @@ def collate(examples: list[dict], spec: BatchSpec, pad_id: int, eos_id: int) -> 
     }
 
 
-def worker_shard() -> tuple[int, int]:
-    """(this DataLoader worker's index, number of workers); (0, 1) in the main process.
-
-    Streams give batch k to worker k mod n and the DataLoader returns batches in task order, so
-    stage 2's batch sequence is the same for any number of workers. (Stage 1's crop scale follows
-    a live curriculum that workers read when they render, so its batches also depend on timing.)"""
-    info = torch.utils.data.get_worker_info()
-    return (0, 1) if info is None else (info.id, info.num_workers)
-
-
 class BatchStream(torch.utils.data.IterableDataset):
     """Endless batches; the curriculum (objects per scene) follows the batch counter.
 
@@ -200,12 +167,14 @@ class BatchStream(torch.utils.data.IterableDataset):
         return self.curriculum[-1][1]
 
     def batch(self, step: int) -> dict:
-        rng = np.random.default_rng([self.seed, step])
+        # four entries, the last non-zero: never the stream of a benchmark item ([seed, index, 0 or 1])
+        rng = np.random.default_rng([self.seed, step, 2, 2])
         kind = "local" if rng.random() < self.local_fraction else "global"
         top = self.max_objects(step)
         examples: list[dict] = []
         while len(examples) < self.batch_size:
-            scene = draw_scene(rng, self.spec, int(rng.integers(1, top + 1)), kind)
+            lo = 1 if top <= 2 else 2  # past the first curriculum step, scenes have 2+ objects like the benchmark's
+            scene = draw_scene(rng, self.spec, int(rng.integers(lo, top + 1)), kind)
             image, asked = global_view(scene, self.spec), set()
             for _ in range(min(self.scene_reuse, self.batch_size - len(examples))):
                 examples.append(example_from_scene(rng, self.spec, scene, image, kind, self.tokenizer, asked))

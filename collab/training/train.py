@@ -1,0 +1,107 @@
+"""Train the embedded default model (a tiny LLaVA) from scratch: stage 1 (tower), stage 2 (VLM).
+
+    python -m collab.training --recipe configs/training/embedded.yaml --out runs/embedded
+
+Seeded; the checkpoint is saved with save_pretrained and loads through LlavaBackend.from_pretrained.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from collab.data.synthetic import VOCABULARY
+from collab.models.tiny import build_image_processor, build_tiny_llava, build_tokenizer, save_tiny_llava
+from collab.training.data import BatchSpec
+from collab.training.loop import resolve_device
+from collab.training.recipe import Recipe
+
+STAGES = ("tower", "vlm")
+TOWER_CHECKPOINT = "vision_tower_stage1.pt"
+
+
+def batch_spec(recipe: Recipe) -> BatchSpec:
+    m, v = recipe.model, recipe.vlm
+    return BatchSpec(
+        image_size=m.image_size, tokens_per_image=m.tokens_per_image, patch_size=m.patch_size,
+        prompt_template=recipe.prompt_template, refine_template=recipe.refine_template,
+        fine_fraction=v.fine_fraction, negative_fraction=v.negative_fraction,
+        legible_fraction=v.legible_fraction, legible_fine_fraction=v.legible_fine_fraction,
+    )
+
+
+def save_checkpoint(model, tokenizer, recipe: Recipe, out_dir: Path, step: int) -> None:
+    """save_pretrained with eager attention in the config (the served model reads attention maps)."""
+    model.set_attn_implementation("eager")
+    save_tiny_llava(out_dir, model, tokenizer, build_image_processor(recipe.model.spec()))
+    (Path(out_dir) / "training_recipe.json").write_text(json.dumps({**recipe.model_dump(mode="json"), "saved_at_step": step}, indent=2))
+    model.set_attn_implementation("sdpa")
+
+
+def tower_state(path: Path) -> dict:
+    """A vision tower's weights: a stage-1 checkpoint (.pt), or the tower of a saved model directory."""
+    if Path(path).is_dir():
+        from transformers import LlavaForConditionalGeneration
+
+        return LlavaForConditionalGeneration.from_pretrained(path).model.vision_tower.state_dict()
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+class JsonlLog:
+    """Training metrics, one JSON object a line, each with the seconds since the run started."""
+
+    def __init__(self, path: Path | None):
+        self.file = open(path, "a") if path else None
+        self.started = time.time()
+
+    def __call__(self, row: dict) -> None:
+        if self.file:
+            self.file.write(json.dumps({"elapsed_s": round(time.time() - self.started, 1), **row}) + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+
+
+def train(recipe: Recipe, out_dir: Path, log_path: Path | None = None, stages: tuple[str, ...] = STAGES,
+          init_tower: Path | None = None) -> Path:
+    """Run the recipe's stages into out_dir. Without the tower stage, `init_tower` (a stage-1
+    checkpoint or a saved model) provides the tower; the vlm stage then starts from it."""
+    from collab.training.tower import train_tower
+
+    unknown = set(stages) - set(STAGES)
+    if unknown or not stages:
+        raise ValueError(f"stages must be a non-empty subset of {STAGES}, got {stages}")
+    if "tower" not in stages and "vlm" in stages and init_tower is None:
+        raise ValueError("the vlm stage without the tower stage needs init_tower")
+    device = resolve_device(recipe.runtime.device)
+    torch.manual_seed(recipe.seed)
+    torch.set_num_threads(recipe.runtime.threads)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(VOCABULARY)
+    model = build_tiny_llava(tokenizer, recipe.model.spec(), seed=recipe.seed)
+    model.set_attn_implementation("sdpa")  # fast training; the served model is loaded with eager
+    log = JsonlLog(log_path)
+    log({"recipe": recipe.model_dump(mode="json"), "device": str(device), "stages": list(stages)})
+    if init_tower is not None:
+        model.model.vision_tower.load_state_dict(tower_state(init_tower))
+        log({"init_tower": str(init_tower)})
+    model.to(device)
+    spec = batch_spec(recipe)
+    if "tower" in stages:
+        train_tower(model, spec, recipe, log)
+        torch.save({k: v.cpu() for k, v in model.model.vision_tower.state_dict().items()}, out_dir / TOWER_CHECKPOINT)
+    if "vlm" in stages:
+        from collab.training.vlm import train_vlm
+
+        train_vlm(model, tokenizer, spec, recipe, out_dir, log)
+    else:
+        save_checkpoint(model, tokenizer, recipe, out_dir, 0)
+    log({"done": True, "minutes": round((time.time() - log.started) / 60, 1)})
+    log.close()
+    return out_dir
