@@ -41,6 +41,10 @@ def test_cli_writes_report_with_stable_keys(tiny_model_dir, tiny_config, tmp_pat
     assert isinstance(report["sweep"], list) and report["sweep"]
     assert set(report["layers"]) <= {"0", "1"}
     assert report["config"]["model"]["path"] == str(tiny_model_dir) and report["dataset"]["seed"] == 31
+    from collab.data.synthetic import generate_items, lookalike_share
+
+    assert report["dataset"]["generator_version"] == "2.0"
+    assert report["dataset"]["lookalike_share"] == pytest.approx(lookalike_share([it.to_record() for it in generate_items(31, 6)]))
     for png in ("separability.png", "sweep.png", "examples.png"):
         assert (out / png).stat().st_size > 1000
     assert len((out / "items.jsonl").read_text().splitlines()) == 6
@@ -196,3 +200,21 @@ def test_hit_rate_by_objects_groups_items_by_their_scene(outcomes):
         assert rate == pytest.approx(np.mean([hit(o.roi_box, o.target_box) for o in group]))
     assert sum(len([o for o in rows if o.n_objects == int(n)]) for n in by) == len(rows)
     assert roi_quality([dataclasses.replace(o, n_objects=None) for o in rows], None)["hit_rate_by_objects"] == {}
+
+
+def test_hit_rate_by_lookalike_and_the_share_in_the_report(outcomes):
+    from collab.data.synthetic import generate_items, has_lookalike
+    from collab.eval.report import roi_quality
+    from collab.eval.runner import hit
+
+    truth = {it.question_id: it for it in generate_items(*SPLIT)}
+    rows = [o for o in outcomes if o.target_box is not None]
+    for o in rows:
+        it = truth[o.question_id]
+        assert o.lookalike == has_lookalike(it.objects, it.target_box)
+    by = roi_quality(rows, None)["hit_rate_by_lookalike"]
+    for key, flag in (("yes", True), ("no", False)):
+        group = [o for o in rows if o.lookalike is flag]
+        assert (key in by) == bool(group)
+        if group:
+            assert by[key] == pytest.approx(np.mean([hit(o.roi_box, o.target_box) for o in group]))

@@ -15,6 +15,8 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
+import numpy as np
+
 from collab.backends import ModelLoadError, load_backend
 from collab.config import ConfigError, load_config, parse_sets
 from collab.eval import plots
@@ -100,7 +102,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.synthetic:
         seed, n = args.synthetic
         items: list[EvalItem] = list(synthetic_items(seed, n))
-        dataset = {"kind": "synthetic", "seed": seed, "n": n}
+        from collab.data.synthetic import GENERATOR_VERSION
+
+        fine = [it for it in items if it.kind == "fine"]
+        dataset = {"kind": "synthetic", "seed": seed, "n": n, "generator_version": GENERATOR_VERSION,
+                   "lookalike_share": float(np.mean([it.lookalike for it in fine])) if fine else None}
     else:
         items = dataset_items(args.dataset, args.limit)
         dataset = {"kind": "local", "path": str(args.dataset), "n": len(items)}
@@ -157,6 +163,9 @@ def print_summary(report: dict, out: Path) -> None:
               f"area {roi['area_fraction']:.3f}  (n={roi['n']})")
         if roi.get("hit_rate_by_objects"):
             print("RoI hit rate by objects in the scene: " + "  ".join(f"{k}: {v:.2f}" for k, v in roi["hit_rate_by_objects"].items()))
+        if roi.get("hit_rate_by_lookalike"):
+            print("RoI hit rate with / without a look-alike distractor: "
+                  + " / ".join(f"{roi['hit_rate_by_lookalike'].get(k, float('nan')):.2f}" for k in ("yes", "no")))
     if report["layers"]:
         print("layer hit rates: " + "  ".join(f"L{k}={v:.2f}" for k, v in report["layers"].items()))
     by_qtype = {k: v for k, v in report.get("stages_by_qtype", {}).items() if k != "all"}  # "all" is printed above

@@ -2,7 +2,7 @@
 
 Report keys are stable so runs can be compared: `policies.<name>.{accuracy, refine_rate,
 extra_bytes_mean, total_bytes_mean}`, `separability.<score>.{overlap, bhattacharyya, auc}`,
-`roi.{hit_rate, mean_iou, area_fraction, object_hit_rate, hit_rate_by_objects}`, `sweep` (list of points), `layers`, `aggregation`,
+`roi.{hit_rate, mean_iou, area_fraction, object_hit_rate, hit_rate_by_objects, hit_rate_by_lookalike}`, `sweep` (list of points), `layers`, `aggregation`,
 `stages`, `n`.
 """
 
@@ -94,6 +94,12 @@ def roi_quality(outcomes: list[ItemOutcome], kind: str | None = "fine") -> dict:
         "hit_rate_by_objects": {
             str(n): float(np.mean([h for h, o in zip(hits, rows) if o.n_objects == n]))
             for n in sorted({o.n_objects for o in rows if o.n_objects is not None})
+        },
+        # hit rate where another object shares the target's colour or shape ("yes") and where none
+        # does ("no"): a model that names objects by one attribute fails the first
+        "hit_rate_by_lookalike": {
+            key: float(np.mean([h for h, o in zip(hits, rows) if o.lookalike is flag]))
+            for key, flag in (("yes", True), ("no", False)) if any(o.lookalike is flag for o in rows)
         },
         "n": len(rows),
     }

@@ -50,6 +50,8 @@ class EvalItem:
     # every annotated object in the image (synthetic data): tells a RoI on the wrong object from
     # one on background
     object_boxes: list[list[int]] | None = None
+    # another object shares the target's colour or shape (synthetic data; None: unknown)
+    lookalike: bool | None = None
 
 
 @dataclass
@@ -80,6 +82,7 @@ class ItemOutcome:
     qtype: str | None = None
     object_hit: bool | None = None  # the RoI holds the centre of SOME annotated object (None: no annotations)
     n_objects: int | None = None  # annotated objects in the image (None: no annotations)
+    lookalike: bool | None = None  # another object shares the target's colour or shape (None: unknown)
     attention: np.ndarray | None = None  # relative map at the configured layer (kept for plots)
 
     def uncertainty(self, kind: str, length: str = "all") -> float:
@@ -162,6 +165,7 @@ class Evaluator:
             qtype=item.qtype,
             object_hit=on_some_object(roi.box, item.object_boxes),
             n_objects=None if item.object_boxes is None else len(item.object_boxes),
+            lookalike=item.lookalike,
         )
         if item.target_box is not None:
             for layer in self.layers:
@@ -214,11 +218,11 @@ def policy_result(outcomes: list[ItemOutcome], refine: np.ndarray) -> dict:
 
 
 def synthetic_items(seed: int, n: int) -> Iterator[EvalItem]:
-    from collab.data.synthetic import generate_items
+    from collab.data.synthetic import generate_items, has_lookalike
 
     for it in generate_items(seed, n):
         yield EvalItem(it.question_id, it.question, it.answers, (lambda im=it.image: im), it.kind, it.target_box, it.qtype,
-                       [o["box"] for o in it.objects])
+                       [o["box"] for o in it.objects], has_lookalike(it.objects, it.target_box) if it.target_box else None)
 
 
 def object_boxes_of(extra: dict) -> list[list[int]] | None:
@@ -229,12 +233,22 @@ def object_boxes_of(extra: dict) -> list[list[int]] | None:
     return [list(o["box"]) for o in objects]
 
 
+def lookalike_of(extra: dict, target_box) -> bool | None:
+    """has_lookalike for a record whose "objects" carry colour and shape (our layout), else None."""
+    from collab.data.synthetic import has_lookalike
+
+    objects = extra.get("objects")
+    if not target_box or object_boxes_of(extra) is None or not all("color" in o and "shape" in o for o in objects):
+        return None
+    return has_lookalike(objects, list(target_box))
+
+
 def dataset_items(path: str | Path, limit: int | None = None) -> list[EvalItem]:
     from collab.data.vqa import load_dataset
 
     return [
         EvalItem(ex.question_id, ex.question, ex.answers, ex.load_image, ex.kind,
                  list(ex.target_box) if ex.target_box else None, ex.extra.get("qtype") or ex.extra.get("answer_type"),
-                 object_boxes_of(ex.extra))
+                 object_boxes_of(ex.extra), lookalike_of(ex.extra, ex.target_box))
         for ex in load_dataset(path, limit=limit)
     ]
