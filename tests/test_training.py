@@ -328,3 +328,16 @@ def test_evaluations_are_labelled_by_steps_done_and_never_repeated(tmp_path):
     assert [r["step"] for r in rows_of(tmp_path / "a.jsonl") if r.get("stage") == 2] == [2, 4]
     out = train(toy_recipe(vlm={"steps": 0}), tmp_path / "b", tmp_path / "b.jsonl")  # a model is saved all the same
     assert json.loads((out / "training_recipe.json").read_text())["saved_at_step"] == 0
+
+
+def test_training_curves_plot_from_a_log(tmp_path):
+    from collab.training.plots import best_layer, main, read_log
+
+    train(toy_recipe(), tmp_path / "m", tmp_path / "log.jsonl")
+    tower, evals = read_log(tmp_path / "log.jsonl")
+    assert tower and [r["step"] for r in evals] == [2, 3]
+    row = {"L0_rel_hit": 0.2, "L1_rel_hit": 0.7, "L1_plain_hit": 0.9}
+    assert best_layer(row) == 1 and best_layer(row, "plain") == 1 and best_layer({}) is None
+    assert main([str(tmp_path / "log.jsonl"), "--out", str(tmp_path / "c.png")]) == 0
+    assert (tmp_path / "c.png").stat().st_size > 5000
+    assert main([str(tmp_path / "absent.jsonl"), "--out", str(tmp_path / "d.png")]) == 2
