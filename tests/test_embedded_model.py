@@ -1,6 +1,8 @@
-"""The shipped embedded model: loads offline through from_pretrained; on held-out items (a split no
-training step saw) the fine detail is hidden in the global image (fine answers near chance) and
-revealed by the crop (far above chance) - the property the whole method relies on."""
+"""The shipped embedded model: loads offline through from_pretrained; on fixed items of a split no
+training step saw, the fine detail is hidden in the global image (fine answers near chance) and
+revealed by the ground-truth crop, coarse questions are answered from the global image, and the
+first pass's attention finds the object the question names (the RoI holds it) on 2-object scenes
+where the two objects look alike in one attribute - the properties the whole method relies on."""
 
 import os
 from pathlib import Path
@@ -10,12 +12,12 @@ import pytest
 from collab import stages
 from collab.backends import load_backend
 from collab.config import load_config
-from collab.data.synthetic import generate_items
-from collab.eval.runner import gt_crop_box
-from collab.imaging import crop_local_image, make_global_image
+from collab.data.synthetic import generate_item, generate_items, has_lookalike
+from collab.eval.runner import gt_crop_box, hit
+from collab.imaging import crop_local_image, make_global_image, round_trip
 
 REPO = Path(__file__).resolve().parents[1]
-HELD_OUT_SEED = 4242  # the benchmark seed; training draws from other streams
+FIXED_SEED = 4242  # neither a training stream nor the calibration or held-out evaluation split
 N = 60
 
 
@@ -27,9 +29,15 @@ def embedded():
     return config, backend
 
 
+def global_features(backend, config, image):
+    g, _ = make_global_image(image, backend.info.encoder_size)
+    return backend.encode_images([round_trip(g, config.imaging.format, config.imaging.jpeg_quality)])[0]
+
+
 def test_shipped_files_are_small_and_complete():
     model_dir = REPO / "models" / "collab-tiny-llava"
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json", "generation_config.json"):
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json", "generation_config.json",
+                 "training_recipe.json", "training_log.jsonl"):
         assert (model_dir / name).exists(), name
     assert (model_dir / "model.safetensors").stat().st_size < 20 * 2**20
 
@@ -38,14 +46,39 @@ def test_crop_reveals_what_the_global_image_hides(embedded):
     config, backend = embedded
     size = backend.info.encoder_size
     global_right = crop_right = n = 0
-    for item in generate_items(HELD_OUT_SEED, N, kind="fine"):
-        global_image, _ = make_global_image(item.image, size)
-        g = backend.encode_images([global_image])[0]
+    for item in generate_items(FIXED_SEED, N, kind="fine"):
+        g = global_features(backend, config, item.image)
         box = gt_crop_box(item.target_box, item.width, item.height, max(size))
-        local = backend.encode_images([crop_local_image(item.image, box, size)])[0]
+        local = backend.encode_images([round_trip(crop_local_image(item.image, box, size), "jpeg", 90)])[0]
         n += 1
         global_right += backend.generate([g], item.question).answer == item.answer
         crop_right += stages.refined_pass(backend, g, local, item.question).answer == item.answer
-    # digits: chance is 1/10. With the shipped model this test measures 0.07 global, 0.98 with the crop.
-    assert global_right / n <= 0.3, (global_right, n)
+    # digits: chance is 1/10
+    assert global_right / n <= 0.25, (global_right, n)
     assert crop_right / n >= 0.85, (crop_right, n)
+
+
+def test_coarse_questions_are_answered_from_the_global_image(embedded):
+    config, backend = embedded
+    items = list(generate_items(FIXED_SEED + 1, 40, kind="coarse"))
+    right = sum(backend.generate([global_features(backend, config, it.image)], it.question).answer == it.answer for it in items)
+    assert right / len(items) >= 0.75, right
+
+
+def test_first_pass_attention_follows_the_question_on_look_alike_pairs(embedded):
+    """Two objects sharing a colour or a shape: asked about either, the RoI must hold that one."""
+    config, backend = embedded
+    hits = n = 0
+    for i in range(200):
+        item = generate_item(FIXED_SEED + 2, i, kind="fine", n_objects=2)
+        if not has_lookalike(item.objects, item.target_box):
+            continue
+        g = global_features(backend, config, item.image)
+        grid = stages.attention_map(backend, g, item.question, [], config.attention)
+        roi = stages.locate(grid, item.image.size, backend.info.encoder_size, config.imaging.global_mode, config.roi)
+        hits += hit(roi.box, item.target_box)
+        n += 1
+        if n == 16:
+            break
+    assert n == 16
+    assert hits >= 12, (hits, n)  # chance: about 8 of 16

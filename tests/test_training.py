@@ -114,6 +114,9 @@ def test_vlm_stage_from_a_saved_tower_keeps_it_frozen(tmp_path):
     tuned = train(toy_recipe(vlm={"tower_lr_scale": 1.0, "lr": 0.05}), tmp_path / "c", None, stages=("vlm",),
                   init_tower=first / TOWER_CHECKPOINT)
     assert any(not torch.equal(tower_state(tuned)[k], tower[k]) for k in tower)
+    held = train(toy_recipe(vlm={"tower_lr_scale": 1.0, "lr": 0.05, "freeze_tower_steps": 3}), tmp_path / "e", None,
+                 stages=("vlm",), init_tower=first / TOWER_CHECKPOINT)
+    assert all(torch.equal(tower_state(held)[k], tower[k]) for k in tower)  # frozen for all 3 steps
     with pytest.raises(ValueError, match="init_tower"):
         train(toy_recipe(), tmp_path / "d", None, stages=("vlm",))
 

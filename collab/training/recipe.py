@@ -85,6 +85,8 @@ class VLMStage(_Strict):
     lr: float = Field(1e-3, gt=0)
     budget_s: float | None = Field(None, gt=0)
     tower_lr_scale: float = Field(0.0, ge=0, description="tower learning rate / lr; 0 keeps the stage-1 tower frozen")
+    freeze_tower_steps: int = Field(0, ge=0, description="the tower stays frozen for these first steps (the decoder "
+                                    "learns to read its tokens before they move)")
     warmup: int = Field(100, ge=0)
     weight_decay: float = Field(0.01, ge=0)
     eos_weight: float = Field(0.2, ge=0)

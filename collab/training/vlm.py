@@ -4,7 +4,7 @@ Global-only batches (fine questions there teach the model to be unsure; on scene
 legible digits they reward looking at the object the question names) and global + local batches
 (crops of the original around the question's object at the RoI search's sizes, jittered, with
 hard negatives), with a curriculum on objects per scene. The stage-1 tower stays frozen unless
-the recipe gives it a learning rate.
+the recipe gives it a learning rate, and then for its first `freeze_tower_steps`.
 """
 
 from __future__ import annotations
@@ -62,6 +62,9 @@ def train_vlm(model, tokenizer, spec: BatchSpec, recipe: Recipe, out_dir: Path, 
     model.train()
     step = -1
     for step, batch in scheduled_batches(loader, sched, device):
+        if stage.tower_lr_scale > 0:
+            for p in tower:  # no backward through a frozen tower: those steps are cheaper
+                p.requires_grad_(step >= stage.freeze_tower_steps)
         with autocast(device, runtime.amp_dtype):
             loss, _, _ = answer_loss(model, batch, stage.eos_weight)
         opt.zero_grad()
