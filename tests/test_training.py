@@ -94,6 +94,7 @@ def test_recipe_errors_name_the_field_and_the_cli_exits_2(tmp_path, capsys):
     with pytest.raises(ConfigError, match="tower.stepz"):
         load_recipe(None, {"tower": {"stepz": 1}})
     for args, message in ((["--set", "vlm.batch=1"], "vlm.batch"), (["--stages", "vlm"], "needs --init-tower"),
+                          (["--init-model", str(tmp_path / "absent")], "does not exist"),
                           (["--stages", "decoder"], "--stages must be"), (["--set", "nokey"], "KEY=VALUE"),
                           (["--recipe", str(tmp_path / "missing.yaml")], "not found")):
         assert main(["--out", str(tmp_path / "never"), *args]) == 2
@@ -119,6 +120,19 @@ def test_vlm_stage_from_a_saved_tower_keeps_it_frozen(tmp_path):
     assert all(torch.equal(tower_state(held)[k], tower[k]) for k in tower)  # frozen for all 3 steps
     with pytest.raises(ValueError, match="init_tower"):
         train(toy_recipe(), tmp_path / "d", None, stages=("vlm",))
+
+
+def test_warm_start_continues_stage_2_from_a_saved_model(tmp_path):
+    from transformers import LlavaForConditionalGeneration
+
+    first = train(toy_recipe(), tmp_path / "a", None)
+    again = train(toy_recipe(vlm={"steps": 0}), tmp_path / "b", tmp_path / "log.jsonl", stages=("vlm",), init_model=first)
+    a = LlavaForConditionalGeneration.from_pretrained(first).state_dict()
+    b = LlavaForConditionalGeneration.from_pretrained(again).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)  # zero steps: exactly the saved weights
+    assert any("init_model" in r for r in rows_of(tmp_path / "log.jsonl"))
+    with pytest.raises(ValueError, match="sizes differ"):
+        train(toy_recipe(model={"text_hidden": 64}), tmp_path / "c", None, stages=("vlm",), init_model=first)
 
 
 def test_batches_have_the_answer_where_labels_say():

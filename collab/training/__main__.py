@@ -28,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset of %(default)s")
     p.add_argument("--init-tower", type=Path, help="with --stages vlm: the stage-1 tower (OUT/vision_tower_stage1.pt "
                    "of an earlier run, or a saved model directory)")
+    p.add_argument("--init-model", type=Path, help="warm start from a saved model directory (same sizes and tokenizer): "
+                   "with --stages vlm, a continuation of stage 2")
     return p
 
 
@@ -38,10 +40,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         recipe = load_recipe(args.recipe, parse_sets(args.set) or None)
         if set(stages) - set(STAGES) or not stages:
             raise ConfigError(f"--stages must be a subset of {','.join(STAGES)}")
-        if "tower" not in stages and "vlm" in stages and args.init_tower is None:
-            raise ConfigError("--stages vlm needs --init-tower")
-        if args.init_tower is not None and not args.init_tower.exists():
-            raise ConfigError(f"--init-tower: {args.init_tower} does not exist")
+        if "tower" not in stages and "vlm" in stages and args.init_tower is None and args.init_model is None:
+            raise ConfigError("--stages vlm needs --init-tower or --init-model")
+        for name in ("init_tower", "init_model"):
+            path = getattr(args, name)
+            if path is not None and not path.exists():
+                raise ConfigError(f"--{name.replace('_', '-')}: {path} does not exist")
         from collab.training.loop import resolve_device
 
         resolve_device(recipe.runtime.device)
@@ -49,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    train(recipe, args.out, args.log or args.out / "training_log.jsonl", stages, args.init_tower)
+    train(recipe, args.out, args.log or args.out / "training_log.jsonl", stages, args.init_tower, args.init_model)
     print(f"saved to {args.out}")
     return 0
 

@@ -140,25 +140,30 @@ def localisation_metrics(model, tokenizer, recipe: Recipe, items: list, plot_pat
 
 
 def plot_maps(shown: list, layers: list[int], path: Path) -> None:
-    """One row per item: the global image with the named object's box, then the relative map at each layer."""
+    """Two rows per item: the global image with the named object's box, then at each layer the
+    question's attention (plain) and the same divided by the generic prompt's (relative)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(shown), 1 + len(layers), figsize=(2.2 * (1 + len(layers)), 2.3 * len(shown)), squeeze=False)
-    for row, (image, item, plain, generic) in zip(axes, shown):
-        row[0].imshow(image)
+    fig, axes = plt.subplots(2 * len(shown), 1 + len(layers), figsize=(2.0 * (1 + len(layers)), 2.1 * 2 * len(shown)),
+                             squeeze=False)
+    for i, (image, item, plain, generic) in enumerate(shown):
+        top, bottom = axes[2 * i], axes[2 * i + 1]
+        top[0].imshow(image)
         w, h = item.image.size
         b = item.target_box
         sx, sy = image.width / w, image.height / h
-        row[0].add_patch(matplotlib.patches.Rectangle((b[0] * sx, b[1] * sy), (b[2] - b[0]) * sx, (b[3] - b[1]) * sy,
+        top[0].add_patch(matplotlib.patches.Rectangle((b[0] * sx, b[1] * sy), (b[2] - b[0]) * sx, (b[3] - b[1]) * sy,
                                                       fill=False, color="white", lw=1.5))
-        row[0].set_title(item.question.replace("what number is in the ", ""), fontsize=7)
-        for ax, layer, q, g in zip(row[1:], layers, plain, generic):
-            ax.imshow(q / (g + 1e-6), cmap="magma")
-            ax.set_title(f"layer {layer} (relative)", fontsize=7)
-        for ax in row:
+        top[0].set_title(item.question.replace("what number is in the ", ""), fontsize=7)
+        for j, (layer, q, g) in enumerate(zip(layers, plain, generic)):
+            top[j + 1].imshow(q, cmap="magma")
+            top[j + 1].set_title(f"layer {layer}", fontsize=7)
+            bottom[j + 1].imshow(q / (g + 1e-6), cmap="magma")
+            bottom[j + 1].set_title(f"layer {layer} relative", fontsize=7)
+        for ax in (*top, *bottom):
             ax.axis("off")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

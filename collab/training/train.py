@@ -67,17 +67,34 @@ class JsonlLog:
             self.file.close()
 
 
+def load_saved_weights(model, model_dir: Path, tokenizer) -> None:
+    """Warm start: a saved model's weights into `model` (same sizes and tokenizer, or an error that
+    says what differs)."""
+    from transformers import AutoTokenizer, LlavaForConditionalGeneration
+
+    saved_vocab = AutoTokenizer.from_pretrained(model_dir).get_vocab()
+    if saved_vocab != tokenizer.get_vocab():
+        raise ValueError(f"{model_dir}: its tokenizer differs from this recipe's")
+    saved = LlavaForConditionalGeneration.from_pretrained(model_dir).state_dict()
+    mine = model.state_dict()
+    wrong = [k for k in mine if k not in saved or saved[k].shape != mine[k].shape]
+    if wrong:
+        raise ValueError(f"{model_dir}: sizes differ from the recipe's model ({wrong[:3]} ...)")
+    model.load_state_dict({k: saved[k] for k in mine})
+
+
 def train(recipe: Recipe, out_dir: Path, log_path: Path | None = None, stages: tuple[str, ...] = STAGES,
-          init_tower: Path | None = None) -> Path:
+          init_tower: Path | None = None, init_model: Path | None = None) -> Path:
     """Run the recipe's stages into out_dir. Without the tower stage, `init_tower` (a stage-1
-    checkpoint or a saved model) provides the tower; the vlm stage then starts from it."""
+    checkpoint or a saved model) provides the tower; the vlm stage then starts from it.
+    `init_model` (a saved model directory) warm-starts every weight: a continuation of stage 2."""
     from collab.training.tower import train_tower
 
     unknown = set(stages) - set(STAGES)
     if unknown or not stages:
         raise ValueError(f"stages must be a non-empty subset of {STAGES}, got {stages}")
-    if "tower" not in stages and "vlm" in stages and init_tower is None:
-        raise ValueError("the vlm stage without the tower stage needs init_tower")
+    if "tower" not in stages and "vlm" in stages and init_tower is None and init_model is None:
+        raise ValueError("the vlm stage without the tower stage needs init_tower or init_model")
     device = resolve_device(recipe.runtime.device)
     torch.manual_seed(recipe.seed)
     torch.set_num_threads(recipe.runtime.threads)
@@ -88,6 +105,9 @@ def train(recipe: Recipe, out_dir: Path, log_path: Path | None = None, stages: t
     model.set_attn_implementation("sdpa")  # fast training; the served model is loaded with eager
     log = JsonlLog(log_path)
     log({"recipe": recipe.model_dump(mode="json"), "device": str(device), "stages": list(stages)})
+    if init_model is not None:
+        load_saved_weights(model, Path(init_model), tokenizer)
+        log({"init_model": str(init_model)})
     if init_tower is not None:
         model.model.vision_tower.load_state_dict(tower_state(init_tower))
         log({"init_tower": str(init_tower)})
