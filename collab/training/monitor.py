@@ -1,7 +1,8 @@
 """What training measures as it goes: does the model use the image, and does it look where asked?
 
 - accuracy by pass (global only, global + local) and kind (fine, coarse) on fixed batches of
-  benchmark-like scenes (no legible digits, no hard negatives);
+  benchmark-like scenes (no legible digits, no hard negatives), and on fine questions about scenes
+  with legible digits (global only: reading the named object where it can be read);
 - the shuffled-image loss gap: loss with the batch's images rolled by one example minus loss with
   the right ones (near zero: the answers ignore the image);
 - first-pass localisation on fixed fine items, through the server's own code path (backend ->
@@ -86,6 +87,13 @@ def answer_metrics(model, tokenizer, spec: BatchSpec, recipe: Recipe) -> dict:
             for name, mask in (("fine", batch["fine"]), ("coarse", ~batch["fine"])):
                 stats.setdefault(f"{kind}_{name}_acc", []).extend(correct[mask].float().tolist())
                 stats.setdefault(f"{kind}_{name}_gap", []).extend((per_ex_shuf - per_ex)[mask].tolist())
+    # fine questions on scenes whose digits are legible at the encoder's resolution (training only):
+    # answerable from the global image by looking at the named object and reading it
+    legible = replace(spec, legible_fraction=1.0, legible_fine_fraction=1.0)
+    batch = eval_batch(np.random.default_rng([recipe.monitor.seed, 0, 2]), legible, "global", recipe.vlm.batch, tokenizer, device)
+    with autocast(device, recipe.runtime.amp_dtype):
+        _, _, correct = answer_loss(model, batch, recipe.vlm.eos_weight)
+    stats["global_legible_fine_acc"] = correct[batch["fine"]].float().tolist()
     return {k: float(np.mean(v)) for k, v in stats.items() if v}
 
 

@@ -42,9 +42,10 @@ def plot_log(path: Path, out: Path, layer: int | None = None) -> Path:
     ax.legend(fontsize=7)
     ax = axes[1]
     for key, label in (("global_fine_acc", "fine, global only"), ("local_fine_acc", "fine, global + crop"),
-                       ("global_coarse_acc", "coarse, global only"), ("local_coarse_acc", "coarse, global + crop")):
-        if evals:
-            ax.plot([r["step"] for r in evals], [r[key] for r in evals], "o-", ms=3, label=label)
+                       ("global_coarse_acc", "coarse, global only"), ("local_coarse_acc", "coarse, global + crop"),
+                       ("global_legible_fine_acc", "fine, legible digits (training only)")):
+        if evals and key in evals[-1]:
+            ax.plot([r["step"] for r in evals], [r.get(key) for r in evals], "o-", ms=3, label=label)
     ax.set(title="stage 2: answers (fixed held-out batches)", xlabel="step", ylabel="accuracy", ylim=(0, 1.02))
     ax.legend(fontsize=7)
     ax = axes[2]
