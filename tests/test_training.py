@@ -64,13 +64,13 @@ def test_train_saves_a_loadable_model_and_monitors_localisation(tmp_path):
 
 
 def test_the_shipped_recipe_files_load_and_the_cpu_one_trains_two_steps(tmp_path):
-    """The recipe that made models/collab-tiny-llava, run end to end for 2 steps a stage from the CLI."""
+    """The v2 recipe file, run end to end for 2 steps a stage from the CLI; its GPU variant differs only
+    in where and how fast (base: embedded.yaml)."""
     cpu = load_recipe(REPO_ROOT / "configs/training/embedded.yaml")
     gpu = load_recipe(REPO_ROOT / "configs/training/embedded_gpu.yaml")
     assert cpu.model == gpu.model and cpu.vlm.legible_fraction == gpu.vlm.legible_fraction
+    assert cpu.vlm.curriculum == gpu.vlm.curriculum and cpu.tower.object_weight == gpu.tower.object_weight
     assert cpu.runtime.device == "cpu" and gpu.runtime.device == "cuda"
-    shipped = json.loads((REPO_ROOT / "models/collab-tiny-llava/training_recipe.json").read_text())
-    assert shipped["model"] == cpu.model.model_dump() and shipped["vlm"]["legible_fraction"] == cpu.vlm.legible_fraction
     sets = ["tower.steps=2", "tower.batch=4", "vlm.steps=2", "vlm.batch=4", "monitor.batches=1", "monitor.attention_items=2",
             "runtime.workers=0"]
     cmd = [sys.executable, "-m", "collab.training", "--recipe", str(REPO_ROOT / "configs/training/embedded.yaml"),

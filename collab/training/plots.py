@@ -24,7 +24,7 @@ def best_layer(row: dict, mode: str = "rel") -> int | None:
     return max(layers, key=lambda l: row[f"L{l}_{mode}_hit"]) if layers else None
 
 
-def plot_log(path: Path, out: Path, layer: int | None = None) -> Path:
+def plot_log(path: Path, out: Path, layer: int | None = None, mode: str = "rel") -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -50,13 +50,13 @@ def plot_log(path: Path, out: Path, layer: int | None = None) -> Path:
     ax.legend(fontsize=7)
     ax = axes[2]
     if evals:
-        layer = best_layer(evals[-1]) if layer is None else layer
+        layer = best_layer(evals[-1], mode) if layer is None else layer
         steps = [r["step"] for r in evals]
-        for key, label in ((f"L{layer}_rel_hit", "RoI on the named object"), (f"L{layer}_rel_hit2", "... 2-object scenes"),
-                           (f"L{layer}_rel_hit45", "... 4-5 objects"), (f"L{layer}_rel_some", "RoI on some object")):
+        for key, label in ((f"L{layer}_{mode}_hit", "RoI on the named object"), (f"L{layer}_{mode}_hit2", "... 2-object scenes"),
+                           (f"L{layer}_{mode}_hit45", "... 4-5 objects"), (f"L{layer}_{mode}_some", "RoI on some object")):
             ax.plot(steps, [r.get(key) for r in evals], "o-", ms=3, label=label)
         ax.axhline(0.5, color="gray", ls=":", lw=1, label="chance on 2 objects")
-        ax.set(title=f"stage 2: first-pass localisation, layer {layer} (relative)", xlabel="step", ylim=(0, 1.02))
+        ax.set(title=f"stage 2: first-pass localisation, layer {layer} ({'relative' if mode == 'rel' else 'plain'} attention)", xlabel="step", ylim=(0, 1.02))
         ax.legend(fontsize=7)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -69,12 +69,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m collab.training.plots", description="Plot a training run's curves.")
     p.add_argument("log", type=Path, help="training_log.jsonl of a run")
     p.add_argument("--out", type=Path, required=True, help="PNG to write")
+    p.add_argument("--mode", choices=["rel", "plain"], default="rel", help="relative (ViCrop) or plain attention (default: %(default)s)")
     p.add_argument("--layer", type=int, help="decoder layer for the localisation panel (default: best at the last evaluation)")
     args = p.parse_args(argv)
     if not args.log.exists():
         print(f"error: {args.log} does not exist", file=sys.stderr)
         return 2
-    print(plot_log(args.log, args.out, args.layer))
+    print(plot_log(args.log, args.out, args.layer, args.mode))
     return 0
 
 
