@@ -161,17 +161,31 @@ def parse_sets(items: list[str], model_path: str | None = None) -> dict:
     return out
 
 
-def load_config(path: str | Path, overrides: dict | None = None) -> CollabConfig:
-    """Read a YAML file into a CollabConfig. Relative model paths resolve against the repo root."""
+def read_yaml_mapping(path: str | Path, what: str = "config") -> dict:
+    """A YAML file whose top level is a mapping; ConfigError (naming the file) otherwise."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
+        raise ConfigError(f"{what} file not found: {path}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
+    return raw
+
+
+def validation_message(exc: ValidationError, source: str, what: str = "configuration") -> str:
+    """pydantic's errors as one line per bad field, each a dotted path."""
+    lines = [f"{source}: invalid {what}"]
+    for err in exc.errors():
+        lines.append(f"  {'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path, overrides: dict | None = None) -> CollabConfig:
+    """Read a YAML file into a CollabConfig. Relative model paths resolve against the repo root."""
+    raw = read_yaml_mapping(path)
     if overrides:
         raw = _deep_merge(raw, overrides)
     return parse_config(raw, source=str(path))
@@ -182,11 +196,7 @@ def parse_config(raw: dict, source: str = "<config>") -> CollabConfig:
     try:
         return CollabConfig.model_validate(raw)
     except ValidationError as exc:
-        lines = [f"{source}: invalid configuration"]
-        for err in exc.errors():
-            where = ".".join(str(p) for p in err["loc"]) or "<root>"
-            lines.append(f"  {where}: {err['msg']}")
-        raise ConfigError("\n".join(lines)) from None
+        raise ConfigError(validation_message(exc, source)) from None
 
 
 def _deep_merge(base: dict, extra: dict) -> dict:

@@ -91,6 +91,13 @@ def test_recipe_errors_name_the_field_and_the_cli_exits_2(tmp_path, capsys):
     for bad in ([[10, 2], [5, 3], [None, 5]], [[10, 2], [None, 6]], [[10, 2], [20, 5]]):
         with pytest.raises(ConfigError, match="curriculum"):
             load_recipe(None, {"vlm": {"curriculum": bad}})
+    (tmp_path / "a.yaml").write_text("base: b.yaml\nvlm: {batch: 8}\n")
+    (tmp_path / "b.yaml").write_text("vlm: {batch: 4, lr: 0.002}\n")
+    merged = load_recipe(tmp_path / "a.yaml")
+    assert (merged.vlm.batch, merged.vlm.lr) == (8, 0.002)  # the variant's keys over its base's
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_recipe(tmp_path / "a.yaml")
     with pytest.raises(ConfigError, match="tower.stepz"):
         load_recipe(None, {"tower": {"stepz": 1}})
     for args, message in ((["--set", "vlm.batch=1"], "vlm.batch"), (["--stages", "vlm"], "needs --init-tower"),

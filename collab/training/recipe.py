@@ -9,10 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from collab.config import ConfigError, _deep_merge
+from collab.config import ConfigError, _deep_merge, read_yaml_mapping, validation_message
 from collab.models.tiny import TinyLlavaSpec
 
 PROMPT = "USER: <image>\n{question} ASSISTANT:"
@@ -152,14 +151,7 @@ def read_recipe_file(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     file's keys are merged over it, so a variant states only what differs."""
     if path.resolve() in seen:
         raise ConfigError(f"{path}: base files form a cycle")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"recipe file not found: {path}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: top level must be a mapping")
+    raw = read_yaml_mapping(path, "recipe")
     base = raw.pop("base", None)
     if base is None:
         return raw
@@ -174,6 +166,4 @@ def load_recipe(path: str | Path | None, overrides: dict | None = None) -> Recip
     try:
         return Recipe.model_validate(raw)
     except ValidationError as exc:
-        lines = [f"{path or '<defaults>'}: invalid recipe"]
-        lines += [f"  {'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in exc.errors()]
-        raise ConfigError("\n".join(lines)) from None
+        raise ConfigError(validation_message(exc, str(path or "<defaults>"), "recipe")) from None
