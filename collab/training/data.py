@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from collab.backends.llava import expand_prompt
@@ -145,6 +146,25 @@ def collate(examples: list[dict], spec: BatchSpec, pad_id: int, eos_id: int) -> 
     }
 
 
+def answer_loss(model, batch: dict, eos_weight: float, pixel_values: torch.Tensor | None = None):
+    """Cross-entropy on the answer token (weight 1) and EOS (eos_weight); per-example answer loss;
+    whether each answer token was predicted."""
+    out = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        pixel_values=batch["pixel_values"] if pixel_values is None else pixel_values,
+    )
+    rows = torch.arange(len(batch["answer_pos"]))
+    pos = batch["answer_pos"]
+    answer_logits = out.logits[rows, pos - 1]
+    eos_logits = out.logits[rows, pos]
+    answer_ids = batch["input_ids"][rows, pos]
+    eos_ids = batch["input_ids"][rows, pos + 1]
+    per_example = F.cross_entropy(answer_logits.float(), answer_ids, reduction="none")
+    loss = per_example.mean() + eos_weight * F.cross_entropy(eos_logits.float(), eos_ids)
+    return loss, per_example, answer_logits.argmax(-1) == answer_ids
+
+
 class BatchStream(torch.utils.data.IterableDataset):
     """Endless batches; the curriculum (objects per scene) follows the batch counter.
 
@@ -172,8 +192,8 @@ class BatchStream(torch.utils.data.IterableDataset):
         kind = "local" if rng.random() < self.local_fraction else "global"
         top = self.max_objects(step)
         examples: list[dict] = []
+        lo = 1 if top <= 2 else 2  # past the first curriculum step, scenes have 2+ objects like the benchmark's
         while len(examples) < self.batch_size:
-            lo = 1 if top <= 2 else 2  # past the first curriculum step, scenes have 2+ objects like the benchmark's
             scene = draw_scene(rng, self.spec, int(rng.integers(lo, top + 1)), kind)
             image, asked = global_view(scene, self.spec), set()
             for _ in range(min(self.scene_reuse, self.batch_size - len(examples))):

@@ -20,40 +20,18 @@ import numpy as np
 import torch
 
 from collab import stages
+from collab.attention import relative_attention
 from collab.backends.llava import LlavaBackend
 from collab.config import AttentionConfig, ModelConfig, RoIConfig
 from collab.data.synthetic import MAX_OBJECTS, generate_item
 from collab.eval.runner import hit, on_some_object
 from collab.imaging import make_global_image, round_trip
-from collab.training.data import BatchSpec, collate, make_example
+from collab.training.data import BatchSpec, answer_loss, collate, make_example
 from collab.training.loop import autocast, to_device
 from collab.training.recipe import Recipe
 
 
 SMALL_TARGET = 0.25  # target side / image long side below which a target counts as small (generator: 0.23-0.27)
-
-
-def answer_loss(model, batch: dict, eos_weight: float, pixel_values: torch.Tensor | None = None):
-    """Cross-entropy on the answer token (weight 1) and EOS (eos_weight); per-example answer loss;
-    whether each answer token was predicted."""
-    out = model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        pixel_values=batch["pixel_values"] if pixel_values is None else pixel_values,
-    )
-    rows = torch.arange(len(batch["answer_pos"]))
-    pos = batch["answer_pos"]
-    answer_logits = out.logits[rows, pos - 1]
-    eos_logits = out.logits[rows, pos]
-    answer_ids = batch["input_ids"][rows, pos]
-    eos_ids = batch["input_ids"][rows, pos + 1]
-    per_example = F_cross_entropy(answer_logits.float(), answer_ids)
-    loss = per_example.mean() + eos_weight * F_cross_entropy(eos_logits.float(), eos_ids).mean()
-    return loss, per_example, answer_logits.argmax(-1) == answer_ids
-
-
-def F_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.cross_entropy(logits, target, reduction="none")
 
 
 def shuffled_pixels(batch: dict) -> torch.Tensor:
@@ -125,22 +103,23 @@ def localisation_metrics(model, tokenizer, recipe: Recipe, items: list, plot_pat
     for item in items:
         image, _ = make_global_image(item.image, info.encoder_size)
         features = backend.encode_images([round_trip(image, "jpeg", 90)])[0]
-        plain = stages.attention_maps(backend, features, item.question, [], AttentionConfig(layer=0, relative=False), layers)
-        generic = stages.attention_maps(backend, features, AttentionConfig().generic_prompt, [],
-                                        AttentionConfig(layer=0, relative=False), layers)
+        read = AttentionConfig(layer=0, relative=False)
+        plain = stages.attention_maps(backend, features, item.question, [], read, layers)
+        generic = stages.attention_maps(backend, features, read.generic_prompt, [], read, layers)
+        rel = [relative_attention(q, g, read.epsilon) for q, g in zip(plain, generic)]
         n = len(item.objects)
-        for layer, q, g in zip(layers, plain, generic):
-            for mode, grid in (("plain", q), ("rel", q / (g + 1e-6))):
+        small = (item.target_box[2] - item.target_box[0]) < SMALL_TARGET * max(item.image.size)
+        for layer, q, r in zip(layers, plain, rel):
+            for mode, grid in (("plain", q), ("rel", r)):
                 box = stages.locate(grid, item.image.size, info.encoder_size, "resize", roi).box
                 named, some = hit(box, item.target_box), on_some_object(box, [o["box"] for o in item.objects])
                 key = f"L{layer}_{mode}"
                 hits.setdefault(f"{key}_hit", []).append(named)
                 hits.setdefault(f"{key}_some", []).append(some)
                 hits.setdefault(f"{key}_hit2" if n == 2 else f"{key}_hit45" if n >= 4 else f"{key}_hit3", []).append(named)
-                small = (item.target_box[2] - item.target_box[0]) < SMALL_TARGET * max(item.image.size)
                 hits.setdefault(f"{key}_hit_small" if small else f"{key}_hit_large", []).append(named)
         if len(shown) < recipe.monitor.maps:
-            shown.append((image, item, plain, generic))
+            shown.append((image, item, plain, rel))
     out = {k: float(np.mean(v)) for k, v in hits.items()}
     if plot_path is not None and shown:
         plot_maps(shown, layers, plot_path)
@@ -157,7 +136,7 @@ def plot_maps(shown: list, layers: list[int], path: Path) -> None:
 
     fig, axes = plt.subplots(2 * len(shown), 1 + len(layers), figsize=(2.0 * (1 + len(layers)), 2.1 * 2 * len(shown)),
                              squeeze=False)
-    for i, (image, item, plain, generic) in enumerate(shown):
+    for i, (image, item, plain, rel) in enumerate(shown):
         top, bottom = axes[2 * i], axes[2 * i + 1]
         top[0].imshow(image)
         w, h = item.image.size
@@ -166,10 +145,10 @@ def plot_maps(shown: list, layers: list[int], path: Path) -> None:
         top[0].add_patch(matplotlib.patches.Rectangle((b[0] * sx, b[1] * sy), (b[2] - b[0]) * sx, (b[3] - b[1]) * sy,
                                                       fill=False, color="white", lw=1.5))
         top[0].set_title(item.question.replace("what number is in the ", ""), fontsize=7)
-        for j, (layer, q, g) in enumerate(zip(layers, plain, generic)):
+        for j, (layer, q, r) in enumerate(zip(layers, plain, rel)):
             top[j + 1].imshow(q, cmap="magma")
             top[j + 1].set_title(f"layer {layer}", fontsize=7)
-            bottom[j + 1].imshow(q / (g + 1e-6), cmap="magma")
+            bottom[j + 1].imshow(r, cmap="magma")
             bottom[j + 1].set_title(f"layer {layer} relative", fontsize=7)
         for ax in (*top, *bottom):
             ax.axis("off")

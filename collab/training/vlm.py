@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from collab.training.data import BatchSpec, BatchStream
+from collab.training.data import BatchSpec, BatchStream, answer_loss
 from collab.training.loop import CosineSchedule, TimedBatches, autocast, make_loader, scheduled_batches
-from collab.training.monitor import answer_loss, answer_metrics, localisation_metrics, monitor_items
+from collab.training.monitor import answer_metrics, localisation_metrics, monitor_items
 from collab.training.recipe import Recipe
 
 
