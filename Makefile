@@ -1,5 +1,7 @@
 # Two quick-start commands (README): `make demo` and `make test`. Both install into .venv first.
 VENV ?= .venv
+# Ray's usage-stats reporting is off in every start path here (set RAY_USAGE_STATS_ENABLED=1 to opt in).
+export RAY_USAGE_STATS_ENABLED ?= 0
 PY := $(VENV)/bin/python
 TORCH_PIN := torch==2.13.0   # the CPU build on this machine's disk; a newer pin pulls a multi-GB CUDA build
 

@@ -122,6 +122,7 @@ def main(argv=None) -> int:
 
     config = load_config(args.config, {"model": {"path": args.model}} if args.model else None)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": 8011})
     serve.run(compose(AppArgs(config=args.config, model_path=args.model)), name="bench", route_prefix="/")

@@ -48,6 +48,11 @@ class ModelConfig(_Strict):
     )
     image_placeholder: str = "<image>"
     max_new_tokens: int = Field(10, ge=1, le=512)
+    max_question_tokens: int = Field(
+        256, ge=1, le=8192,
+        description="Longest question in the model's own tokens (a character limit does not bound the prompt: "
+        "rare characters can become several tokens each, and the attention read holds maps of every layer).",
+    )
     num_threads: int | None = Field(None, ge=1, description="torch.set_num_threads for CPU replicas.")
     local_files_only: bool = Field(True, description="Never reach a model hub at run time.")
 

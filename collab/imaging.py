@@ -136,7 +136,7 @@ def inspect_upload(data: bytes, *, max_bytes: int, max_pixels: int, expected_siz
         image = Image.open(io.BytesIO(data), formats=list(UPLOAD_FORMATS))
     except Image.DecompressionBombError as exc:
         raise InvalidUpload("too_large", f"the image has too many pixels: {exc}") from None
-    except (OSError, ValueError, SyntaxError, EOFError):  # UnidentifiedImageError is an OSError
+    except Exception:  # noqa: BLE001 - UnidentifiedImageError, and header parsers' own errors
         if data.startswith(MAGIC):
             raise InvalidUpload("corrupt", "the image is truncated or corrupt") from None
         raise InvalidUpload("not_image", "the file is not a JPEG or PNG image") from None
@@ -149,11 +149,46 @@ def inspect_upload(data: bytes, *, max_bytes: int, max_pixels: int, expected_siz
         raise InvalidUpload("size", f"the image is {width}x{height}; this request needs {expected_size[0]}x{expected_size[1]}")
     try:
         image.load()
+        # EXIF orientation and mode conversion read metadata that no header check has seen: a
+        # damaged EXIF block fails here (struct.error, KeyError, TypeError, ... from PIL's parsers),
+        # and anything that fails while decoding uploaded bytes is the bytes' fault, not the server's.
+        return to_rgb(image)
     except Image.DecompressionBombError as exc:
         raise InvalidUpload("too_large", f"the image has too many pixels: {exc}") from None
-    except (OSError, ValueError, SyntaxError, EOFError):
-        raise InvalidUpload("corrupt", "the image is truncated or corrupt") from None
-    return to_rgb(image)
+    except Exception:  # noqa: BLE001 - see above
+        raise InvalidUpload("corrupt", "the image is truncated or corrupt (pixels or metadata)") from None
+
+
+def upload_cap(size: tuple[int, int], max_bytes: int) -> int:
+    """Byte cap for an upload that must be exactly `size`: raw RGB plus room for metadata (EXIF,
+    an ICC profile), so no file far larger than the pixels it carries is read."""
+    return min(max_bytes, 3 * size[0] * size[1] + 256 * 1024)
+
+
+def server_global(
+    upload: Image.Image,
+    encoder_size: tuple[int, int],
+    declared_original: tuple[int | None, int | None],
+    mode: GlobalMode,
+) -> tuple[Image.Image | None, tuple[int, int]]:
+    """What a query's upload is: (None, original size) when it is already the global image, or
+    (the global image the server makes, original size) when it is the original itself or a
+    downscale of it (a plain client with a photo). Raises InvalidUpload("size") otherwise.
+
+    The original's size defaults to the upload's; a declared original must have the upload's
+    aspect ratio (within 1 %, what rounding a downscale leaves)."""
+    width, height = upload.size
+    ow, oh = declared_original
+    if upload.size == tuple(encoder_size):
+        return None, (ow or width, oh or height)
+    expected = f"send the global image at {encoder_size[0]}x{encoder_size[1]}, or the original image"
+    if width < encoder_size[0] or height < encoder_size[1]:
+        raise InvalidUpload("size", f"the image is {width}x{height}; {expected} (at least that size)")
+    ow, oh = ow or width, oh or height
+    if abs(width / height - ow / oh) > 0.01 * (ow / oh):
+        raise InvalidUpload("size", f"the image is {width}x{height}, not the {ow}x{oh} original's aspect ratio; {expected}")
+    global_image, _ = make_global_image(upload, encoder_size, mode)
+    return global_image, (ow, oh)
 
 
 def decode_image(data: bytes) -> Image.Image:

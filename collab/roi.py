@@ -12,7 +12,9 @@ and the ratio with the sharpest peak wins. The box is centred on the winning win
 (not shrunk) to lie inside the image. Window sums come from an integral image: one vectorised
 pass per ratio, no Python loop per window.
 
-Ties break as ViCrop's loops do (first maximum scanning columns, then rows; first ratio).
+Ties break as ViCrop's loops do (first maximum scanning columns, then rows; first ratio) when the
+window sums are exact; with floating-point sums an integral image and ViCrop's direct sums can round
+tied windows apart (tests/test_roi.py compares with upstream's code and states each difference).
 """
 
 from __future__ import annotations

@@ -11,13 +11,17 @@ the global features from the session store the same way.
 import asyncio
 import hmac
 import logging
+import math
 import os
 import time
 from typing import Literal
 
-from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
+import anyio
+
+from fastapi import File, Form, HTTPException, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
@@ -25,12 +29,14 @@ from pydantic import BaseModel, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from collab.imaging import InvalidUpload, inspect_upload
+from collab.backends.base import UNICODE_WHITESPACE, InvalidQuestion
+from collab.imaging import InvalidUpload, encode_image, inspect_upload, server_global, upload_cap
 from collab.policies import POLICIES, PolicySpec
 from deployments import limits, metrics
 from deployments.args import AppArgs
 from deployments.common import load_collab_config
-from deployments.sessions import digest
+from deployments.forms import undecodable_text_field
+from deployments.sessions import SessionTooLarge, digest
 
 API_VERSION = "1.0"
 MAX_QUESTION_CHARS = 1000
@@ -43,7 +49,7 @@ UPLOAD_STATUS = {"empty": 400, "too_large": 413, "not_image": 415, "animated": 4
 UNAVAILABLE = (RayActorError, DeploymentUnavailableError, ReplicaUnavailableError, BackPressureError)
 log = logging.getLogger("ray.serve")
 
-app = FastAPI(
+app = FastAPIOffline(  # /docs and /redoc with their assets served by the app: they work with no internet
     title="collab-vlm",
     version=API_VERSION,
     description="Collaborative edge-server VLM inference: the edge sends a low-resolution global image; "
@@ -51,17 +57,28 @@ app = FastAPI(
 )
 
 
+def finite(value: float | None) -> float | None:
+    """JSON has no NaN or infinity (the encoder would fail the reply): a non-finite score is null."""
+    return value if value is not None and math.isfinite(value) else None
+
+
+def finite_scores(scores: dict | None) -> dict | None:
+    return None if scores is None else {k: finite(v) for k, v in scores.items()}
+
+
 class Answered(BaseModel):
     status: Literal["answered"] = "answered"
     answer: str
     stage: int = Field(description="1: answered from the global image; 2: refined with the local image")
-    score: float | None = Field(None, description="first-pass uncertainty of the gate's score kind")
-    scores: dict[str, float] | None = None
+    score: float | None = Field(None, description="first-pass uncertainty of the gate's score kind (null if not finite)")
+    scores: dict[str, float | None] | None = None
     policy: str
     first_answer: str | None = None
     bytes_received: int
     timings_ms: dict[str, float]
     replayed: bool = False
+    global_made_by: Literal["edge", "server"] | None = Field(
+        None, description="who made the global image: the edge, or the server from an uploaded original (queries only)")
 
 
 class NeedRoI(BaseModel):
@@ -71,11 +88,12 @@ class NeedRoI(BaseModel):
     local_size: list[int] = Field(description="[width, height] to resize the crop to")
     expires_in: float
     first_answer: str
-    score: float
-    scores: dict[str, float]
+    score: float | None
+    scores: dict[str, float | None]
     policy: str
     bytes_received: int
     timings_ms: dict[str, float]
+    global_made_by: Literal["edge", "server"] = "edge"
 
 
 class ModelInfo(BaseModel):
@@ -87,6 +105,40 @@ class ModelInfo(BaseModel):
     dtype: str
     policies: list[str]
     defaults: dict
+
+
+class ErrorReply(BaseModel):
+    """Every error, whatever its status."""
+
+    error: str
+    status: int
+
+
+ERROR_MEANINGS = {
+    400: "the image file is empty",
+    401: "missing or wrong bearer token (when the gateway has one)",
+    403: "the session belongs to another client_id",
+    404: "unknown session id",
+    409: "the session was (or is being) refined with a different image",
+    410: "the session expired or was evicted: keep the first-pass answer",
+    411: "a POST without Content-Length",
+    413: "body or image too large (bytes or pixels)",
+    415: "the image is not a JPEG or PNG",
+    422: "a field is missing, malformed or out of range, the question cannot be used, or the image is corrupt, "
+         "animated or of the wrong size",
+    503: "a stage is overloaded or restarting: retry after Retry-After seconds",
+}
+
+
+def error_responses(*codes: int) -> dict:
+    return {code: {"model": ErrorReply, "description": ERROR_MEANINGS[code]} for code in codes}
+
+
+def remote_message(exc: BaseException) -> str:
+    """The message of an exception raised in a replica: Ray's wrapper's str() is the remote
+    traceback (pid, address, source paths), which a client must not see."""
+    cause = getattr(exc, "cause", None)
+    return str(cause if isinstance(cause, BaseException) else exc)
 
 
 def error(status: int, message: str, headers: dict | None = None) -> HTTPException:
@@ -106,6 +158,27 @@ async def _validation_errors(request, exc: RequestValidationError):
     return JSONResponse({"error": problems or "invalid request", "status": 422}, status_code=422)
 
 
+def _openapi() -> dict:
+    """FastAPI's document, plus what it cannot infer: the upload forms take no other fields
+    (`_no_extra_fields` refuses them: additionalProperties false), and a query gives the original's
+    width and height together or not at all (dependentRequired)."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes,
+                             servers=app.servers or None)
+        for name, body in schema.get("components", {}).get("schemas", {}).items():
+            if name.startswith("Body_"):
+                body["additionalProperties"] = False
+            if name.startswith("Body_query"):  # the original's size: both fields or neither
+                body["dependentRequired"] = {"original_width": ["original_height"], "original_height": ["original_width"]}
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+app.openapi = _openapi
+
+
 def _reject(status: int, message: str, headers: dict | None = None) -> JSONResponse:
     return JSONResponse({"error": message, "status": status}, status_code=status, headers=headers)
 
@@ -119,6 +192,8 @@ async def _guard(request: Request, call_next):
     if root and path.startswith(root):  # an app under a route prefix: /prefix/v1/query -> /v1/query
         path = path[len(root):]
     response = _check_limits(request) if path.startswith("/v1/") else None
+    if response is None and path.startswith("/v1/") and request.method == "POST":
+        response = await _check_text_fields(request)
     if response is None:
         try:
             response = await call_next(request)
@@ -129,6 +204,18 @@ async def _guard(request: Request, call_next):
         endpoint = ENDPOINTS.get(path, "other")  # a fixed label set: no series per random path
         metrics.gateway().requests.inc(tags={"endpoint": endpoint, "policy": "-", "outcome": f"error_{response.status_code // 100}xx"})
     return response
+
+
+async def _check_text_fields(request: Request) -> JSONResponse | None:
+    """Text fields must be UTF-8 (Starlette would decode them as latin-1). The body is already
+    bounded by max_body_bytes; the handler reads it again from Starlette's cache."""
+    content_type = request.headers.get("content-type", "")
+    if not content_type.startswith("multipart/"):
+        return None
+    name = undecodable_text_field(await request.body(), content_type)
+    if name is not None:
+        return _reject(422, f"the field {name!r} is not valid UTF-8 text")
+    return None
 
 
 def _check_limits(request: Request) -> JSONResponse | None:
@@ -182,15 +269,28 @@ class Gateway:
             log.warning("a stage is unavailable: %s", type(exc).__name__)
             raise error(503, "a server stage is restarting or unavailable; retry", {"Retry-After": "1"}) from None
 
-    async def _read_image(self, image: UploadFile, expected_size: tuple[int, int]) -> bytes:
-        """The upload's bytes, after checking them (caps before decoding, JPEG/PNG, size)."""
-        data = await image.read(self.args.max_image_bytes + 1)
+    async def _read_image(self, image: UploadFile, expected_size: tuple[int, int] | None, max_bytes: int):
+        """The upload's bytes and decoded image, after checking them (caps before decoding,
+        JPEG/PNG, size when one is required)."""
+        data = await image.read(max_bytes + 1)
         try:
-            await asyncio.to_thread(inspect_upload, data, max_bytes=self.args.max_image_bytes,
-                                    max_pixels=self.args.max_image_pixels, expected_size=expected_size)
+            decoded = await asyncio.to_thread(inspect_upload, data, max_bytes=max_bytes,
+                                              max_pixels=self.args.max_image_pixels, expected_size=expected_size)
         except InvalidUpload as exc:
             raise error(UPLOAD_STATUS[exc.reason], str(exc)) from None
-        return data
+        return data, decoded
+
+    async def _global_image(self, data: bytes, decoded, encoder_size, original) -> tuple[bytes, tuple[int, int], str]:
+        """The global image's bytes, the original's size, and who made the global image."""
+        imaging = self.config.imaging
+        try:
+            made, original_size = server_global(decoded, encoder_size, original, imaging.global_mode)
+        except InvalidUpload as exc:
+            raise error(UPLOAD_STATUS[exc.reason], str(exc)) from None
+        if made is None:
+            return data, original_size, "edge"
+        payload = await asyncio.to_thread(encode_image, made, imaging.format, imaging.jpeg_quality)
+        return payload.data, original_size, "server"
 
     @staticmethod
     async def _no_extra_fields(request: Request, allowed: set[str]) -> None:
@@ -202,7 +302,7 @@ class Gateway:
     async def healthz(self) -> dict:
         return {"status": "ok"}
 
-    @app.get("/v1/models", response_model=ModelInfo)
+    @app.get("/v1/models", response_model=ModelInfo, responses=error_responses(401, 503))
     async def models(self) -> ModelInfo:
         info = await self._deadline(self.info())
         gate = self.config.gate
@@ -219,75 +319,97 @@ class Gateway:
                       "global_mode": self.config.imaging.global_mode},
         )
 
-    @app.post("/v1/query", response_model=Answered | NeedRoI)
+    # Optional form fields are typed without `| None` (default None): multipart has no null, and the
+    # OpenAPI document then says "optional integer", not "integer or null" (which a client would send as "null").
+    @app.post("/v1/query", response_model=Answered | NeedRoI, responses=error_responses(400, 401, 411, 413, 415, 422, 503))
     async def query(
         self,
         request: Request,
-        question: str = Form(..., description="the question about the image"),
-        image: UploadFile = File(..., description="the global image (JPEG or PNG) at the encoder resolution"),
-        original_width: int = Form(..., description="width of the edge's ORIGINAL image"),
-        original_height: int = Form(..., description="height of the edge's ORIGINAL image"),
-        policy: Literal["never", "always", "random", "entropy"] | None = Form(None),
-        threshold: float | None = Form(None),
-        client_id: str | None = Form(None, max_length=200),
-        question_id: str | None = Form(None, max_length=200, description="stable id; keys the random policy"),
+        question: str = Form(..., min_length=1, max_length=MAX_QUESTION_CHARS, pattern=r"\S",
+                             description=f"the question about the image (UTF-8, at most {MAX_QUESTION_CHARS} characters and "
+                             "the model's max_question_tokens tokens; no image or control tokens such as <image>, </s>)"),
+        image: UploadFile = File(..., description="the global image (JPEG or PNG) at the encoder resolution (GET /v1/models), "
+                                 "or the original photo, which the server then makes into the global image"),
+        original_width: int = Form(None, ge=1, le=MAX_ORIGINAL_SIDE,
+                                          description="width of the ORIGINAL image (default: the uploaded image's)"),
+        original_height: int = Form(None, ge=1, le=MAX_ORIGINAL_SIDE,
+                                           description="height of the ORIGINAL image (default: the uploaded image's)"),
+        policy: Literal["never", "always", "random", "entropy"] = Form(None, description="default: the server's (GET /v1/models)"),
+        threshold: float = Form(None, gt=-1e6, lt=1e6, description="gate threshold (a finite number; default: the server's)"),
+        client_id: str = Form(None, max_length=200, description="owner of the refine session, if given"),
+        question_id: str = Form(None, max_length=200, description="stable id; keys the random policy"),
     ):
         started = time.perf_counter()
         await self._no_extra_fields(request, QUERY_FIELDS)
-        question = question.strip()
+        question = question.strip(UNICODE_WHITESPACE)
         if not question:
             raise error(422, "the question is empty")
         if len(question) > MAX_QUESTION_CHARS:
             raise error(422, f"the question is longer than {MAX_QUESTION_CHARS} characters")
-        if not (1 <= original_width <= MAX_ORIGINAL_SIDE and 1 <= original_height <= MAX_ORIGINAL_SIDE):
-            raise error(422, f"original_width and original_height must be in 1..{MAX_ORIGINAL_SIDE}")
+        if (original_width is None) != (original_height is None):
+            raise error(422, "give both original_width and original_height, or neither (then the upload's size is used)")
         if threshold is not None and not (-1e6 < threshold < 1e6):  # NaN fails both comparisons
             raise error(422, "threshold must be a finite number")
         info = await self._deadline(self.info())
-        data = await self._read_image(image, tuple(info["encoder_size"]))
+        encoder_size = tuple(info["encoder_size"])
+        upload, decoded = await self._read_image(image, None, self.args.max_image_bytes)
+        data, (original_width, original_height), made_by = await self._global_image(
+            upload, decoded, encoder_size, (original_width, original_height))
         spec = PolicySpec.from_gate(self.config.gate, name=policy, threshold=threshold)
         key = question_id or digest(data + question.encode())
 
         features = self.encoder.encode.remote(data)  # stays a DeploymentResponse: chained, not fetched
-        first = await self._deadline(self.first_pass.run.remote(features, question, spec.__dict__, key))
+        try:
+            first = await self._deadline(self.first_pass.run.remote(features, question, spec.__dict__, key))
+        except InvalidQuestion as exc:  # checked with the model's own tokenizer, in the decoder
+            raise error(422, remote_message(exc)) from None
         timings = dict(first["timings_ms"])
         m = metrics.gateway()
-        m.uplink_bytes.inc(len(data), tags={"stage": "global"})
+        m.uplink_bytes.inc(len(upload), tags={"stage": "global"})
         if spec.name == "entropy":
             m.threshold.set(spec.threshold, tags={"policy": spec.name})
         if not first["refine"]:
             timings["total"] = (time.perf_counter() - started) * 1000
             m.requests.inc(tags={"endpoint": "query", "policy": spec.name, "outcome": "answered"})
             metrics.stage_latency().observe(timings["total"], tags={"stage": "query_total"})
-            return Answered(answer=first["answer"], stage=1, score=first["uncertainty"], scores=first["uncertainties"],
-                            policy=spec.name, first_answer=first["answer"], bytes_received=len(data), timings_ms=timings)
+            return Answered(answer=first["answer"], stage=1, score=finite(first["uncertainty"]), scores=finite_scores(first["uncertainties"]),
+                            policy=spec.name, first_answer=first["answer"], bytes_received=len(upload), timings_ms=timings,
+                            global_made_by=made_by)
 
         roi = await self._deadline(self.roi_search.locate.remote(first["attention"], (original_width, original_height), tuple(info["encoder_size"])))
         timings.update(roi["timings_ms"])
         meta = {"question": question, "box": roi["box"], "client_id": client_id, "policy": spec.name,
                 "first_answer": first["answer"], "score": first["uncertainty"], "original_size": [original_width, original_height]}
-        session = await self._deadline(self.sessions.create.remote(features, meta))
+        try:
+            session = await self._deadline(self.sessions.create.remote(features, meta))
+        except SessionTooLarge as exc:
+            log.error("session store too small: %s", remote_message(exc))
+            raise error(503, f"the server cannot hold a refine session for this request: {remote_message(exc)}; "
+                             "raise sessions.max_bytes in the app args") from None
         timings["total"] = (time.perf_counter() - started) * 1000
         m.requests.inc(tags={"endpoint": "query", "policy": spec.name, "outcome": "need_roi"})
         metrics.stage_latency().observe(timings["total"], tags={"stage": "query_total"})
         return NeedRoI(session_id=session["session_id"], box=roi["box"], local_size=list(info["encoder_size"]),
-                       expires_in=session["expires_in"], first_answer=first["answer"], score=first["uncertainty"],
-                       scores=first["uncertainties"], policy=spec.name, bytes_received=len(data), timings_ms=timings)
+                       expires_in=session["expires_in"], first_answer=first["answer"], score=finite(first["uncertainty"]),
+                       scores=finite_scores(first["uncertainties"]), policy=spec.name, bytes_received=len(upload), timings_ms=timings,
+                       global_made_by=made_by)
 
-    @app.post("/v1/refine", response_model=Answered)
+    @app.post("/v1/refine", response_model=Answered,
+              responses=error_responses(400, 401, 403, 404, 409, 410, 411, 413, 415, 422, 503))
     async def refine(
         self,
         request: Request,
-        session_id: str = Form(..., max_length=64),
+        session_id: str = Form(..., min_length=1, max_length=64, description="the session_id of the need_roi reply"),
         image: UploadFile = File(..., description="the local image: the crop of the ORIGINAL at the box, resized to local_size"),
-        client_id: str | None = Form(None, max_length=200),
+        client_id: str = Form(None, max_length=200, description="the client_id the query gave, if any"),
     ):
         started = time.perf_counter()
         await self._no_extra_fields(request, REFINE_FIELDS)
         info = await self._deadline(self.info())
-        data = await self._read_image(image, tuple(info["encoder_size"]))
+        local_size = tuple(info["encoder_size"])
+        data, _ = await self._read_image(image, local_size, upload_cap(local_size, self.args.max_image_bytes))
         image_digest = digest(data)
-        opened = await self._deadline(self.sessions.open.remote(session_id, client_id, image_digest))
+        opened = await self._open_session(session_id, client_id, image_digest)
         status = opened["status"]
         if status == "unknown":
             raise error(404, "unknown session id")
@@ -296,24 +418,56 @@ class Gateway:
         if status == "forbidden":
             raise error(403, "this session belongs to another client")
         if status == "conflict":
-            raise error(409, "this session was already refined with a different image")
+            raise error(409, "this session was already refined, or is being refined, with a different image")
         if status == "replay":
             return Answered(**{**opened["result"], "replayed": True})
-        meta = opened["meta"]
+        try:  # this request holds the session's claim until it completes it or gives it back
+            return await self._refine(session_id, opened["claim"], opened["meta"], data, started, client_id, image_digest)
+        except BaseException:
+            with anyio.CancelScope(shield=True):  # a cancelled request (client gone) still gives the claim back
+                await self._release(session_id, opened["claim"])
+            raise
+
+    async def _open_session(self, session_id: str, client_id: str | None, image_digest: str) -> dict:
+        """Open (and claim) the session; while another request with the same bytes holds it, wait
+        for it to finish (then replay its reply) rather than refining twice. A claimant's lease is
+        2 x request_timeout_s + 5 s: waiting longer than that means it died."""
+        give_up = time.monotonic() + 2 * self.args.request_timeout_s + 5
+        while True:
+            opened = await self._deadline(self.sessions.open.remote(session_id, client_id, image_digest))
+            left = give_up - time.monotonic()
+            if opened["status"] != "pending":
+                return opened
+            if left <= 0:
+                raise error(503, "the same refine is still being answered by another request; retry", {"Retry-After": "1"})
+            await self._deadline(self.sessions.wait.remote(session_id, min(left, self.args.request_timeout_s / 2)))
+
+    async def _release(self, session_id: str, claim: str) -> None:
+        try:
+            await asyncio.wait_for(self.sessions.release.remote(session_id, claim), timeout=5)
+        except Exception as exc:  # noqa: BLE001 - the claim's lease ends it anyway
+            log.warning("could not release a refine claim: %s", type(exc).__name__)
+
+    async def _refine(self, session_id: str, claim: str, meta: dict, data: bytes, started: float, client_id: str | None,
+                      image_digest: str) -> Answered:
         local = self.encoder.encode.remote(data)
         global_features = self.sessions.features.remote(session_id)
         try:
             refined = await self._deadline(self.refined.run.remote(global_features, local, meta["question"]))
-        except KeyError:  # features gone: expired, or a concurrent attempt of this refine completed it
-            again = await self._deadline(self.sessions.open.remote(session_id, client_id, image_digest))
-            if again["status"] == "replay":
-                return Answered(**{**again["result"], "replayed": True})
+        except KeyError:  # features gone: the session expired or was evicted meanwhile
             raise error(410, "the session expired during the refine: keep the first-pass answer") from None
         timings = dict(refined["timings_ms"])
         timings["total"] = (time.perf_counter() - started) * 1000
-        reply = Answered(answer=refined["answer"], stage=2, score=meta["score"], policy=meta["policy"],
+        reply = Answered(answer=refined["answer"], stage=2, score=finite(meta["score"]), policy=meta["policy"],
                          first_answer=meta["first_answer"], bytes_received=len(data), timings_ms=timings)
-        await self._deadline(self.sessions.complete.remote(session_id, image_digest, reply.model_dump()))
+        stored = await self._deadline(self.sessions.complete.remote(session_id, claim, reply.model_dump()))
+        if not stored:  # this claim's lease ran out and another refine completed the session: its reply stands
+            again = await self._deadline(self.sessions.open.remote(session_id, client_id, image_digest))
+            if again["status"] == "replay":
+                return Answered(**{**again["result"], "replayed": True})
+            raise error(409 if again["status"] == "conflict" else 410,
+                        "this session was refined meanwhile by another request" if again["status"] == "conflict"
+                        else "the session expired during the refine: keep the first-pass answer")
         m = metrics.gateway()
         m.uplink_bytes.inc(len(data), tags={"stage": "local"})
         m.requests.inc(tags={"endpoint": "refine", "policy": meta["policy"], "outcome": "refined"})

@@ -41,7 +41,7 @@ def serve_app(serve_config: str | Path = DEFAULT_SERVE_CONFIG, url: str = "http:
     Ray's auth mode is inherited, not set: the driver that then joins this cluster (the demo's or
     the load test's agents) runs with the same environment, and Ray needs both sides in one mode
     (a token-mode driver's actors never start on a cluster started with RAY_AUTH_MODE=disabled)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": os.environ.get("RAY_USAGE_STATS_ENABLED", "0")}
     serve_cli = Path(sys.executable).with_name("serve")  # the venv's CLI, even when it is not on PATH
     out = subprocess.DEVNULL if quiet else None
     print(f"starting: serve run {serve_config}", flush=True)

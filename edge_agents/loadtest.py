@@ -46,6 +46,7 @@ def connect_ray(address: str | None) -> bool:
 
     if ray.is_initialized():
         return True
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # a local fallback cluster reports nothing
     try:
         ray.init(address=address or "auto", logging_level="ERROR", log_to_driver=False)
         return True

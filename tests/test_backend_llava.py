@@ -17,35 +17,68 @@ def images(n, size=32, seed=0):
     return [Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
 
 
-def monolithic_generate(backend, imgs, template):
-    """What a user of plain transformers would run: input_ids + pixel_values into generate."""
-    ids = backend.prompt_ids(template, QUESTION, len(imgs))
-    pixels = backend.preprocess(imgs)
+def fill(template, question=QUESTION):
+    """The prompt text a plain transformers user would write: the template with the question in."""
+    return template.replace("{question}", question)
+
+
+@pytest.fixture(scope="module")
+def processor(tiny_model_dir, tiny_backend):
+    """transformers' own LlavaProcessor, loaded from the model directory as a plain transformers
+    user would (collab.models.tiny saves processor_config.json). Its settings are checked against
+    the model itself: the vision tower's patch size, the feature strategy, and the CLIP class token
+    that the "default" strategy drops (num_additional_image_tokens)."""
+    from transformers import LlavaProcessor
+
+    model = tiny_backend.model
+    embeddings = model.model.vision_tower.embeddings
+    proc = LlavaProcessor.from_pretrained(tiny_model_dir)
+    assert proc.patch_size == model.config.vision_config.patch_size
+    assert proc.vision_feature_select_strategy == model.config.vision_feature_select_strategy
+    assert proc.num_additional_image_tokens == embeddings.num_positions - embeddings.num_patches
+    assert proc.image_token_id == model.config.image_token_id
+    return proc
+
+
+def monolithic_generate(backend, processor, imgs, template):
+    """What a user of plain transformers would run: the processor's inputs into model.generate."""
+    inputs = processor(text=fill(template), images=imgs, return_tensors="pt")
     with torch.inference_mode():
         out = backend.model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            pixel_values=pixels,
+            **inputs,
             max_new_tokens=backend.config.max_new_tokens,
             do_sample=False,
             output_logits=True,
             return_dict_in_generate=True,
-            pad_token_id=backend.pad_token_id,
+            pad_token_id=processor.tokenizer.pad_token_id,
         )
-    new_tokens = out.sequences[0, ids.shape[1] :].tolist()
-    return new_tokens, torch.cat(out.logits).float()
+    new_tokens = out.sequences[0, inputs["input_ids"].shape[1] :].tolist()
+    return inputs, new_tokens, torch.cat(out.logits).float()
 
 
 @pytest.mark.parametrize("n_images", [1, 2])
-def test_split_path_equals_model_generate(tiny_backend, n_images):
+def test_split_path_equals_model_generate(tiny_backend, processor, n_images, monkeypatch):
     imgs = images(n_images)
     template = tiny_backend.config.prompt_template if n_images == 1 else tiny_backend.config.refine_template
-    ref_tokens, ref_logits = monolithic_generate(tiny_backend, imgs, template)
+    inputs, ref_tokens, ref_logits = monolithic_generate(tiny_backend, processor, imgs, template)
+    received, encode = [], tiny_backend.encode
+    monkeypatch.setattr(tiny_backend, "encode", lambda pixels: received.append(pixels) or encode(pixels))
     features = tiny_backend.encode_images(imgs)
+    assert len(received) == 1 and torch.equal(received[0], inputs["pixel_values"])
     ours = tiny_backend.generate(list(features), QUESTION)
     assert ours.token_ids == ref_tokens
     assert ours.logits.shape == ref_logits.shape
     assert torch.allclose(ours.logits, ref_logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("n_images", [1, 2])
+def test_prompt_ids_equal_llava_processor(tiny_backend, processor, n_images):
+    template = tiny_backend.config.prompt_template if n_images == 1 else tiny_backend.config.refine_template
+    want = processor(text=fill(template), images=images(n_images), return_tensors="pt")["input_ids"]
+    # The processor's own count for this model: a 4x4 patch grid, the class token dropped.
+    assert int((want == processor.image_token_id).sum()) == n_images * 16
+    got = tiny_backend.prompt_ids(template, QUESTION, n_images)
+    assert got.tolist() == want.tolist()
 
 
 def test_encoder_is_batch_invariant(tiny_backend):
@@ -57,21 +90,22 @@ def test_encoder_is_batch_invariant(tiny_backend):
 
 
 @pytest.mark.parametrize("mode", ["last_input", "answer", "all"])
-def test_attention_grid_reads_the_right_rows(tiny_backend, mode):
+def test_attention_grid_reads_the_right_rows(tiny_backend, processor, mode):
     img = images(1, seed=2)
     features = tiny_backend.encode_images(img)[0]
     gen = tiny_backend.generate([features], QUESTION)
     answer = gen.token_ids[: gen.n_answer_tokens] or gen.token_ids[:1]
     grid = tiny_backend.attention_grid(features, QUESTION, answer, layer=-1, query_rows=mode)
-    # Reference: the monolithic forward over prompt + answer with pixel_values, eager attention.
-    prompt = tiny_backend.prompt_ids(tiny_backend.config.prompt_template, QUESTION, 1)
+    # Reference: the monolithic forward over the processor's prompt + answer, eager attention.
+    inputs = processor(text=fill(tiny_backend.config.prompt_template), images=img, return_tensors="pt")
+    prompt = inputs["input_ids"]
     ids = torch.cat([prompt, torch.tensor([answer])], dim=1)
     with torch.inference_mode():
         out = tiny_backend.model(
-            input_ids=ids, pixel_values=tiny_backend.preprocess(img), output_attentions=True, use_cache=False
+            input_ids=ids, pixel_values=inputs["pixel_values"], output_attentions=True, use_cache=False
         )
     att = out.attentions[-1][0]  # (heads, q, k)
-    positions = (prompt[0] == tiny_backend.image_token_id).nonzero().flatten()
+    positions = (prompt[0] == processor.image_token_id).nonzero().flatten()
     rows = query_rows(prompt.shape[1], len(answer), mode)
     expected = att[:, rows][:, :, positions].mean(dim=(0, 1)).reshape(tiny_backend.info.grid).numpy()
     assert grid.shape == tiny_backend.info.grid
@@ -85,10 +119,25 @@ def test_attention_layer_out_of_range(tiny_backend):
         tiny_backend.attention_grid(features, QUESTION, [], layer=99, query_rows="last_input")
 
 
-def test_question_cannot_smuggle_image_tokens(tiny_backend):
+@pytest.mark.parametrize("question, reason", [
+    ("what is <image> here", "placeholder"),
+    ("what </s> is it", "special_token"),
+    ("<s><s> colour?", "special_token"),
+    ("a " * 300, "too_long"),  # 300 tokens, 600 characters: the character cap would let it through
+    (" \u3000\t", "empty"),
+])
+def test_questions_that_would_change_the_prompt_are_refused(tiny_backend, question, reason):
+    import pickle
+
+    from collab.backends.base import InvalidQuestion
+
     features = tiny_backend.encode_images(images(1))[0]
-    with pytest.raises(ValueError, match="image placeholder"):
-        tiny_backend.generate([features], "what is <image> here")
+    with pytest.raises(InvalidQuestion) as info:
+        tiny_backend.generate([features], question)
+    assert info.value.reason == reason
+    again = pickle.loads(pickle.dumps(info.value))  # it crosses Ray's process boundary intact
+    assert again.reason == reason and str(again) == str(info.value)
+    tiny_backend.check_question("what is \x1f<b>here</b>, ü?")  # odd but harmless: accepted
 
 
 def test_backend_info_matches_model(tiny_backend):

@@ -71,3 +71,17 @@ def test_overrides_merge_deeply(tmp_path):
     f.write_text("gate:\n  threshold: 0.3\n  score: shannon\n")
     cfg = load_config(f, overrides={"gate": {"threshold": 0.9}})
     assert cfg.gate.threshold == 0.9 and cfg.gate.score == "shannon"
+
+
+def test_serve_config_max_replicas_fit_the_cpus_it_is_sized_for():
+    """Every scale-up must be able to start: at max replicas the CPUs asked for fit 2 CPUs."""
+    import yaml
+
+    from collab.paths import REPO_ROOT
+
+    app = yaml.safe_load((REPO_ROOT / "serve_config.yaml").read_text())["applications"][0]
+    total = 0.0
+    for d in app["deployments"]:
+        replicas = d.get("num_replicas") or d["autoscaling_config"]["max_replicas"]
+        total += replicas * d["ray_actor_options"]["num_cpus"]
+    assert total <= 2.0, f"serve_config.yaml asks for {total:.2f} CPUs at max replicas"

@@ -91,6 +91,62 @@ def test_inspect_upload_never_raises_anything_else(noise, position, value):
         assert image.mode == "RGB"
 
 
+def exif_jpeg(size=(96, 96), orientation=6, description="a description") -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    exif[0x010E] = description
+    buf = io.BytesIO()
+    Image.new("RGB", size, (200, 30, 30)).save(buf, "JPEG", exif=exif)
+    return buf.getvalue()
+
+
+def test_a_damaged_exif_block_is_a_corrupt_upload_not_a_crash():
+    """The case that gave a 500: EXIF orientation is applied after the pixels load, and a damaged
+    EXIF block fails there (PIL raises struct.error)."""
+    data = exif_jpeg()
+    damaged = data[:41] + b"\x00" + data[42:]
+    with pytest.raises(InvalidUpload) as info:
+        inspect_upload(damaged, expected_size=(96, 96), **CAPS)
+    assert info.value.reason == "corrupt"
+    assert inspect_upload(data, expected_size=(96, 96), **CAPS).size == (96, 96)  # intact: rotated 96x96
+
+
+@st.composite
+def metadata_images(draw, size=(32, 32), flips=(0, 1, 2)):
+    """Valid-size images with random EXIF (always an orientation: transposing is what reads it),
+    ICC and text metadata, then up to two bytes of the EXIF block flipped."""
+    fmt = draw(st.sampled_from(["JPEG", "PNG"]))
+    image = Image.new(draw(st.sampled_from(["RGB", "L", "RGBA", "P"])), tuple(size), draw(st.integers(0, 255)))
+    exif = Image.Exif()
+    exif[0x0112] = draw(st.integers(0, 9))
+    for tag in draw(st.lists(st.sampled_from([0x010E, 0x010F, 0x0110, 0x0131]), max_size=3)):
+        exif[tag] = draw(st.text(max_size=40))
+    kwargs = {"exif": exif}
+    if draw(st.booleans()):
+        kwargs["icc_profile"] = draw(st.binary(min_size=1, max_size=300))
+    if fmt == "JPEG" and image.mode in ("RGBA", "P"):
+        image = image.convert("RGB")
+    buf = io.BytesIO()
+    image.save(buf, fmt, **kwargs)
+    data = buf.getvalue()
+    start = max(data.find(b"Exif" if fmt == "JPEG" else b"eXIf"), 0)
+    for _ in range(draw(st.sampled_from(flips))):
+        position = draw(st.integers(start, min(start + 120, len(data) - 1)))
+        data = data[:position] + bytes([draw(st.integers(0, 255))]) + data[position + 1:]
+    return data
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # PIL warns about the damaged EXIF it skips
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(metadata_images())
+def test_random_metadata_is_decoded_or_refused(data):
+    try:
+        image = inspect_upload(data, expected_size=(32, 32), **CAPS)
+    except InvalidUpload:
+        return
+    assert image.mode == "RGB" and image.size in ((32, 32),)
+
+
 def _corrupt(data: bytes, position: int, value: int) -> bytes:
     position %= len(data)
     return data[:position] + bytes([value]) + data[position + 1:]
@@ -153,8 +209,6 @@ def test_bearer_token_and_body_limit(guarded_app):
     ok = {"Authorization": "Bearer s3cret-token"}
     r = guarded_app.post("/v1/query", headers=ok, files={"image": ("g.jpg", b"x" * 5000, "image/jpeg")})
     assert r.status_code == 413 and "larger than 1000" in r.json()["error"]
-    r = guarded_app.get("/healthz")  # health checks need no token
-    assert r.status_code != 401
 
 
 # ------------------------------------------------------------------------------------ live HTTP
@@ -175,7 +229,9 @@ def test_bad_input_table_over_http(served):
         ("truncated JPEG", "/v1/query", base, img(good[: len(good) // 2]), 422),
         ("decompression bomb", "/v1/query", base, img(bomb_png(), "g.png", "image/png"), 413),
         ("animated PNG", "/v1/query", base, img(animated_png(), "g.png", "image/png"), 422),
-        ("wrong global size", "/v1/query", base, img(jpeg((64, 48))), 422),
+        ("wrong global size", "/v1/query", base, img(jpeg((24, 18))), 422),
+        ("original of another aspect", "/v1/query", base, img(jpeg((64, 64))), 422),
+        ("one original size only", "/v1/query", {k: v for k, v in base.items() if k != "original_height"}, img(good), 422),
         ("missing question", "/v1/query", {k: v for k, v in base.items() if k != "question"}, img(good), 422),
         ("missing image", "/v1/query", base, None, 422),
         ("extra field", "/v1/query", {**base, "debug": "1"}, img(good), 422),
@@ -258,6 +314,141 @@ def test_query_fuzz_never_5xx(served, question, width, threshold, policy, image)
         assert body["status"] in ("answered", "need_roi")
 
 
+QUESTION_TEXT = st.one_of(
+    # full Unicode (controls, RTL, combining marks, emoji), weighted 3 of 5 so that most examples are
+    # valid questions that reach the decoders
+    st.text(min_size=1, max_size=300), st.text(min_size=1, max_size=40), st.text(min_size=1, max_size=300),
+    st.builds(lambda a, b: f"{a} <image> {b}", st.text(max_size=20), st.text(max_size=20)),
+    st.sampled_from(["what number is in the red circle?", "</s> what?", "<s><s>", "\u202eevil\u202c?", "e\u0301" * 50,
+                     "\U0001f600" * 40, "x" * 999, "why " * 300, "\x00\x01\x1b[2J", "\ufeffbom"]),
+)
+
+
+def _fuzz_queries(url: str, max_examples: int) -> dict:
+    """Queries whose image is valid (the encoder's size, random metadata, sometimes a flipped
+    metadata byte) and whose question is any Unicode: every reply < 500, and counts of what
+    reached the model."""
+    size = tuple(httpx.get(f"{url}/v1/models", timeout=30).json()["encoder_size"])
+    counts = {"examples": 0, "answered": 0, "need_roi": 0, "refused": 0, "reasons": {}}
+
+    @settings(max_examples=max_examples, deadline=None, database=None, derandomize=True,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+    @given(question=QUESTION_TEXT, image=metadata_images(size, flips=(0, 0, 0, 1, 2)), policy=st.sampled_from(["never", "always", "entropy", "random"]),
+           threshold=st.one_of(st.none(), st.floats(-10, 10)), flip=st.booleans())
+    def one(question, image, policy, threshold, flip):
+        data = {"question": question, "original_width": "480", "original_height": "360", "policy": policy}
+        if threshold is not None:
+            data["threshold"] = repr(threshold)
+        r = _post(url, "/v1/query", data, {"image": ("g.jpg", image, "image/jpeg")})
+        assert r.status_code < 500, (r.status_code, r.text[:200], question)
+        body = r.json()
+        counts["examples"] += 1
+        if r.status_code >= 400:
+            assert body["status"] == r.status_code and body["error"]
+            counts["refused"] += 1
+            reason = f'{r.status_code} {body["error"][:40]}'
+            counts["reasons"][reason] = counts["reasons"].get(reason, 0) + 1
+            return
+        counts[body["status"]] += 1
+        if body["status"] == "need_roi" and flip:  # the refine path too, with the crop the server asked for
+            local = jpeg(tuple(body["local_size"]))
+            refined = _post(url, "/v1/refine", {"session_id": body["session_id"]}, {"image": ("l.jpg", local, "image/jpeg")})
+            assert refined.status_code == 200, refined.text[:200]
+
+    one()
+    assert httpx.get(f"{url}/healthz", timeout=10).status_code == 200
+    return counts
+
+
+def test_fuzz_that_reaches_the_model_never_gets_a_5xx(served):
+    counts = _fuzz_queries(served, 200)
+    print("fuzz counts:", counts)
+    reached = counts["answered"] + counts["need_roi"]
+    assert counts["examples"] >= 150 and reached >= counts["examples"] // 2, counts  # most reach the decoders
+
+
+@pytest.mark.slow
+def test_fuzz_that_reaches_the_model_never_gets_a_5xx_long(served):
+    counts = _fuzz_queries(served, 3000)
+    print("fuzz counts:", counts)
+    assert counts["answered"] + counts["need_roi"] >= counts["examples"] // 2, counts
+
+
+def test_questions_that_would_change_the_prompt_are_refused(served):
+    """The placeholder, control tokens, too many tokens, and bytes that are not UTF-8: 422."""
+    size = tuple(httpx.get(f"{served}/v1/models", timeout=30).json()["encoder_size"])
+    image = {"image": ("g.jpg", jpeg(size), "image/jpeg")}
+    base = {"original_width": "400", "original_height": "300", "policy": "never"}
+    for question, needle in [("what is <image> here?", "image token"), ("what </s> is it?", "control token"),
+                             ("a " * 300, "tokens")]:
+        r = _post(served, "/v1/query", {**base, "question": question}, image)
+        assert r.status_code == 422 and needle in r.json()["error"], (question[:20], r.status_code, r.text[:200])
+        # the decoder's message, not Ray's wrapper around it (remote traceback, pid, paths)
+        assert r.json()["error"].startswith("the question") and "pid=" not in r.text and "File " not in r.text
+    body = (b'--b\r\nContent-Disposition: form-data; name="question"\r\n\r\nwhat \xff\xfe is it?\r\n'
+            b'--b\r\nContent-Disposition: form-data; name="original_width"\r\n\r\n400\r\n'
+            b'--b\r\nContent-Disposition: form-data; name="original_height"\r\n\r\n300\r\n'
+            b'--b\r\nContent-Disposition: form-data; name="image"; filename="g.jpg"\r\nContent-Type: image/jpeg\r\n\r\n'
+            + jpeg(size) + b"\r\n--b--\r\n")
+    r = httpx.post(f"{served}/v1/query", content=body, headers={"content-type": "multipart/form-data; boundary=b"}, timeout=30)
+    assert r.status_code == 422 and "UTF-8" in r.json()["error"], r.text[:200]
+    r = _post(served, "/v1/query", {**base, "question": "what colour is the circle?"}, image)
+    assert r.status_code == 200
+
+
+def test_a_plain_client_can_send_its_photo(served):
+    """curl -F question=... -F image=@photo.jpg: no sizes, the original uploaded; the server makes
+    the global image as the edge would, says so, and counts the bytes that arrived."""
+    item = next(generate_items(15, 1))
+    photo = encode_image(item.image, "jpeg", 90).data
+    r = _post(served, "/v1/query", {"question": item.question, "policy": "always"}, {"image": ("photo.jpg", photo, "image/jpeg")})
+    assert r.status_code == 200, r.text[:200]
+    body = r.json()
+    assert body["status"] == "need_roi" and body["global_made_by"] == "server" and body["bytes_received"] == len(photo)
+    x0, y0, x1, y1 = body["box"]
+    assert 0 <= x0 < x1 <= item.image.width and 0 <= y0 < y1 <= item.image.height  # in the photo's own pixels
+    # the same global bytes, so the same answer, as an edge that made it from the same photo
+    client = EdgeClient(served, client_id=None)
+    edge = client.ask(photo, item.question, policy="never")
+    client.close()
+    plain = _post(served, "/v1/query", {"question": item.question, "policy": "never"}, {"image": ("photo.jpg", photo, "image/jpeg")})
+    assert plain.json()["global_made_by"] == "server"
+    assert plain.json()["answer"] == edge.first_answer
+
+
+def test_concurrent_refines_of_one_session(served):
+    """16 concurrent refines of one session: the same bytes all get the one reply; then, on a
+    second session, different bytes: exactly one 200 and 409 for the rest."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    size = tuple(httpx.get(f"{served}/v1/models", timeout=30).json()["encoder_size"])
+
+    def session() -> tuple[str, tuple[int, int]]:
+        r = _post(served, "/v1/query", {"question": "what number is in the red circle?", "original_width": "400",
+                                       "original_height": "300", "policy": "always"}, {"image": ("g.jpg", jpeg(size), "image/jpeg")})
+        assert r.status_code == 200 and r.json()["status"] == "need_roi", r.text[:200]
+        return r.json()["session_id"], tuple(r.json()["local_size"])
+
+    def refine(sid, data):
+        return _post(served, "/v1/refine", {"session_id": sid}, {"image": ("l.jpg", data, "image/jpeg")})
+
+    sid, local = session()
+    same = jpeg(local)
+    with ThreadPoolExecutor(16) as pool:
+        replies = list(pool.map(lambda _: refine(sid, same), range(16)))
+    assert [r.status_code for r in replies] == [200] * 16, [r.text[:100] for r in replies if r.status_code != 200]
+    assert len({r.json()["answer"] for r in replies}) == 1
+    assert sum(not r.json()["replayed"] for r in replies) == 1  # refined once, replayed 15 times
+
+    sid, local = session()
+    images = [jpeg(local, (i * 15, 255 - i * 15, 128)) for i in range(16)]
+    assert len(set(images)) == 16
+    with ThreadPoolExecutor(16) as pool:
+        replies = list(pool.map(lambda data: refine(sid, data), images))
+    codes = sorted(r.status_code for r in replies)
+    assert codes == [200] + [409] * 15, codes
+
+
 # ------------------------------------------------------------------------------------ faults
 
 
@@ -325,6 +516,7 @@ def test_bearer_token_live(served, tiny_config, tmp_path):
     url = served + "/auth"
     try:
         assert wait_for(lambda: httpx.get(f"{url}/healthz", timeout=5).status_code == 200, timeout=120)
+        assert httpx.get(f"{url}/healthz").status_code == 200  # health checks need no token
         assert httpx.get(f"{url}/v1/models").status_code == 401
         assert httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer nope"}).status_code == 401
         assert httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer tok-123"}).status_code == 200

@@ -108,3 +108,22 @@ def test_canvas_geometry_validates():
         CanvasGeometry.create((0, 10), (96, 96), "resize")
     with pytest.raises(ValueError):
         CanvasGeometry.create((10, 10), (96, 96), "squash")
+
+
+def test_server_global_from_an_uploaded_original():
+    from collab.imaging import InvalidUpload, make_global_image, server_global, upload_cap
+
+    photo = Image.new("RGB", (1600, 1200), (10, 200, 30))
+    made, original = server_global(photo, (96, 96), (None, None), "resize")
+    assert original == (1600, 1200) and made.size == (96, 96)
+    assert np.array_equal(np.asarray(made), np.asarray(make_global_image(photo, (96, 96), "resize")[0]))  # as the edge would
+    # a downscale of a declared original: the box maps to the declared original's pixels
+    assert server_global(photo.resize((800, 600)), (96, 96), (1600, 1200), "pad")[1] == (1600, 1200)
+    # already the global image: nothing to make; the original's size defaults to the upload's
+    assert server_global(Image.new("RGB", (96, 96)), (96, 96), (400, 300), "resize") == (None, (400, 300))
+    assert server_global(Image.new("RGB", (96, 96)), (96, 96), (None, None), "resize") == (None, (96, 96))
+    for size, declared in (((64, 48), (400, 300)), ((800, 800), (400, 300))):
+        with pytest.raises(InvalidUpload, match="96x96") as info:
+            server_global(Image.new("RGB", size), (96, 96), declared, "resize")
+        assert info.value.reason == "size"
+    assert upload_cap((96, 96), 8 * 2**20) == 3 * 96 * 96 + 256 * 1024 and upload_cap((96, 96), 1000) == 1000

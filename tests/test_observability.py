@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 import subprocess
 import time
@@ -18,6 +19,14 @@ from collab.paths import REPO_ROOT
 
 DASHBOARD = REPO_ROOT / "configs/grafana/collab-dashboard.json"
 PROM_CONFIG = REPO_ROOT / "configs/prometheus/prometheus.yml"
+
+
+def _missing(why: str) -> None:
+    """Skip on a developer's machine; fail under CI, which installs Prometheus (.ci/run), so a
+    broken install step cannot pass as a skip."""
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(why + " (CI=true: .ci/run must install it)")
+    pytest.skip(why)
 
 
 def load_generator():
@@ -80,7 +89,7 @@ def test_dashboard_is_generated_and_valid_for_its_schema_version():
 def test_prometheus_config_is_valid():
     promtool = shutil.which("promtool")
     if promtool is None:
-        pytest.skip("promtool not installed (scripts/prometheus.sh installs it; .ci/run does)")
+        _missing("promtool not installed (scripts/prometheus.sh installs it; .ci/run does)")
     subprocess.run([promtool, "check", "config", str(PROM_CONFIG)], check=True, capture_output=True)
 
 
@@ -98,7 +107,7 @@ def prometheus(tmp_path):
     """Prometheus started by scripts/prometheus.sh with our config, the static targets pointed at
     this test session's Ray metrics port and the edge exporter."""
     if shutil.which("prometheus") is None:
-        pytest.skip("prometheus not installed (scripts/prometheus.sh installs Debian's package; .ci/run does)")
+        _missing("prometheus not installed (scripts/prometheus.sh installs Debian's package; .ci/run does)")
     import serve_helpers
 
     edge_port, prom_port = serve_helpers.free_port(), serve_helpers.free_port()

@@ -1,59 +1,54 @@
+"""RoI search (collab/roi.py) against a verbatim port of upstream ViCrop.
+
+The reference is ``tests/vicrop_upstream.py``: ``bbox_from_att_image_adaptive`` from
+saccharomycetes/mllms_know utils.py (commit a64c5d5), copied unchanged. Where both should
+agree the boxes must be EXACTLY equal; every known difference has its own test below
+(``test_differs_*``) that shows the difference exists and what ``search_roi`` does instead.
+
+Exact agreement holds in "resize" geometry (square or non-square originals, square or
+non-square grids) whenever (i) no grid cell is wider or taller than ``base_side`` original
+pixels and (ii) the map has no ties that floating-point rounding can break differently
+(continuous random maps, or ties among exactly representable sums such as integer maps).
+"""
+
+import warnings
+
 import numpy as np
 import pytest
 
 from collab.geometry import Box, CanvasGeometry
-from collab.roi import search_roi, window_sums
+from collab.roi import DEFAULT_RATIOS, search_roi, window_sums
+from vicrop_upstream import bbox_from_att_image_adaptive
 
 
-def vicrop_reference(att_map, image_size, bbox_size, ratios=(1, 1.2, 1.4, 1.6, 1.8, 2)):
-    """ViCrop's bbox_from_att_image_adaptive, loops and all (resize geometry)."""
-    max_att_poses, differences, block_nums, used = [], [], [], []
-    block_size = image_size[0] / att_map.shape[1], image_size[1] / att_map.shape[0]
-    for ratio in ratios:
-        block_num = (
-            max(1, min(int(bbox_size * ratio / block_size[0]), att_map.shape[1])),
-            max(1, min(int(bbox_size * ratio / block_size[1]), att_map.shape[0])),
-        )
-        if att_map.shape[1] - block_num[0] < 1 and att_map.shape[0] - block_num[1] < 1:
-            if ratio == ratios[0]:
-                return 0, 0, image_size[0], image_size[1]
-            continue
-        block_nums.append(block_num)
-        used.append(ratio)
-        sliding = np.zeros((att_map.shape[0] - block_num[1] + 1, att_map.shape[1] - block_num[0] + 1))
-        max_att, pos = -np.inf, (0, 0)
-        for x in range(att_map.shape[1] - block_num[0] + 1):
-            for y in range(att_map.shape[0] - block_num[1] + 1):
-                att = att_map[y : y + block_num[1], x : x + block_num[0]].sum()
-                sliding[y, x] = att
-                if att > max_att:
-                    max_att, pos = att, (x, y)
-        adj = []
-        if pos[0] > 0:
-            adj.append(sliding[pos[1], pos[0] - 1])
-        if pos[0] < sliding.shape[1] - 1:
-            adj.append(sliding[pos[1], pos[0] + 1])
-        if pos[1] > 0:
-            adj.append(sliding[pos[1] - 1, pos[0]])
-        if pos[1] < sliding.shape[0] - 1:
-            adj.append(sliding[pos[1] + 1, pos[0]])
-        differences.append((max_att - np.mean(adj)) / (block_num[0] * block_num[1]))
-        max_att_poses.append(pos)
-    best = int(np.argmax(differences))
-    pos, block_num = max_att_poses[best], block_nums[best]
-    size = bbox_size * used[best]
-    xc = int(pos[0] * block_size[0] + block_size[0] * block_num[0] / 2)
-    yc = int(pos[1] * block_size[1] + block_size[1] * block_num[1] / 2)
-    half = int(size // 2)
-    xc = min(max(xc, half), image_size[0] - half)
-    yc = min(max(yc, half), image_size[1] - half)
-    return max(0, xc - half), max(0, yc - half), min(image_size[0], xc + half), min(image_size[1], yc + half)
+def upstream_box(att_map, image_size, bbox_size):
+    """Upstream's box, checked to be whole numbers (upstream returns floats like 201.0 for
+    non-integer ratios), as an int tuple."""
+    box = bbox_from_att_image_adaptive(att_map, image_size, bbox_size)
+    assert all(float(v).is_integer() for v in box), box
+    return tuple(int(v) for v in box)
+
+
+def ours(grid, size, base, mode="resize"):
+    return search_roi(grid, CanvasGeometry.create(size, (336, 336), mode), base)
 
 
 def planted(rows, cols, r0, c0, h, w, value=10.0, rng=None):
     grid = np.zeros((rows, cols)) if rng is None else rng.random((rows, cols)) * 0.1
     grid[r0 : r0 + h, c0 : c0 + w] += value
     return grid
+
+
+def test_upstream_port_is_the_published_loop():
+    """Guard the reference itself with a hand-worked case. 4x4 grid, 2x2 block of ones at rows/cols
+    1-2, 400x400 original, bbox 200: cells are 100 px. Ratios 1, 1.2, 1.4 -> 2x2 windows, peak 4 at
+    (x=1, y=1), its 4 neighbours 2 each -> sharpness (4 - 2) / 4 = 0.5; ratios 1.6, 1.8 -> 3x3
+    windows, all four sums 4 -> sharpness 0; ratio 2 -> 4x4 covers the grid, skipped. First best
+    is ratio 1: centre 1 * 100 + 100 * 2 / 2 = 200, half 100 -> (100, 100, 300, 300)."""
+    grid = np.zeros((4, 4))
+    grid[1:3, 1:3] = 1.0
+    assert bbox_from_att_image_adaptive(grid, (400, 400), 200) == (100, 100, 300, 300)
+    assert upstream_box(grid, (400, 400), 200) == tuple(ours(grid, (400, 400), 200).box.as_list())
 
 
 def test_window_sums_match_loops():
@@ -90,38 +85,159 @@ def test_planted_block_is_found(size, r0, c0, h, w):
     assert result.box.x0 <= block.x0 + 1 and result.box.x1 >= block.x1 - 1
     assert result.box.y0 <= block.y0 + 1 and result.box.y1 >= block.y1 - 1
     assert 0 <= result.box.x0 < result.box.x1 <= size[0] and 0 <= result.box.y0 < result.box.y1 <= size[1]
-    assert tuple(result.box.as_list()) == vicrop_reference(grid, size, 336)
+    assert tuple(result.box.as_list()) == upstream_box(grid, size, 336)
 
 
 def test_box_is_square_in_pixels_on_non_square_original():
+    """Not a difference: upstream also counts cells per axis (block_size is (W/cols, H/rows)),
+    so its window and box are square in original pixels too, and the boxes are identical."""
     grid = planted(24, 24, 10, 10, 2, 2)
-    result = search_roi(grid, CanvasGeometry.create((1600, 900), (336, 336), "resize"), base_side=336)
+    result = ours(grid, (1600, 900), 336)
     assert result.box.width == result.box.height == int(336 * result.ratio // 2) * 2
+    assert tuple(result.box.as_list()) == upstream_box(grid, (1600, 900), 336)
 
 
 def test_chosen_ratio_has_the_sharpest_peak():
     yy, xx = np.mgrid[0:24, 0:24]
     blob = np.exp(-((yy - 12.0) ** 2 + (xx - 9.0) ** 2) / (2 * 3.0**2))
-    result = search_roi(blob, CanvasGeometry.create((1344, 1344), (336, 336), "resize"), 336)
+    result = ours(blob, (1344, 1344), 336)
     assert set(result.sharpness) == {1.0, 1.2, 1.4, 1.6, 1.8, 2.0}
     assert result.sharpness[result.ratio] == max(result.sharpness.values())
     assert result.box.contains_point(9.5 * 56, 12.5 * 56)
+    assert tuple(result.box.as_list()) == upstream_box(blob, (1344, 1344), 336)
 
 
-def test_agrees_with_bruteforce_reference_on_random_maps():
-    rng = np.random.default_rng(42)
-    for trial in range(30):
-        rows = cols = int(rng.integers(6, 25))
-        size = (int(rng.integers(300, 1600)), int(rng.integers(300, 1600)))
+@pytest.mark.parametrize(
+    "rows,cols,base",
+    [(24, 24, 336), (16, 16, 224), (12, 12, 336), (7, 7, 150), (24, 12, 336), (9, 20, 224)],
+)
+def test_agrees_exactly_with_upstream_on_random_maps(rows, cols, base):
+    """Continuous random maps (no ties), square and non-square originals, any image no larger
+    than base_side per cell: the box is identical to upstream's, bit for bit."""
+    rng = np.random.default_rng(rows * 100 + cols)
+    yy, xx = np.mgrid[0:rows, 0:cols]
+    ratios_seen, whole, skipped, non_square = set(), 0, 0, 0
+    for trial in range(40):
+        w = int(rng.integers(base // 2, base * min(rows, cols) + 1))
+        h = w if trial % 3 == 0 else int(rng.integers(base // 2, base * rows + 1))
         grid = rng.random((rows, cols)) ** 4
-        base = int(rng.integers(100, 400))
-        ours = search_roi(grid, CanvasGeometry.create(size, (336, 336), "resize"), base)
-        assert tuple(ours.box.as_list()) == vicrop_reference(grid, size, base), (trial, size, base)
+        if trial % 2:  # plus a blob of random width, so that larger ratios win too
+            cy, cx, sigma = rng.random() * rows, rng.random() * cols, 0.5 + rng.random() * rows / 3
+            grid = 0.2 * grid + np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * sigma**2))
+        result = ours(grid, (w, h), base)
+        assert tuple(result.box.as_list()) == upstream_box(grid, (w, h), base), (trial, (w, h))
+        ratios_seen.add(result.ratio)
+        whole += result.whole_image
+        skipped += (not result.whole_image) and len(result.sharpness) < len(DEFAULT_RATIOS)
+        non_square += w != h
+    # the cases exercised: several winning ratios, non-square originals, and ratios dropped
+    # because their window covers the whole grid (where upstream indexes `ratios` by position)
+    assert len(ratios_seen) >= 3 and non_square >= 20 and skipped >= 1, (ratios_seen, skipped)
+
+
+def test_agrees_exactly_on_exact_ties():
+    """Ties whose sums are exact in floating point (integer maps, noise-free planted blocks):
+    both take the first maximum in upstream's x-outer, y-inner scan, so boxes are identical."""
+    rng = np.random.default_rng(7)
+    for trial in range(60):
+        size = (int(rng.integers(336, 4000)), int(rng.integers(336, 4000)))
+        grid = rng.integers(0, 3, (24, 24)).astype(float)
+        assert tuple(ours(grid, size, 336).box.as_list()) == upstream_box(grid, size, 336), trial
+    for r0, c0 in [(0, 0), (10, 4), (20, 20), (3, 17)]:
+        grid = planted(24, 24, r0, c0, 2, 2)  # many tied windows contain the whole block
+        assert tuple(ours(grid, (1344, 1344), 336).box.as_list()) == upstream_box(grid, (1344, 1344), 336)
 
 
 def test_small_image_gives_whole_image():
-    result = search_roi(np.ones((24, 24)), CanvasGeometry.create((300, 200), (336, 336), "resize"), 336)
+    """Not a difference: upstream returns the whole image when the ratio-1 window already
+    covers the whole grid; so does ours."""
+    result = ours(np.ones((24, 24)), (300, 200), 336)
     assert result.whole_image and result.box == Box(0, 0, 300, 200)
+    assert upstream_box(np.ones((24, 24)), (300, 200), 336) == (0, 0, 300, 200)
+
+
+def test_differs_when_a_cell_is_larger_than_the_crop():
+    """Difference 1: cells wider than base_side*ratio original pixels (24x24 grid on a 9000 px
+    image, base 336: cells are 375 px). Upstream's block_num is int(336/375) = 0, so its windows
+    are empty, its sharpness is 0/0 = nan (RuntimeWarning), np.argmax takes the nan ratio and the
+    box is pinned to the top-left corner whatever the attention. Ours clamps the window to at
+    least one cell (max(1, ...)), so it still finds the peak. Why: a crop must follow attention."""
+    grid = np.zeros((24, 24))
+    grid[15, 18] = 1.0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        upstream = upstream_box(grid, (9000, 9000), 336)
+    assert upstream == (0, 0, 336, 336)
+    assert any(issubclass(w.category, RuntimeWarning) for w in caught)
+    result = ours(grid, (9000, 9000), 336)
+    assert result.window == (18, 15, 1, 1) and result.ratio == 1.0
+    assert result.box == Box(6769, 5644, 7105, 5980)  # centre int(18.5 * 375), int(15.5 * 375)
+    assert result.box.contains_point(18.5 * 375, 15.5 * 375)
+
+
+def test_differs_in_pad_geometry():
+    """Difference 2: upstream has no letterbox; it always maps the grid as stretched over the
+    whole original (our "resize" geometry). With a "pad" global image (3200x1600 -> 336x168
+    content at offset (0, 84)) a grid cell is 133.3 px and the grid starts at y = -800, so the
+    block at rows 7-8 lies at y ~ 267; upstream, and ours in "resize", put it at y ~ 533 and miss
+    it. Why: ours maps through the geometry the edge actually used to build the global image."""
+    size = (3200, 1600)
+    grid = planted(24, 24, 7, 11, 2, 2, rng=np.random.default_rng(0))
+    upstream = upstream_box(grid, size, 336)
+    assert upstream == tuple(ours(grid, size, 336, "resize").box.as_list())  # upstream == resize
+    padded = ours(grid, size, 336, "pad")
+    geometry = CanvasGeometry.create(size, (336, 336), "pad")
+    (cell_w, cell_h), (ox, oy) = geometry.grid_cell_size(grid.shape), geometry.grid_origin()
+    true_x, true_y = ox + 12 * cell_w, oy + 8 * cell_h  # block centre, original pixels
+    assert (true_x, true_y) == pytest.approx((1600.0, 266.667), abs=1e-3)
+    assert padded.box == Box(1432, 98, 1768, 434)
+    assert padded.box.contains_point(true_x, true_y)
+    assert not Box(*upstream).contains_point(true_x, true_y)
+
+
+def test_differs_on_ties_broken_by_rounding():
+    """Difference 3 (not intended; floating point): where many windows tie mathematically but
+    their sums are not exact (a flat map of 1/576 plus one spike), which tied window is "first"
+    depends on rounding. Upstream sums each window directly; ours uses an integral image, whose
+    rounding differs, so the chosen window (and from it the sharpness and ratio) can differ.
+    Both choices are genuine maxima to within rounding and both boxes contain the spike."""
+    grid = np.full((24, 24), 1 / 576.0)
+    grid[12, 12] += 0.5
+    size = (1344, 1344)  # 56 px cells
+    upstream = upstream_box(grid, size, 336)
+    result = ours(grid, size, 336)
+    assert upstream == (392, 616, 728, 952)
+    assert result.box == Box(667, 667, 1069, 1069) and result.ratio == 1.2
+    assert tuple(result.box.as_list()) != upstream
+    spike = (12.5 * 56, 12.5 * 56)
+    assert result.box.contains_point(*spike) and Box(*upstream).contains_point(*spike)
+    # our window, re-summed upstream's way, is a maximum over all windows of its shape
+    col, row, cols, rows = result.window
+    direct = np.array(
+        [[grid[y : y + rows, x : x + cols].sum() for x in range(24 - cols + 1)] for y in range(24 - rows + 1)]
+    )
+    assert direct[row, col] == pytest.approx(direct.max(), rel=1e-12, abs=0)
+
+
+def test_differs_in_coordinate_types():
+    """Difference 4 (cosmetic): for a non-integer ratio upstream's selected_bbox_size is a float,
+    so it returns floats (1549.0, ...); ours returns int pixel boxes with the same values."""
+    grid = np.random.default_rng(3).random((24, 24)) ** 4
+    raw = bbox_from_att_image_adaptive(grid, (2000, 1500), 336)
+    result = ours(grid, (2000, 1500), 336)
+    assert result.ratio == 1.2 and raw == (1549.0, 361.0, 1951.0, 763.0)
+    assert all(isinstance(v, float) for v in raw)
+    assert result.box.as_list() == [1549, 361, 1951, 763] and all(type(v) is int for v in result.box.as_list())
+
+
+def test_differs_on_invalid_maps():
+    """Difference 5: upstream accepts a map containing NaN and silently returns some box; ours
+    refuses it (ValueError), since a NaN attention map means the attention step is broken."""
+    grid = np.random.default_rng(0).random((24, 24))
+    grid[3, 3] = np.nan
+    assert upstream_box(grid, (1000, 1000), 336) == (82, 664, 418, 1000)
+    with pytest.raises(ValueError):
+        ours(grid, (1000, 1000), 336)
 
 
 def test_pad_mode_maps_through_letterbox():

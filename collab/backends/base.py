@@ -19,6 +19,26 @@ from PIL import Image
 from collab.uncertainty import TokenScores
 
 
+# Unicode's White_Space property: what JSON Schema's and pydantic's \s mean. Python's str.strip()
+# also strips the separators U+001C-U+001F, which would make "\x1f" valid in the schema but empty here.
+UNICODE_WHITESPACE = ("\t\n\x0b\x0c\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008"
+                      "\u2009\u200a\u2028\u2029\u202f\u205f\u3000")
+
+
+class InvalidQuestion(ValueError):
+    """A question the server must refuse (the client's fault: a 422, never a 500). `reason`:
+    "empty", "placeholder" (the image placeholder or image token: it would add or break visual
+    tokens), "special_token" (a tokenizer control token such as </s>: it would end or restructure
+    the prompt), "too_long" (more than the configured tokens)."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+    def __reduce__(self):  # crosses process boundaries inside Ray's task errors
+        return type(self), (self.reason, str(self))
+
+
 @dataclass(frozen=True)
 class BackendInfo:
     """What callers need to know about the loaded model."""
@@ -56,6 +76,10 @@ class VLMBackend(ABC):
     @abstractmethod
     def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Pixels -> visual tokens (n, tokens_per_image, hidden) in the decoder's embedding space."""
+
+    @abstractmethod
+    def check_question(self, question: str) -> None:
+        """Raise InvalidQuestion if the question cannot go into a prompt (called by every pass)."""
 
     @abstractmethod
     def generate(self, features: Sequence[torch.Tensor], question: str) -> Generation:

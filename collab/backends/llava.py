@@ -21,7 +21,7 @@ from PIL import Image
 
 from collab.attention import query_rows as select_query_rows
 from collab.attention import to_grid, visual_attention
-from collab.backends.base import BackendInfo, Generation, VLMBackend
+from collab.backends.base import UNICODE_WHITESPACE, BackendInfo, Generation, InvalidQuestion, VLMBackend
 from collab.config import ModelConfig
 from collab.uncertainty import answer_length, token_scores
 
@@ -127,6 +127,8 @@ class LlavaBackend(VLMBackend):
         # to eager for its own pass. The switch is model-wide: decoding passes hold the model
         # shared, the switched pass holds it alone.
         self._kernels = SharedExclusiveLock()
+        # Texts the tokenizer turns into control tokens (BOS/EOS/PAD/UNK and added special tokens).
+        self._control_tokens = sorted({t for t in tokenizer.all_special_tokens if t and len(t) > 1}, key=len, reverse=True)
         self.info = BackendInfo(
             model_name=name,
             encoder_size=(int(vision.image_size), int(vision.image_size)),
@@ -173,10 +175,24 @@ class LlavaBackend(VLMBackend):
         return list(eos) if isinstance(eos, (list, tuple)) else [int(eos)]
 
     # ------------------------------------------------------------------ prompts
+    def check_question(self, question: str) -> None:
+        """Refuse what would change the prompt's structure rather than neutralise it: a client that
+        sends "</s>" or "<image>" gets told, instead of an answer to a question it did not ask."""
+        if not question.strip(UNICODE_WHITESPACE):
+            raise InvalidQuestion("empty", "the question is empty")
+        for token in (self.config.image_placeholder, self.image_token):
+            if token in question:
+                raise InvalidQuestion("placeholder", f"the question must not contain the image token {token!r}")
+        for token in self._control_tokens:
+            if token in question:
+                raise InvalidQuestion("special_token", f"the question must not contain the control token {token!r}")
+        n = len(self.tokenizer(question, add_special_tokens=False)["input_ids"])
+        if n > self.config.max_question_tokens:
+            raise InvalidQuestion("too_long", f"the question is {n} tokens; at most {self.config.max_question_tokens} are accepted")
+
     def prompt_ids(self, template: str, question: str, n_images: int) -> torch.Tensor:
         """Token ids of the filled template, each image placeholder expanded to its visual tokens."""
-        if self.image_token in question:
-            raise ValueError("the question must not contain the image placeholder token")
+        self.check_question(question)
         text = expand_prompt(
             template, question, n_images, self.config.image_placeholder, self.image_token, self.info.tokens_per_image
         )

@@ -136,12 +136,24 @@ def build_image_processor(spec: TinyLlavaSpec):
 
 
 def save_tiny_llava(out_dir: str | Path, model, tokenizer, image_processor) -> Path:
-    """Write weights, config, tokenizer and preprocessor so from_pretrained(out_dir) loads them."""
+    """Write weights, config, tokenizer, preprocessor and a LlavaProcessor config, so that
+    from_pretrained(out_dir) loads each, LlavaProcessor included (with the settings that expand
+    <image> to this model's visual-token count: plain transformers users get the same prompt)."""
+    from transformers import LlavaProcessor
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    image_processor.save_pretrained(out)
+    cfg = model.config
+    LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=cfg.vision_config.patch_size,
+        vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+        num_additional_image_tokens=1,  # CLIP's class token
+        image_token=tokenizer.convert_ids_to_tokens(cfg.image_token_id),
+    ).save_pretrained(out)
+    image_processor.save_pretrained(out)  # preprocessor_config.json too, for AutoImageProcessor on its own
     return out
 
 
