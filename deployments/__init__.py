@@ -1,1 +1,1 @@
-"""Ray Serve deployments: thin wrappers over collab/ (issue 4)."""
+"""Ray Serve deployments: thin wrappers over collab/."""

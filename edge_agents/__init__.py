@@ -1,1 +1,1 @@
-"""Simulated edge devices speaking the public HTTP protocol (issue 5)."""
+"""Simulated edge devices speaking the public HTTP protocol."""

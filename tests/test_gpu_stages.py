@@ -1,4 +1,4 @@
-"""The accelerator benchmark (issue 4 section 8) runs here on CPU at a tiny shape, so the script that
+"""The accelerator benchmark (benchmarks.gpu_stages) runs here on CPU at a tiny shape, so the script that
 goes to a GPU machine is known to work before device time is spent on it."""
 
 from __future__ import annotations
