@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 import httpx
 
 from collab.data.vqa import vqa_accuracy
-from collab.imaging import encode_image
+from collab.imaging import full_resolution_bytes
 from edge_agents.client import MIME, EdgeImaging, global_upload, local_upload
 from edge_agents.config import DeviceProfile, LoadTestConfig
 from edge_agents.links import round_trip_s, transmission_s
@@ -215,7 +215,7 @@ class EdgeAgent:
         original = item.load()
         payload = global_upload(original, info, self.imaging)
         if item.question_id not in self._full_bytes:
-            self._full_bytes[item.question_id] = encode_image(original, "jpeg", self.imaging.jpeg_quality).nbytes
+            self._full_bytes[item.question_id] = full_resolution_bytes(original, "jpeg", self.imaging.jpeg_quality)
         log.full_bytes = self._full_bytes[item.question_id]
         log.edge_ms += (time.perf_counter() - t) * 1000
         log.global_bytes = payload.nbytes

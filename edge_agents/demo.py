@@ -20,7 +20,7 @@ from collab.paths import REPO_ROOT as REPO
 
 def show_queries(url: str, n: int, seed: int, policy: str) -> None:
     from collab.data.synthetic import generate_items
-    from collab.imaging import encode_image
+    from collab.imaging import full_resolution_bytes
     from edge_agents.client import EdgeClient
 
     client = EdgeClient(url, client_id="demo-edge")
@@ -29,7 +29,7 @@ def show_queries(url: str, n: int, seed: int, policy: str) -> None:
     correct = total_bytes = full_bytes = 0
     for item in generate_items(seed, n):
         r = client.ask(item.image, item.question, policy=policy, question_id=item.question_id)
-        full = encode_image(item.image, "jpeg", 90).nbytes
+        full = full_resolution_bytes(item.image, "jpeg", 90)
         ok = r.answer == item.answer
         correct += ok
         total_bytes += r.global_bytes + r.local_bytes

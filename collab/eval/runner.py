@@ -22,7 +22,7 @@ from collab.backends.base import VLMBackend
 from collab.config import CollabConfig
 from collab.data.vqa import vqa_accuracy
 from collab.geometry import Box
-from collab.imaging import crop_local_image, decode_image, encode_image, load_image, make_global_image
+from collab.imaging import crop_local_image, decode_image, encode_image, full_resolution_bytes, load_image, make_global_image
 from collab.policies import PolicySpec, should_refine
 from collab.roi import box_around
 from collab.uncertainty import answer_uncertainties
@@ -128,7 +128,7 @@ class Evaluator:
         size = info.encoder_size
         global_image, _ = make_global_image(original, size, cfg.imaging.global_mode, cfg.imaging.pad_color)
         global_bytes, global_features = self._send(global_image)
-        full_bytes = encode_image(original, cfg.imaging.format, cfg.imaging.jpeg_quality).nbytes
+        full_bytes = full_resolution_bytes(original, cfg.imaging.format, cfg.imaging.jpeg_quality)
 
         gen = backend.generate([global_features], item.question)
         lengths = {**AGGREGATIONS, length_key(cfg.gate.aggregation_length): cfg.gate.aggregation_length}
