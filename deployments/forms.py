@@ -58,5 +58,5 @@ def undecodable_text_field(body: bytes, content_type: str) -> str | None:
         parser.write(body)
         parser.finalize()
     except Exception:  # noqa: BLE001 - a malformed body: Starlette's own parse will refuse it with a 4xx
-        return found[0] if found else None
+        pass
     return found[0] if found else None

@@ -341,15 +341,11 @@ class Gateway:
     ):
         started = time.perf_counter()
         await self._no_extra_fields(request, QUERY_FIELDS)
+        # Length, non-blank (pattern \S: Unicode White_Space, what the strip removes) and a finite
+        # threshold are checked by the Form constraints above, which the OpenAPI document states.
         question = question.strip(UNICODE_WHITESPACE)
-        if not question:
-            raise error(422, "the question is empty")
-        if len(question) > MAX_QUESTION_CHARS:
-            raise error(422, f"the question is longer than {MAX_QUESTION_CHARS} characters")
         if (original_width is None) != (original_height is None):
             raise error(422, "give both original_width and original_height, or neither (then the upload's size is used)")
-        if threshold is not None and not (-1e6 < threshold < 1e6):  # NaN fails both comparisons
-            raise error(422, "threshold must be a finite number")
         info = await self._deadline(self.info())
         encoder_size = tuple(info["encoder_size"])
         upload, decoded = await self._read_image(image, None, self.args.max_image_bytes)
