@@ -72,6 +72,11 @@ class TowerStage(_Strict):
     dense_weight: float = Field(1.0, ge=0, description="weight of the per-patch colour/shape loss on global images")
     background_weight: float = Field(0.05, ge=0, description="class weight of 'no object' patches in that loss")
     object_weight: float = Field(1.0, ge=0, description="weight of the colour/shape loss on each object's own tokens, pooled")
+    legible_fraction: float = Field(
+        0.0, ge=0, le=1,
+        description="share of global images drawn with digits legible at the encoder's resolution; on them each "
+        "object's pooled tokens also learn its digit, so that only the named object's own tokens answer "
+        "'what number is in the red circle?' there (a pooled bag of objects cannot bind digit to object)")
     scale_start: float = Field(2.5, gt=0, description="crop side / glyph height at the start of the scale curriculum")
     scale_end: float = Field(16.0, gt=0, description="... and at its end (RoI-sized crops)")
 

@@ -25,6 +25,7 @@ from collab.training.loop import CosineSchedule, TimedBatches, autocast, make_lo
 from collab.training.recipe import Recipe
 
 COLOR_NAMES = list(COLORS)
+IGNORE = -100  # cross-entropy's ignore_index: no digit label where the digit is not legible
 
 
 class TowerHeads(torch.nn.Module):
@@ -41,6 +42,7 @@ class TowerHeads(torch.nn.Module):
         self.patch_shape = torch.nn.Linear(hidden, len(SHAPES) + 1)
         self.object_color = torch.nn.Linear(hidden, len(COLOR_NAMES))  # on an object's own tokens, pooled
         self.object_shape = torch.nn.Linear(hidden, len(SHAPES))
+        self.object_digit = torch.nn.Linear(hidden, 10)  # only where the digit is legible globally
 
 
 def patch_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -114,9 +116,10 @@ class ScaleCurriculum:
 
 
 def tower_batch(rng: np.random.Generator, spec: BatchSpec, n: int, max_scale: float, global_fraction: float,
-                scene_reuse: int = 1) -> dict:
-    """round(n * global_fraction) global images (presence, count, per-patch colour and shape), the
-    rest crops (digit, colour, shape of the crop's object).
+                scene_reuse: int = 1, legible_fraction: float = 0.0) -> dict:
+    """round(n * global_fraction) global images (presence, count, per-patch colour and shape; with
+    probability legible_fraction drawn with legible digits, each object's digit), the rest crops
+    (digit, colour, shape of the crop's object).
 
     Crop side = glyph height x s, s uniform in [2, max_scale], centre jittered by 10% of the side.
     `scene_reuse` > 1 takes up to that many crops from each rendered scene (of different objects).
@@ -124,13 +127,14 @@ def tower_batch(rng: np.random.Generator, spec: BatchSpec, n: int, max_scale: fl
     n_global = round(n * global_fraction)
     size = (spec.image_size, spec.image_size)
     crops, crop_labels, globals_, global_labels, dense = [], [], [], [], []
-    objects = []  # (global image index, cell mask, colour, shape) of every object in the global images
+    objects = []  # (global image index, cell mask, colour, shape, digit or -100) of every object in the global images
     grid = spec.image_size // spec.patch_size
     scene, uses, cropped = None, scene_reuse, []
     for i in range(n):
         is_global = i < n_global
         if is_global or uses >= scene_reuse:
-            scene = render_scene(rng, n_objects=int(rng.integers(1, MAX_OBJECTS + 1)))
+            legible = is_global and legible_fraction > 0 and rng.random() < legible_fraction
+            scene = render_scene(rng, n_objects=int(rng.integers(1, MAX_OBJECTS + 1)), legible_glyphs=legible)
             uses, cropped = 0, []
         uses += 1
         if not is_global:
@@ -154,7 +158,8 @@ def tower_batch(rng: np.random.Generator, spec: BatchSpec, n: int, max_scale: fl
             dense.append(patch_labels(scene, grid))
             for o in scene.objects:
                 objects.append((len(globals_) - 1, object_cells(o.box, scene.width, scene.height, grid),
-                                COLOR_NAMES.index(o.color), SHAPES.index(o.shape)))
+                                COLOR_NAMES.index(o.color), SHAPES.index(o.shape),
+                                int(o.digit) if scene.legible_glyphs else IGNORE))
     empty = torch.zeros(0, 3, spec.image_size, spec.image_size)
     return {
         "crops": to_pixels(crops, spec.image_mean, spec.image_std) if crops else empty,
@@ -168,6 +173,7 @@ def tower_batch(rng: np.random.Generator, spec: BatchSpec, n: int, max_scale: fl
         "object_cells": torch.from_numpy(np.stack([o[1] for o in objects])) if objects else torch.zeros(0, grid * grid),
         "object_color": torch.tensor([o[2] for o in objects], dtype=torch.long),
         "object_shape": torch.tensor([o[3] for o in objects], dtype=torch.long),
+        "object_digit": torch.tensor([o[4] for o in objects], dtype=torch.long),
         "max_scale": max_scale,
     }
 
@@ -176,17 +182,17 @@ class TowerStream(torch.utils.data.IterableDataset):
     """Stage-1 batches, rendered in worker processes."""
 
     def __init__(self, spec: BatchSpec, batch: int, seed: int, curriculum: ScaleCurriculum, global_fraction: float,
-                 scene_reuse: int = 1):
+                 scene_reuse: int = 1, legible_fraction: float = 0.0):
         super().__init__()
         self.spec, self.batch, self.seed, self.curriculum = spec, batch, seed, curriculum
-        self.global_fraction, self.scene_reuse = global_fraction, scene_reuse
+        self.global_fraction, self.scene_reuse, self.legible_fraction = global_fraction, scene_reuse, legible_fraction
 
     def __iter__(self):
         worker, workers = worker_shard()
         step = worker
         while True:
             yield tower_batch(np.random.default_rng([self.seed, 1, step]), self.spec, self.batch, self.curriculum.get(),
-                              self.global_fraction, self.scene_reuse)
+                              self.global_fraction, self.scene_reuse, self.legible_fraction)
             step += workers
 
 
@@ -200,7 +206,8 @@ def train_tower(model, spec: BatchSpec, recipe: Recipe, log) -> int:
     sched = CosineSchedule(opt, stage.warmup, stage.steps, stage.budget_s)
     model.train()
     curriculum = ScaleCurriculum(start=stage.scale_start, end=stage.scale_end)
-    stream = TowerStream(spec, stage.batch, recipe.seed, curriculum, stage.global_fraction, runtime.scene_reuse)
+    stream = TowerStream(spec, stage.batch, recipe.seed, curriculum, stage.global_fraction, runtime.scene_reuse,
+                         stage.legible_fraction)
     loader = TimedBatches(make_loader(stream, runtime.workers, device))
     bar = tqdm(total=stage.steps, desc="stage 1: vision tower", dynamic_ncols=True)
     # objects cover a minority of the patches: down-weight background or it is all the tower learns
@@ -210,7 +217,7 @@ def train_tower(model, spec: BatchSpec, recipe: Recipe, log) -> int:
     step, row = -1, None
     for step, b in scheduled_batches(loader, sched, device):
         loss = torch.zeros((), device=device)
-        acc = color_acc = shape_acc = object_shape_acc = float("nan")
+        acc = color_acc = shape_acc = object_shape_acc = object_digit_acc = float("nan")
         with autocast(device, runtime.amp_dtype):
             if len(b["crops"]):
                 fc = patch_features(model, b["crops"]).float().mean(1)
@@ -231,6 +238,10 @@ def train_tower(model, spec: BatchSpec, recipe: Recipe, log) -> int:
                 pooled = (cells[:, :, None] * pg[b["object_image"]]).sum(1) / cells.sum(1, keepdim=True)
                 loss = loss + stage.object_weight * (F.cross_entropy(heads.object_color(pooled), b["object_color"])
                                                      + F.cross_entropy(heads.object_shape(pooled), b["object_shape"]))
+                legible = b["object_digit"] != IGNORE
+                if legible.any():  # digits legible in this global image: each object's own tokens read its digit
+                    loss = loss + stage.object_weight * F.cross_entropy(heads.object_digit(pooled[legible]),
+                                                                        b["object_digit"][legible])
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -245,11 +256,15 @@ def train_tower(model, spec: BatchSpec, recipe: Recipe, log) -> int:
                 color_acc = (heads.patch_color(pg).argmax(-1) == b["patch_color"])[on_object].float().mean().item()
                 shape_acc = (heads.patch_shape(pg).argmax(-1) == b["patch_shape"])[on_object].float().mean().item()
                 object_shape_acc = (heads.object_shape(pooled).argmax(-1) == b["object_shape"]).float().mean().item()
+                if legible.any():
+                    object_digit_acc = (heads.object_digit(pooled[legible]).argmax(-1)
+                                        == b["object_digit"][legible]).float().mean().item()
         bar.set_postfix(loss=f"{loss.item():.3f}", digit=f"{acc:.2f}", color=f"{color_acc:.2f}", shape=f"{shape_acc:.2f}",
-                        obj_shape=f"{object_shape_acc:.2f}",
+                        obj_shape=f"{object_shape_acc:.2f}", obj_digit=f"{object_digit_acc:.2f}",
                         scale=f"{b['max_scale']:.1f}")
         row = {"stage": 1, "step": step, "loss": loss.item(), "crop_digit_acc": acc, "object_patch_color_acc": color_acc,
-               "object_patch_shape_acc": shape_acc, "object_shape_acc": object_shape_acc, "max_scale": b["max_scale"], "lr": opt.param_groups[0]["lr"],
+               "object_patch_shape_acc": shape_acc, "object_shape_acc": object_shape_acc,
+               "legible_object_digit_acc": object_digit_acc, "max_scale": b["max_scale"], "lr": opt.param_groups[0]["lr"],
                "data_wait_s": round(loader.wait_s, 1)}
         if step % 50 == 0:
             log(row)
