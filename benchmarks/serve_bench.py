@@ -26,6 +26,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from collab.config import POLICIES
 from collab.paths import DEFAULT_CONFIG, REPO_ROOT
 
 
@@ -95,7 +96,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", default=None,
                    help="override model.path (a local directory), e.g. a heavier random model from "
                         "`python -m collab.models.tiny`, to see how the ratios move with the cost of a query")
-    p.add_argument("--policy", default="entropy", choices=["never", "always", "random", "entropy"])
+    p.add_argument("--policy", default="entropy", choices=POLICIES)
     p.add_argument("--requests", type=int, default=40, help="queries per measurement")
     p.add_argument("--clients", type=int, default=8, help="concurrent edges for the saturated DAG run")
     p.add_argument("--out", default="runs/serve_bench.json")

@@ -8,13 +8,14 @@ the offending field (pydantic's own error paths).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 ScoreKind = Literal["min_entropy", "shannon", "margin"]
 PolicyName = Literal["never", "always", "random", "entropy"]
+POLICIES: tuple[str, ...] = get_args(PolicyName)  # every CLI's choices, the API's form type, the gate
 QueryRows = Literal["last_input", "answer", "all"]
 
 LLAVA15_PROMPT = "USER: <image>\n{question} Answer the question using a single word or phrase. ASSISTANT:"
@@ -140,24 +141,38 @@ class ConfigError(ValueError):
     """A configuration file that cannot be used; the message names the file and field."""
 
 
-def parse_sets(items: list[str], model_path: str | None = None) -> dict:
-    """Command-line `--set` items, ['attention.layer=2', ...] -> {'attention': {'layer': 2}} (values
-    parsed as YAML), plus a `--model` path, for load_config's overrides."""
+def nested(flat: dict) -> dict:
+    """{'attention.layer': 2, 'agents': 8} -> {'attention': {'layer': 2}, 'agents': 8}: dotted keys
+    (from `--set` or from a CLI's own flags) as the nested overrides every loader merges."""
     out: dict = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+    for key, value in flat.items():
         node = out
         *parents, leaf = key.split(".")
         for part in parents:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"--set {item!r}: {part!r} was already set to a value, not a section")
+                raise ConfigError(f"{key!r}: {part!r} was already set to a value, not a section")
+        node[leaf] = deep_merge(node[leaf], value) if isinstance(node.get(leaf), dict) and isinstance(value, dict) else value
+    return out
+
+
+def parse_sets(items: list[str], model_path: str | None = None) -> dict:
+    """Command-line `--set` items, ['attention.layer=2', ...] -> {'attention': {'layer': 2}} (values
+    parsed as YAML), plus a `--model` path, for the loaders' overrides. One parser for every config."""
+    flat: dict = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
         try:
-            node[leaf] = yaml.safe_load(value)
+            flat[key] = yaml.safe_load(value)
         except yaml.YAMLError as exc:
             raise ConfigError(f"--set {item!r}: the value is not YAML ({exc})") from None
+    try:
+        out = nested(flat)
+    except ConfigError as exc:
+        raise ConfigError(f"--set {exc}") from None
     if model_path:
         model = out.setdefault("model", {})
         if not isinstance(model, dict):
@@ -188,27 +203,36 @@ def validation_message(exc: ValidationError, source: str, what: str = "configura
     return "\n".join(lines)
 
 
+Model = TypeVar("Model", bound=BaseModel)
+
+
+def load_typed(cls: type[Model], raw: dict, overrides: dict | None = None, source: str = "<config>",
+               what: str = "configuration") -> Model:
+    """The one way a config is built: a mapping (read_yaml_mapping's, or {} for the defaults), nested
+    overrides merged over it, validated into `cls`; ConfigError naming each bad field otherwise."""
+    if overrides:
+        raw = deep_merge(raw, overrides)
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(validation_message(exc, source, what)) from None
+
+
 def load_config(path: str | Path, overrides: dict | None = None) -> CollabConfig:
     """Read a YAML file into a CollabConfig. Relative model paths resolve against the repo root."""
-    raw = read_yaml_mapping(path)
-    if overrides:
-        raw = _deep_merge(raw, overrides)
-    return parse_config(raw, source=str(path))
+    return load_typed(CollabConfig, read_yaml_mapping(path), overrides, str(path))
 
 
 def parse_config(raw: dict, source: str = "<config>") -> CollabConfig:
     """Validate a dict; errors list each bad field as a dotted path."""
-    try:
-        return CollabConfig.model_validate(raw)
-    except ValidationError as exc:
-        raise ConfigError(validation_message(exc, source)) from None
+    return load_typed(CollabConfig, raw, None, source)
 
 
-def _deep_merge(base: dict, extra: dict) -> dict:
+def deep_merge(base: dict, extra: dict) -> dict:
     out = dict(base)
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
+            out[key] = deep_merge(out[key], value)
         else:
             out[key] = value
     return out

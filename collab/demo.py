@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 from collab.backends import ModelLoadError, load_backend
-from collab.config import ConfigError, load_config
+from collab.config import POLICIES, ConfigError, load_config
 from collab.paths import DEFAULT_CONFIG, REPO_ROOT
 from collab.pipeline import ReferencePipeline
 
@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--question", help="question about --image")
     p.add_argument("--n", type=int, default=4, help="synthetic items to run when no --image (default: %(default)s)")
     p.add_argument("--seed", type=int, default=2024, help="synthetic benchmark seed (default: %(default)s)")
-    p.add_argument("--policy", choices=["never", "always", "random", "entropy"], help="override gate.policy")
+    p.add_argument("--policy", choices=POLICIES, help="override gate.policy")
     p.add_argument("--threshold", type=float, help="override gate.threshold")
     p.add_argument("--compact", action="store_true", help="one line per record instead of indented JSON")
     return p

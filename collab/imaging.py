@@ -201,6 +201,19 @@ def round_trip(image: Image.Image, fmt: ImageFormat = "jpeg", quality: int = 90)
     return decode_image(encode_image(image, fmt, quality).data)
 
 
+def global_payload(original: Image.Image, encoder_size: tuple[int, int], mode: GlobalMode = "resize",
+                   fmt: ImageFormat = "jpeg", quality: int = 90, pad_color: tuple[int, int, int] = (0, 0, 0)) -> Payload:
+    """What the edge uploads first: the global image at the encoder's size, encoded. The one
+    implementation for the pipeline, the evaluation and the HTTP edge client."""
+    return encode_image(make_global_image(original, encoder_size, mode, pad_color)[0], fmt, quality)
+
+
+def local_payload(original: Image.Image, box: Box, local_size: tuple[int, int], fmt: ImageFormat = "jpeg",
+                  quality: int = 90) -> Payload:
+    """What the edge uploads on `need_roi`: the crop of the ORIGINAL at the box, at `local_size`, encoded."""
+    return encode_image(crop_local_image(original, box, local_size), fmt, quality)
+
+
 def full_resolution_bytes(original: Image.Image, fmt: ImageFormat = "jpeg", quality: int = 90) -> int:
     """Bytes of sending the whole original: the high-resolution reference cost."""
     return encode_image(original, fmt, quality).nbytes

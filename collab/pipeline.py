@@ -19,7 +19,7 @@ from PIL import Image
 from collab import stages
 from collab.backends.base import VLMBackend
 from collab.config import CollabConfig
-from collab.imaging import crop_local_image, decode_image, encode_image, load_image, make_global_image
+from collab.imaging import decode_image, global_payload, load_image, local_payload
 from collab.policies import PolicySpec
 
 
@@ -99,10 +99,10 @@ class ReferencePipeline:
         original = load_image(image)
 
         with timer("edge_global"):
-            global_image, _ = make_global_image(original, info.encoder_size, cfg.imaging.global_mode, cfg.imaging.pad_color)
-            global_payload = encode_image(global_image, cfg.imaging.format, cfg.imaging.jpeg_quality)
+            im = cfg.imaging
+            sent = global_payload(original, info.encoder_size, im.global_mode, im.format, im.jpeg_quality, im.pad_color)
         with timer("encode_global"):
-            global_features = self.backend.encode_images([decode_image(global_payload.data)])[0]
+            global_features = self.backend.encode_images([decode_image(sent.data)])[0]
         with timer("first_pass"):
             first = stages.first_pass(self.backend, global_features, question, spec, key)
 
@@ -116,13 +116,12 @@ class ReferencePipeline:
             with timer("roi_search"):
                 roi = stages.locate(att, original.size, info.encoder_size, cfg.imaging.global_mode, cfg.roi)
             with timer("edge_local"):
-                local_image = crop_local_image(original, roi.box, info.encoder_size)
-                local_payload = encode_image(local_image, cfg.imaging.format, cfg.imaging.jpeg_quality)
+                local = local_payload(original, roi.box, info.encoder_size, im.format, im.jpeg_quality)
             with timer("encode_local"):
-                local_features = self.backend.encode_images([decode_image(local_payload.data)])[0]
+                local_features = self.backend.encode_images([decode_image(local.data)])[0]
             with timer("refine"):
                 refined = stages.refined_pass(self.backend, global_features, local_features, question)
-            refined_answer, box, ratio, local_bytes = refined.answer, roi.box.as_list(), roi.ratio, local_payload.nbytes
+            refined_answer, box, ratio, local_bytes = refined.answer, roi.box.as_list(), roi.ratio, local.nbytes
 
         return QueryRecord(
             question_id=str(key),
@@ -140,7 +139,7 @@ class ReferencePipeline:
             box=box,
             roi_ratio=ratio,
             original_size=original.size,
-            global_bytes=global_payload.nbytes,
+            global_bytes=sent.nbytes,
             local_bytes=local_bytes,
             first_token_ids=gen.token_ids,
             times_ms=timer.ms,

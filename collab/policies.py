@@ -9,9 +9,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, replace
 
-from collab.config import GateConfig, PolicyName, ScoreKind
-
-POLICIES = ("never", "always", "random", "entropy")
+from collab.config import POLICIES, GateConfig, PolicyName, ScoreKind
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ what makes the pipeline a correctness oracle for the distributed DAG.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -28,6 +28,34 @@ class FirstPass:
     uncertainties: dict[str, float]  # aggregated, higher = more unsure
     uncertainty: float  # the gate's score kind
     refine: bool
+
+
+@dataclass
+class StageAnswer:
+    """A decoded answer as a serving stage hands it on across processes (no logits)."""
+
+    answer: str
+    token_ids: list[int]
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class GatedAnswer(StageAnswer):
+    """The first-pass stage's result: the answer, its scores, the gate's decision and, when the
+    gate fires, the attention grid the RoI search reads."""
+
+    uncertainty: float | None = None
+    uncertainties: dict[str, float] = field(default_factory=dict)
+    refine: bool = False
+    attention: np.ndarray | None = None
+
+
+@dataclass
+class Located:
+    """The RoI stage's result."""
+
+    roi: RoIResult
+    timings_ms: dict[str, float] = field(default_factory=dict)
 
 
 def first_pass(backend: VLMBackend, global_features: torch.Tensor, question: str, spec: PolicySpec, key: str) -> FirstPass:

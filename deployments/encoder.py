@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from dataclasses import asdict
 
 import torch
@@ -15,7 +14,7 @@ from deployments import metrics
 from deployments.common import load_model
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=32)
+@serve.deployment  # options: serve_config.yaml `deployments:`
 class VisionEncoder:
     def __init__(self, args: AppArgs):
         self.config, self.backend = load_model(args)
@@ -27,13 +26,11 @@ class VisionEncoder:
         return asdict(self.backend.info)
 
     def _encode(self, images: list[bytes]) -> list[torch.Tensor]:
-        start = time.perf_counter()
-        pixels = self.backend.preprocess([decode_image(b) for b in images])
-        out = [f.cpu() for f in self.backend.encode(pixels)]
-        metrics.stage_latency().observe((time.perf_counter() - start) * 1000, tags={"stage": "encode"})
-        return out
+        with metrics.timed("encode"):
+            pixels = self.backend.preprocess([decode_image(b) for b in images])
+            return [f.cpu() for f in self.backend.encode(pixels)]
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    @serve.batch  # size and wait: AppArgs.encoder_batch, set in __init__
     async def encode(self, images: list[bytes]) -> list[torch.Tensor]:
         """Batched: one vision-tower pass for every request that arrived within the wait window."""
         self.batch_sizes.append(len(images))

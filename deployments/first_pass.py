@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import torch
 from ray import serve
@@ -15,35 +14,27 @@ from deployments import metrics
 from deployments.common import load_model
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=8)
+@serve.deployment  # options: serve_config.yaml `deployments:`
 class FirstPassDecoder:
     def __init__(self, args: AppArgs):
         self.config, self.backend = load_model(args)
 
-    def _run(self, features: torch.Tensor, question: str, policy: dict, key: str) -> dict:
-        start = time.perf_counter()
-        first = stages.first_pass(self.backend, features, question, PolicySpec(**policy), key)
+    def _run(self, features: torch.Tensor, question: str, policy: PolicySpec, key: str) -> stages.GatedAnswer:
+        out = stages.GatedAnswer(answer="", token_ids=[])
+        with metrics.timed("first_pass", out.timings_ms):
+            first = stages.first_pass(self.backend, features, question, policy, key)
         gen = first.generation
-        out = {
-            "answer": gen.answer,
-            "uncertainty": first.uncertainty,
-            "uncertainties": first.uncertainties,
-            "refine": first.refine,
-            "token_ids": gen.token_ids,
-            "timings_ms": {"first_pass": (time.perf_counter() - start) * 1000},
-        }
+        out.answer, out.token_ids = gen.answer, gen.token_ids
+        out.uncertainty, out.uncertainties, out.refine = first.uncertainty, first.uncertainties, first.refine
         gate = metrics.gate()
-        gate.decisions.inc(tags={"policy": policy["name"], "decision": "refine" if first.refine else "answer"})
+        gate.decisions.inc(tags={"policy": policy.name, "decision": "refine" if first.refine else "answer"})
         if first.uncertainty is not None:
-            gate.score.observe(first.uncertainty, tags={"policy": policy["name"]})
-        metrics.stage_latency().observe(out["timings_ms"]["first_pass"], tags={"stage": "first_pass"})
+            gate.score.observe(first.uncertainty, tags={"policy": policy.name})
         if first.refine:  # attention only when the gate fires: it costs two more forward passes
-            start = time.perf_counter()
-            answer_ids = gen.token_ids[: gen.n_answer_tokens]
-            out["attention"] = stages.attention_map(self.backend, features, question, answer_ids, self.config.attention)
-            out["timings_ms"]["attention"] = (time.perf_counter() - start) * 1000
-            metrics.stage_latency().observe(out["timings_ms"]["attention"], tags={"stage": "attention"})
+            with metrics.timed("attention", out.timings_ms):
+                answer_ids = gen.token_ids[: gen.n_answer_tokens]
+                out.attention = stages.attention_map(self.backend, features, question, answer_ids, self.config.attention)
         return out
 
-    async def run(self, features: torch.Tensor, question: str, policy: dict, key: str) -> dict:
+    async def run(self, features: torch.Tensor, question: str, policy: PolicySpec, key: str) -> stages.GatedAnswer:
         return await asyncio.to_thread(self._run, features, question, policy, key)

@@ -30,6 +30,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from collab.backends.base import UNICODE_WHITESPACE, InvalidQuestion
+from collab.config import PolicyName
 from collab.imaging import InvalidUpload, encode_image, inspect_upload, server_global, upload_cap
 from collab.policies import POLICIES, PolicySpec
 from deployments import limits, metrics
@@ -55,6 +56,13 @@ app = FastAPIOffline(  # /docs and /redoc with their assets served by the app: t
     description="Collaborative edge-server VLM inference: the edge sends a low-resolution global image; "
     "when the server is unsure it asks for a crop of the original (`need_roi`), sent to `/v1/refine`.",
 )
+
+
+def done(endpoint: str, policy: str, outcome: str, started: float, timings: dict) -> None:
+    """A request answered: its total latency (timings['total'], collab_stage_latency_ms{ENDPOINT_total})
+    and its count by outcome."""
+    metrics.record(f"{endpoint}_total", started, timings, "total")
+    metrics.gateway().requests.inc(tags={"endpoint": endpoint, "policy": policy, "outcome": outcome})
 
 
 def finite(value: float | None) -> float | None:
@@ -235,7 +243,7 @@ def _check_limits(request: Request) -> JSONResponse | None:
     return None
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=200)
+@serve.deployment  # options: serve_config.yaml `deployments:`
 @serve.ingress(app)
 class Gateway:
     def __init__(
@@ -334,7 +342,7 @@ class Gateway:
                                           description="width of the ORIGINAL image (default: the uploaded image's)"),
         original_height: int = Form(None, ge=1, le=MAX_ORIGINAL_SIDE,
                                            description="height of the ORIGINAL image (default: the uploaded image's)"),
-        policy: Literal["never", "always", "random", "entropy"] = Form(None, description="default: the server's (GET /v1/models)"),
+        policy: PolicyName = Form(None, description="default: the server's (GET /v1/models)"),
         threshold: float = Form(None, gt=-1e6, lt=1e6, description="gate threshold (a finite number; default: the server's)"),
         client_id: str = Form(None, max_length=200, description="owner of the refine session, if given"),
         question_id: str = Form(None, max_length=200, description="stable id; keys the random policy"),
@@ -356,38 +364,35 @@ class Gateway:
 
         features = self.encoder.encode.remote(data)  # stays a DeploymentResponse: chained, not fetched
         try:
-            first = await self._deadline(self.first_pass.run.remote(features, question, spec.__dict__, key))
+            first = await self._deadline(self.first_pass.run.remote(features, question, spec, key))
         except InvalidQuestion as exc:  # checked with the model's own tokenizer, in the decoder
             raise error(422, remote_message(exc)) from None
-        timings = dict(first["timings_ms"])
+        timings = dict(first.timings_ms)
         m = metrics.gateway()
         m.uplink_bytes.inc(len(upload), tags={"stage": "global"})
         if spec.name == "entropy":
             m.threshold.set(spec.threshold, tags={"policy": spec.name})
-        if not first["refine"]:
-            timings["total"] = (time.perf_counter() - started) * 1000
-            m.requests.inc(tags={"endpoint": "query", "policy": spec.name, "outcome": "answered"})
-            metrics.stage_latency().observe(timings["total"], tags={"stage": "query_total"})
-            return Answered(answer=first["answer"], stage=1, score=finite(first["uncertainty"]), scores=finite_scores(first["uncertainties"]),
-                            policy=spec.name, first_answer=first["answer"], bytes_received=len(upload), timings_ms=timings,
+        if not first.refine:
+            done("query", spec.name, "answered", started, timings)
+            return Answered(answer=first.answer, stage=1, score=finite(first.uncertainty), scores=finite_scores(first.uncertainties),
+                            policy=spec.name, first_answer=first.answer, bytes_received=len(upload), timings_ms=timings,
                             global_made_by=made_by)
 
-        roi = await self._deadline(self.roi_search.locate.remote(first["attention"], (original_width, original_height), tuple(info["encoder_size"])))
-        timings.update(roi["timings_ms"])
-        meta = {"question": question, "box": roi["box"], "client_id": client_id, "policy": spec.name,
-                "first_answer": first["answer"], "score": first["uncertainty"], "original_size": [original_width, original_height]}
+        located = await self._deadline(self.roi_search.locate.remote(first.attention, (original_width, original_height), encoder_size))
+        timings.update(located.timings_ms)
+        box = located.roi.box.as_list()
+        meta = {"question": question, "box": box, "client_id": client_id, "policy": spec.name,
+                "first_answer": first.answer, "score": first.uncertainty, "original_size": [original_width, original_height]}
         try:
             session = await self._deadline(self.sessions.create.remote(features, meta))
         except SessionTooLarge as exc:
             log.error("session store too small: %s", remote_message(exc))
             raise error(503, f"the server cannot hold a refine session for this request: {remote_message(exc)}; "
                              "raise sessions.max_bytes in the app args") from None
-        timings["total"] = (time.perf_counter() - started) * 1000
-        m.requests.inc(tags={"endpoint": "query", "policy": spec.name, "outcome": "need_roi"})
-        metrics.stage_latency().observe(timings["total"], tags={"stage": "query_total"})
-        return NeedRoI(session_id=session["session_id"], box=roi["box"], local_size=list(info["encoder_size"]),
-                       expires_in=session["expires_in"], first_answer=first["answer"], score=finite(first["uncertainty"]),
-                       scores=finite_scores(first["uncertainties"]), policy=spec.name, bytes_received=len(upload), timings_ms=timings,
+        done("query", spec.name, "need_roi", started, timings)
+        return NeedRoI(session_id=session["session_id"], box=box, local_size=list(info["encoder_size"]),
+                       expires_in=session["expires_in"], first_answer=first.answer, score=finite(first.uncertainty),
+                       scores=finite_scores(first.uncertainties), policy=spec.name, bytes_received=len(upload), timings_ms=timings,
                        global_made_by=made_by)
 
     @app.post("/v1/refine", response_model=Answered,
@@ -452,9 +457,9 @@ class Gateway:
             refined = await self._deadline(self.refined.run.remote(global_features, local, meta["question"]))
         except KeyError:  # features gone: the session expired or was evicted meanwhile
             raise error(410, "the session expired during the refine: keep the first-pass answer") from None
-        timings = dict(refined["timings_ms"])
-        timings["total"] = (time.perf_counter() - started) * 1000
-        reply = Answered(answer=refined["answer"], stage=2, score=finite(meta["score"]), policy=meta["policy"],
+        timings = dict(refined.timings_ms)
+        metrics.record("refine_total", started, timings, "total")
+        reply = Answered(answer=refined.answer, stage=2, score=finite(meta["score"]), policy=meta["policy"],
                          first_answer=meta["first_answer"], bytes_received=len(data), timings_ms=timings)
         stored = await self._deadline(self.sessions.complete.remote(session_id, claim, reply.model_dump()))
         if not stored:  # this claim's lease ran out and another refine completed the session: its reply stands
@@ -467,5 +472,4 @@ class Gateway:
         m = metrics.gateway()
         m.uplink_bytes.inc(len(data), tags={"stage": "local"})
         m.requests.inc(tags={"endpoint": "refine", "policy": meta["policy"], "outcome": "refined"})
-        metrics.stage_latency().observe(timings["total"], tags={"stage": "refine_total"})
         return reply

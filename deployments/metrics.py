@@ -8,6 +8,8 @@ one of them (batch sizes come from Serve's own `serve_actual_batch_size`); tests
 
 from __future__ import annotations
 
+import time
+from contextlib import contextmanager
 from functools import cache
 from types import SimpleNamespace
 
@@ -22,6 +24,24 @@ FRACTIONS = [0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0]
 def stage_latency() -> Histogram:
     return Histogram("collab_stage_latency_ms", description="Server time of one stage of one request (ms)",
                      boundaries=LATENCY_MS, tag_keys=("stage",))
+
+
+def record(stage: str, started: float, timings: dict | None = None, key: str | None = None) -> float:
+    """Milliseconds since `started` (perf_counter), observed as collab_stage_latency_ms{stage} and,
+    if given, written to timings[key or stage] (the reply's timings_ms)."""
+    ms = (time.perf_counter() - started) * 1000
+    stage_latency().observe(ms, tags={"stage": stage})
+    if timings is not None:
+        timings[key or stage] = ms
+    return ms
+
+
+@contextmanager
+def timed(stage: str, timings: dict | None = None):
+    """`with timed("encode"):` records the block's latency as `record` does (not when it raises)."""
+    started = time.perf_counter()
+    yield
+    record(stage, started, timings)
 
 
 @cache

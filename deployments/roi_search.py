@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 from ray import serve
 
@@ -13,15 +11,15 @@ from deployments import metrics
 from deployments.common import load_collab_config
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=32)
+@serve.deployment  # options: serve_config.yaml `deployments:`
 class RoISearch:
     def __init__(self, args: AppArgs):
         self.config = load_collab_config(args)
 
-    def locate(self, attention: np.ndarray, original_size: tuple[int, int], encoder_size: tuple[int, int]) -> dict:
-        start = time.perf_counter()
-        roi = stages.locate(attention, tuple(original_size), tuple(encoder_size), self.config.imaging.global_mode, self.config.roi)
-        elapsed = (time.perf_counter() - start) * 1000
-        metrics.stage_latency().observe(elapsed, tags={"stage": "roi_search"})
+    def locate(self, attention: np.ndarray, original_size: tuple[int, int], encoder_size: tuple[int, int]) -> stages.Located:
+        timings: dict[str, float] = {}
+        with metrics.timed("roi_search", timings):
+            roi = stages.locate(attention, tuple(original_size), tuple(encoder_size), self.config.imaging.global_mode,
+                                self.config.roi)
         metrics.roi().area.observe(roi.box.area / max(1, original_size[0] * original_size[1]))
-        return {"box": roi.box.as_list(), "ratio": roi.ratio, "timings_ms": {"roi_search": elapsed}}
+        return stages.Located(roi, timings)

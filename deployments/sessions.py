@@ -160,7 +160,7 @@ def digest(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.05}, max_ongoing_requests=256, num_replicas=1)
+@serve.deployment  # options: serve_config.yaml `deployments:`
 class SessionStore:
     """One replica: the single source of truth for refine sessions.
 

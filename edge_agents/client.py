@@ -13,7 +13,7 @@ import httpx
 from PIL import Image
 
 from collab.geometry import Box
-from collab.imaging import ImageFormat, crop_local_image, encode_image, load_image, make_global_image
+from collab.imaging import ImageFormat, global_payload, load_image, local_payload
 
 MIME = {"jpeg": "image/jpeg", "png": "image/png"}
 
@@ -49,15 +49,14 @@ class EdgeImaging:
 
 
 def global_upload(original: Image.Image, info: dict, imaging: EdgeImaging):
-    """The global payload and the form fields describing the original."""
-    size = tuple(info["encoder_size"])
+    """The global image as the server's /v1/models asks for it (size, global-image mode)."""
     mode = info.get("defaults", {}).get("global_mode", "resize")
-    global_image, _ = make_global_image(original, size, mode)
-    return encode_image(global_image, imaging.format, imaging.jpeg_quality)
+    return global_payload(original, tuple(info["encoder_size"]), mode, imaging.format, imaging.jpeg_quality)
 
 
 def local_upload(original: Image.Image, box: list[int], local_size: list[int], imaging: EdgeImaging):
-    return encode_image(crop_local_image(original, Box.from_seq(box), tuple(local_size)), imaging.format, imaging.jpeg_quality)
+    """The crop a `need_roi` reply asks for (box in original pixels, at local_size)."""
+    return local_payload(original, Box.from_seq(box), tuple(local_size), imaging.format, imaging.jpeg_quality)
 
 
 class EdgeClient:

@@ -23,12 +23,12 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
+from collab.progress import progress as progress_bar
 from edge_agents import report
-from edge_agents.config import LoadTestConfig, LoadTestConfigError, load_loadtest_config
+from collab.config import POLICIES, ConfigError, deep_merge, nested, parse_sets
+from edge_agents.config import LoadTestConfig, load_loadtest_config
 
-POLICIES = ("never", "always", "random", "entropy")
 
 
 # ------------------------------------------------------------------------------------ Ray side
@@ -104,7 +104,7 @@ def run_load(config: LoadTestConfig, *, policy: str | None = None, progress: boo
         run_start = time.time()
         ray.get([h.start.remote(run_start) for h in hosts])
         deadline = run_start + w.duration_s + w.drain_s
-        bar = tqdm(total=int(w.duration_s), unit="s", desc=label or f"{config.agents} agents", disable=not progress, dynamic_ncols=True)
+        bar = progress_bar(total=int(w.duration_s), unit="s", desc=label or f"{config.agents} agents", disable=not progress)
         stopped = False
         last_sample = 0.0
         while True:
@@ -251,8 +251,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args) -> LoadTestConfig:
-    import yaml
-
     flags = {
         "url": args.url, "agents": args.agents, "policy": args.policy, "agents_per_actor": args.agents_per_actor,
         "metrics_port": args.metrics_port, "workload.duration_s": args.duration, "workload.mode": args.mode,
@@ -260,12 +258,7 @@ def config_from_args(args) -> LoadTestConfig:
         "channel.capacity_mbps": args.channel_mbps, "channel.discipline": args.discipline,
         "source.synthetic": args.synthetic, "source.dataset": args.dataset,
     }
-    overrides = {k: v for k, v in flags.items() if v is not None}
-    for item in args.set:
-        if "=" not in item:
-            raise LoadTestConfigError(f"--set expects KEY=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        overrides[key.strip()] = yaml.safe_load(value)
+    overrides = deep_merge(nested({k: v for k, v in flags.items() if v is not None}), parse_sets(args.set))
     return load_loadtest_config(args.config, overrides)
 
 
@@ -283,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         config = config_from_args(args)
-    except LoadTestConfigError as exc:
+    except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     sweep_agents = parse_int_list(args.sweep_agents, "--sweep-agents") if args.sweep_agents else None

@@ -34,9 +34,9 @@ def load_items(source: Source, shard: int = 0, shards: int = 1) -> list[EdgeItem
         examples = load_dataset(source.dataset, limit=source.limit)
         picked = examples[shard::shards] or examples[shard % max(1, len(examples)) :][:1]
         return [EdgeItem(e.question_id, e.question, list(e.answers), e.load_image, e.kind) for e in picked]
-    from collab.data.synthetic import generate_item
+    from collab.data.synthetic import generate_item, parse_split
 
-    seed, n = (int(v) for v in source.synthetic.split(":"))
+    seed, n = parse_split(source.synthetic)
     n = min(n, source.limit) if source.limit else n
     if n < 1:
         raise ValueError("the synthetic source has no items (N must be >= 1)")

@@ -468,6 +468,20 @@ def generate_item(seed: int, index: int, *, fine_fraction: float = 0.5, kind: st
     return item_from_scene(scene, question, question_id=f"syn-{seed}-{index:06d}", seed=seed, index=index)
 
 
+def parse_split(text: str) -> tuple[int, int]:
+    """'4242:500' -> (4242, 500): the SEED:N that names a split on every command line and config."""
+    seed, sep, n = str(text).strip().partition(":")
+    try:
+        if not sep:
+            raise ValueError
+        seed_i, n_i = int(seed), int(n)
+    except ValueError:
+        raise ValueError(f"expected SEED:N (e.g. 4242:500), got {text!r}") from None
+    if n_i < 1:
+        raise ValueError(f"N must be >= 1 in SEED:N, got {text!r}")
+    return seed_i, n_i
+
+
 def generate_items(seed: int, n: int, *, start: int = 0, **kw) -> Iterator[SyntheticItem]:
     """Items start .. start+n-1 of split `seed` (keyword arguments as for generate_item)."""
     for index in range(start, start + n):
@@ -480,14 +494,14 @@ def generate_items(seed: int, n: int, *, start: int = 0, **kw) -> Iterator[Synth
 
 def write_dataset(out_dir: str | Path, seed: int, n: int, *, fine_fraction: float = 0.5, progress: bool = True, **kw) -> Path:
     """Write images/<question_id>.png, questions.jsonl and dataset.json under out_dir; returns out_dir."""
-    from tqdm import tqdm
+    from collab.progress import progress as progress_bar
 
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     items = generate_items(seed, n, fine_fraction=fine_fraction, **kw)
     records = []
     with open(out / "questions.jsonl", "w", encoding="utf-8") as f:
-        for item in tqdm(items, total=n, desc=f"synthetic seed={seed}", disable=not progress, unit="item"):
+        for item in progress_bar(items, total=n, desc=f"synthetic seed={seed}", disable=not progress, unit="item"):
             # Level 1: the grain makes PNGs ~400 KiB at any level; 1 is 4x faster than the default 6.
             item.image.save(out / "images" / item.image_name, format="PNG", compress_level=1)
             records.append(item.to_record())

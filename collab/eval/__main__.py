@@ -19,6 +19,7 @@ import numpy as np
 
 from collab.backends import ModelLoadError, load_backend
 from collab.config import ConfigError, load_config, parse_sets
+from collab.data.synthetic import parse_split
 from collab.eval import plots
 from collab.eval.report import build_report, calibrate_threshold
 from collab.eval.runner import Evaluator, EvalItem, dataset_items, decisions, synthetic_items
@@ -26,16 +27,11 @@ from collab.paths import DEFAULT_CONFIG, REPO_ROOT
 from collab.policies import POLICIES, PolicySpec
 
 
-
 def split_spec(text: str) -> tuple[int, int]:
     try:
-        seed, n = text.split(":")
-        seed_i, n_i = int(seed), int(n)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected SEED:N (e.g. 4242:500), got {text!r}") from None
-    if n_i < 1:
-        raise argparse.ArgumentTypeError("N must be >= 1")
-    return seed_i, n_i
+        return parse_split(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="override model.path")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config field, e.g. --set attention.layer=2 --set attention.relative=false (YAML values)")
-    p.add_argument("--policies", default="never,always,random,entropy", help="comma list of %s (default: %%(default)s)" % ",".join(POLICIES))
+    p.add_argument("--policies", default=",".join(POLICIES), help="comma list of %s (default: %%(default)s)" % ",".join(POLICIES))
     p.add_argument("--threshold", type=float, help="entropy threshold (default: config gate.threshold)")
     p.add_argument("--calibrate", type=split_spec, metavar="SEED:N", help="pick the threshold on a separate synthetic split: "
                    "the highest threshold whose accuracy is within --tolerance of `always`")

@@ -10,6 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from collab.config import POLICIES  # noqa: E402
 from collab.eval.report import correct_mask  # noqa: E402
 from collab.eval.runner import EvalItem, ItemOutcome  # noqa: E402
 from collab.uncertainty import SCORE_KINDS, shared_histograms  # noqa: E402
@@ -42,6 +43,8 @@ def plot_separability(outcomes: list[ItemOutcome], report: dict, path: Path, bin
     plt.close(fig)
     return path
 
+POLICY_MARKERS = {"never": "s", "always": "^", "entropy": "*", "random": "x"}
+
 
 def plot_sweep(report: dict, path: Path) -> Path:
     sweep = sorted(report["sweep"], key=lambda p: p["extra_bytes_mean"])
@@ -49,7 +52,8 @@ def plot_sweep(report: dict, path: Path) -> Path:
     ax.plot([p["extra_bytes_mean"] / 1024 for p in sweep], [100 * p["accuracy"] for p in sweep], "o-", ms=3, label="entropy (threshold sweep)")
     ax.plot([p["random_extra_bytes_mean"] / 1024 for p in sweep], [100 * p["random_accuracy"] for p in sweep], "--", color="gray", label="random (matched rate, expected)")
     pol = report["policies"]
-    for name, marker in (("never", "s"), ("always", "^"), ("entropy", "*"), ("random", "x")):
+    for name in POLICIES:
+        marker = POLICY_MARKERS[name]
         if name in pol:
             ax.plot(pol[name]["extra_bytes_mean"] / 1024, 100 * pol[name]["accuracy"], marker, ms=11, label=f"{name} ({100 * pol[name]['accuracy']:.1f}%)")
     full = report["bytes"]["full_resolution_mean"] / 1024

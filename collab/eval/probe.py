@@ -30,7 +30,7 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
+from collab.progress import progress as progress_bar
 
 from collab.data.synthetic import COLORS, DIGITS, SHAPES, render_scene
 from collab.imaging import crop_local_image, make_global_image, round_trip
@@ -85,7 +85,7 @@ def collect(backend, config, n: int, seed: int, batch: int = 32, progress: bool 
     def sent(image):
         return round_trip(image, im.format, im.jpeg_quality)
 
-    bar = tqdm(total=n, desc="probe: encoding objects", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(total=n, desc="probe: encoding objects", disable=not progress)
     done = 0
     while done < n:
         k = min(batch, n - done)

@@ -14,7 +14,7 @@ import numpy as np
 
 from collab.eval.runner import ItemOutcome, decisions, length_key, policy_result
 from collab.geometry import Box
-from collab.policies import PolicySpec, stable_uniform
+from collab.policies import PolicySpec
 from collab.uncertainty import SCORE_KINDS, separability
 
 
@@ -141,14 +141,7 @@ def build_report(outcomes: list[ItemOutcome], spec: PolicySpec, policies: list[s
     n = len(outcomes)
     results = {}
     for name in policies:
-        if name == "never":
-            refine = np.zeros(n, dtype=bool)
-        elif name == "always":
-            refine = np.ones(n, dtype=bool)
-        elif name == "random":
-            refine = np.array([stable_uniform(spec.seed, o.question_id) < spec.random_rate for o in outcomes])
-        else:
-            refine = decisions(outcomes, replace(spec, name="entropy"))
+        refine = decisions(outcomes, replace(spec, name=name))  # the serving gate's own rule, per policy
         results[name] = policy_result(outcomes, refine)
     if "entropy" in results:
         rate = results["entropy"]["refine_rate"]

@@ -15,14 +15,14 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from collab import stages
+from collab.progress import progress
 from collab.backends.base import VLMBackend
 from collab.config import CollabConfig
 from collab.data.vqa import vqa_accuracy
 from collab.geometry import Box
-from collab.imaging import crop_local_image, decode_image, encode_image, full_resolution_bytes, load_image, make_global_image
+from collab.imaging import decode_image, full_resolution_bytes, global_payload, load_image, local_payload
 from collab.policies import PolicySpec, should_refine
 from collab.roi import box_around
 from collab.uncertainty import answer_uncertainties
@@ -117,17 +117,17 @@ class Evaluator:
         info = backend.info
         self.base_side = config.roi.side_for(info.encoder_size)
 
-    def _send(self, image: Image.Image):
-        im = self.config.imaging
-        payload = encode_image(image, im.format, im.jpeg_quality)
+    def _send(self, payload):
+        """Bytes of an edge upload and the visual tokens the server gets from it."""
         return payload.nbytes, self.backend.encode_images([decode_image(payload.data)])[0]
 
     def run_item(self, item: EvalItem, index: int = 0) -> ItemOutcome:
         cfg, info, backend = self.config, self.backend.info, self.backend
         original = load_image(item.load())
         size = info.encoder_size
-        global_image, _ = make_global_image(original, size, cfg.imaging.global_mode, cfg.imaging.pad_color)
-        global_bytes, global_features = self._send(global_image)
+        im = cfg.imaging
+        global_bytes, global_features = self._send(
+            global_payload(original, size, im.global_mode, im.format, im.jpeg_quality, im.pad_color))
         full_bytes = full_resolution_bytes(original, cfg.imaging.format, cfg.imaging.jpeg_quality)
 
         gen = backend.generate([global_features], item.question)
@@ -141,7 +141,7 @@ class Evaluator:
         by_layer = dict(zip(layers, maps))
         chosen = by_layer[cfg.attention.layer % info.num_layers]
         roi = stages.locate(chosen, original.size, size, cfg.imaging.global_mode, cfg.roi)
-        local_bytes, local_features = self._send(crop_local_image(original, roi.box, size))
+        local_bytes, local_features = self._send(local_payload(original, roi.box, size, im.format, im.jpeg_quality))
         refined = stages.refined_pass(backend, global_features, local_features, item.question)
 
         outcome = ItemOutcome(
@@ -172,7 +172,7 @@ class Evaluator:
                 layer_roi = stages.locate(by_layer[layer], original.size, size, cfg.imaging.global_mode, cfg.roi)
                 outcome.layer_hits[layer] = hit(layer_roi.box, item.target_box)
             gt_box = gt_crop_box(item.target_box, *original.size, self.base_side)
-            gt_bytes, gt_features = self._send(crop_local_image(original, gt_box, size))
+            gt_bytes, gt_features = self._send(local_payload(original, gt_box, size, im.format, im.jpeg_quality))
             gt_refined = stages.refined_pass(backend, global_features, gt_features, item.question)
             outcome.gt_local_bytes = gt_bytes
             outcome.gt_refined_answer = gt_refined.answer
@@ -180,7 +180,7 @@ class Evaluator:
         return outcome
 
     def run(self, items: Iterable[EvalItem], total: int | None = None, desc: str = "evaluating") -> list[ItemOutcome]:
-        return [self.run_item(item, i) for i, item in enumerate(tqdm(items, total=total, desc=desc, dynamic_ncols=True))]
+        return [self.run_item(item, i) for i, item in enumerate(progress(items, total=total, desc=desc))]
 
 
 # ------------------------------------------------------------------------------ policy outcomes

@@ -9,9 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from collab.config import ConfigError, _deep_merge, read_yaml_mapping, validation_message
+from collab.config import ConfigError, deep_merge, load_typed, read_yaml_mapping
 from collab.models.tiny import TinyLlavaSpec
 
 PROMPT = "USER: <image>\n{question} ASSISTANT:"
@@ -160,15 +160,10 @@ def read_recipe_file(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     base = raw.pop("base", None)
     if base is None:
         return raw
-    return _deep_merge(read_recipe_file(path.parent / str(base), (*seen, path.resolve())), raw)
+    return deep_merge(read_recipe_file(path.parent / str(base), (*seen, path.resolve())), raw)
 
 
 def load_recipe(path: str | Path | None, overrides: dict | None = None) -> Recipe:
     """A recipe from YAML (None: the defaults) with `--set` overrides; errors name the field."""
     raw = read_recipe_file(Path(path)) if path is not None else {}
-    if overrides:
-        raw = _deep_merge(raw, overrides)
-    try:
-        return Recipe.model_validate(raw)
-    except ValidationError as exc:
-        raise ConfigError(validation_message(exc, str(path or "<defaults>"), "recipe")) from None
+    return load_typed(Recipe, raw, overrides, str(path or "<defaults>"), "recipe")

@@ -15,10 +15,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
-from tqdm import tqdm
 
 from collab.data.synthetic import COLORS, MAX_OBJECTS, SHAPES, _draw_shape, render_scene
 from collab.imaging import crop_local_image, make_global_image, round_trip
+from collab.progress import progress
 from collab.roi import box_around
 from collab.training.data import BatchSpec, to_pixels
 from collab.training.loop import CosineSchedule, TimedBatches, autocast, make_loader, scheduled_batches, worker_shard
@@ -209,7 +209,7 @@ def train_tower(model, spec: BatchSpec, recipe: Recipe, log) -> int:
     stream = TowerStream(spec, stage.batch, recipe.seed, curriculum, stage.global_fraction, runtime.scene_reuse,
                          stage.legible_fraction)
     loader = TimedBatches(make_loader(stream, runtime.workers, device))
-    bar = tqdm(total=stage.steps, desc="stage 1: vision tower", dynamic_ncols=True)
+    bar = progress(total=stage.steps, desc="stage 1: vision tower")
     # objects cover a minority of the patches: down-weight background or it is all the tower learns
     color_w = torch.ones(len(COLOR_NAMES) + 1, device=device)
     shape_w = torch.ones(len(SHAPES) + 1, device=device)

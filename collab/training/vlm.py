@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
+from collab.progress import progress
 from collab.training.data import BatchSpec, BatchStream, answer_loss
 from collab.training.loop import CosineSchedule, TimedBatches, autocast, make_loader, scheduled_batches
 from collab.training.monitor import answer_metrics, localisation_metrics, monitor_items
@@ -42,7 +42,7 @@ def train_vlm(model, tokenizer, spec: BatchSpec, recipe: Recipe, out_dir: Path, 
     opt = torch.optim.AdamW(groups, weight_decay=stage.weight_decay)
     sched = CosineSchedule(opt, stage.warmup, stage.steps, stage.budget_s)
     items = monitor_items(recipe)
-    bar = tqdm(total=stage.steps, desc="stage 2: VLM", dynamic_ncols=True)
+    bar = progress(total=stage.steps, desc="stage 2: VLM")
     ema = None
 
     def evaluate(step: int) -> None:  # step: steps done
