@@ -5,7 +5,7 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 PY := $(VENV)/bin/python
 TORCH_PIN := torch==2.13.0   # the CPU build on this machine's disk; a newer pin pulls a multi-GB CUDA build
 
-.PHONY: install demo test test-slow prometheus clean
+.PHONY: install demo test test-slow lint format prometheus clean
 
 install: $(VENV)/.installed
 
@@ -24,6 +24,14 @@ test: install
 
 test-slow: install
 	$(PY) -m pytest -m slow
+
+lint: install  # ruff: the lint rules and the formatting pyproject.toml sets (line length 120)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install  # apply ruff's fixes and formatting
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 prometheus:  # Prometheus on 127.0.0.1:9090 with configs/prometheus/prometheus.yml (installs Debian's package if missing)
 	bash scripts/prometheus.sh

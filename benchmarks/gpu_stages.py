@@ -40,22 +40,44 @@ def build_config(shape: str, image_token_id: int, pad_token_id: int, bos: int, e
 
     if shape == "llava-1.5-7b":
         vision = CLIPVisionConfig(
-            hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-            image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu",
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            image_size=336,
+            patch_size=14,
+            projection_dim=768,
+            hidden_act="quick_gelu",
         )
         text = LlamaConfig(
-            vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-            num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5,
+            vocab_size=32064,
+            hidden_size=4096,
+            intermediate_size=11008,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            max_position_embeddings=4096,
+            rms_norm_eps=1e-5,
         )
         layer = 14  # ViCrop's attention layer for LLaVA-1.5
     elif shape == "tiny":
         vision = CLIPVisionConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-            image_size=56, patch_size=14, projection_dim=32,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=56,
+            patch_size=14,
+            projection_dim=32,
         )
         text = LlamaConfig(
-            vocab_size=32064, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-            num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
+            vocab_size=32064,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=1024,
         )
         layer = 1
     else:
@@ -63,8 +85,12 @@ def build_config(shape: str, image_token_id: int, pad_token_id: int, bos: int, e
     text.bos_token_id, text.eos_token_id, text.pad_token_id = bos, eos, pad_token_id
     text.tie_word_embeddings = False
     config = LlavaConfig(
-        vision_config=vision, text_config=text, image_token_id=image_token_id,
-        vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu",
+        vision_config=vision,
+        text_config=text,
+        image_token_id=image_token_id,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
     )
     return config, layer
 
@@ -89,7 +115,9 @@ def build_backend(shape: str, device: str, dtype: str, attn: str, max_new_tokens
     probe = build_config(shape, 0, 0, 0, 0)[0]
     tokenizer = build_tokenizer(probe.text_config.vocab_size)
     image_id = tokenizer.convert_tokens_to_ids("<image>")
-    config, layer = build_config(shape, image_id, tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
+    config, layer = build_config(
+        shape, image_id, tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id
+    )
     torch.manual_seed(seed)
     with torch.device(device):  # initialise on the device: a 7B fp32 init on the host would take minutes
         model = LlavaForConditionalGeneration._from_config(config, dtype=_DTYPES[dtype], attn_implementation=attn)
@@ -98,8 +126,10 @@ def build_backend(shape: str, device: str, dtype: str, attn: str, max_new_tokens
     )
     side = config.vision_config.image_size
     processor = CLIPImageProcessor(  # LLaVA-1.5's: CLIP mean/std, resize + centre crop to the tower's side
-        size={"shortest_edge": side}, crop_size={"height": side, "width": side},
-        image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711],
+        size={"shortest_edge": side},
+        crop_size={"height": side, "width": side},
+        image_mean=[0.48145466, 0.4578275, 0.40821073],
+        image_std=[0.26862954, 0.26130258, 0.27577711],
     )
     model_cfg = ModelConfig(
         path=f"random-{shape}", device=device, dtype=dtype, attn_implementation=attn, max_new_tokens=max_new_tokens
@@ -136,10 +166,15 @@ def baseline_generate(backend, global_image, question, max_new_tokens):
     pixels = backend.preprocess([global_image])
     with torch.inference_mode():
         out = backend.model.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels,
-            max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=backend.pad_token_id,
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            pixel_values=pixels,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            pad_token_id=backend.pad_token_id,
         )
-    return out[0, ids.shape[1]:].tolist()
+    return out[0, ids.shape[1] :].tolist()
 
 
 def measure(backend, layer, items, warmup, max_new_tokens, dev: Device) -> dict:
@@ -171,9 +206,13 @@ def measure(backend, layer, items, warmup, max_new_tokens, dev: Device) -> dict:
     # First pass alone (gate never fires): no attention read, so no kernel switch in between.
     never_ms = []
     for i, item in enumerate(items):
-        record = pipeline.run(item.image, item.question, question_id=item.question_id, policy=pipeline.policy(name="never"))
+        record = pipeline.run(
+            item.image, item.question, question_id=item.question_id, policy=pipeline.policy(name="never")
+        )
         if i >= warmup:
-            never_ms.append(record.times_ms["edge_global"] + record.times_ms["encode_global"] + record.times_ms["first_pass"])
+            never_ms.append(
+                record.times_ms["edge_global"] + record.times_ms["encode_global"] + record.times_ms["first_pass"]
+            )
 
     stage_ms: dict[str, list[float]] = {}
     total_ms, first_tokens, first_ms, same = [], [], [], 0
@@ -201,10 +240,15 @@ def measure(backend, layer, items, warmup, max_new_tokens, dev: Device) -> dict:
         "ours": {
             "p50_ms_per_stage": {k: p50(v) for k, v in stage_ms.items()},
             "p50_ms_first_pass_path": p50(
-                [a + b + c for a, b, c in zip(stage_ms["edge_global"], stage_ms["encode_global"], stage_ms["first_pass"])]
+                [
+                    a + b + c
+                    for a, b, c in zip(stage_ms["edge_global"], stage_ms["encode_global"], stage_ms["first_pass"])
+                ]
             ),
             # the same work as the baseline's one call (encode + prefill + decode), edge excluded
-            "p50_ms_encode_plus_first_pass": p50([a + b for a, b in zip(stage_ms["encode_global"], stage_ms["first_pass"])]),
+            "p50_ms_encode_plus_first_pass": p50(
+                [a + b for a, b in zip(stage_ms["encode_global"], stage_ms["first_pass"])]
+            ),
             "p50_ms_first_pass_path_gate_never": p50(never_ms),
             "p50_ms_total_with_refine": p50(total_ms),
             "first_pass_tokens_per_s": sum(first_tokens) / (sum(first_ms) / 1000),  # prefill + decode, no encode
@@ -235,15 +279,20 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda", help="torch device (cuda, cuda:1, cpu)")
     parser.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16")
     parser.add_argument(
-        "--attn", default="eager,sdpa",
+        "--attn",
+        default="eager,sdpa",
         help="attention implementations to measure, comma-separated; the attention read needs eager maps, "
         "so with sdpa our backend switches to eager for that pass only",
     )
     parser.add_argument("--repeats", type=int, default=12, help="timed queries per variant")
     parser.add_argument("--warmup", type=int, default=2, help="untimed queries first")
     parser.add_argument("--max-new-tokens", type=int, default=16)
-    parser.add_argument("--encoder-batch", type=int, default=8,
-                        help="also measure the vision tower at this batch size vs one image per call (0: skip)")
+    parser.add_argument(
+        "--encoder-batch",
+        type=int,
+        default=8,
+        help="also measure the vision tower at this batch size vs one image per call (0: skip)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="directory for gpu_stages.json")
     args = parser.parse_args(argv)
@@ -257,8 +306,13 @@ def main(argv=None) -> int:
     dev = Device(args.device)
     items = list(generate_items(4242, args.warmup + args.repeats))
     report = {
-        "shape": args.shape, "device": dev.name(), "dtype": args.dtype, "max_new_tokens": args.max_new_tokens,
-        "repeats": args.repeats, "torch": torch.__version__, "variants": {},
+        "shape": args.shape,
+        "device": dev.name(),
+        "dtype": args.dtype,
+        "max_new_tokens": args.max_new_tokens,
+        "repeats": args.repeats,
+        "torch": torch.__version__,
+        "variants": {},
     }
     import transformers
 
@@ -299,7 +353,8 @@ def render(report: dict) -> str:
         stages = ", ".join(f"{k} {ms:.1f}" for k, ms in o["p50_ms_per_stage"].items())
         mem = lambda g: "n/a" if g is None else f"{g:.2f} GiB"  # noqa: E731
         lines += [
-            f"[{attn}] baseline model.generate: p50 {b['p50_ms']:.1f} ms, {b['tokens_per_s']:.1f} tok/s, peak {mem(b['peak_memory_gib'])}",
+            f"[{attn}] baseline model.generate: p50 {b['p50_ms']:.1f} ms, {b['tokens_per_s']:.1f} tok/s, peak "
+            f"{mem(b['peak_memory_gib'])}",
             f"[{attn}] ours first pass (edge+encode+decode): p50 {o['p50_ms_first_pass_path']:.1f} ms "
             f"({o['p50_ms_first_pass_path_gate_never']:.1f} ms when no query refines), "
             f"{o['first_pass_tokens_per_s']:.1f} tok/s; with refine: p50 {o['p50_ms_total_with_refine']:.1f} ms, "
@@ -310,8 +365,10 @@ def render(report: dict) -> str:
     enc = report.get("encoder_batching")
     if enc:
         n = enc["batch"]
-        lines.append(f"vision tower: {enc['images_per_s_batch_1']:.1f} images/s one per call, "
-                     f"{enc[f'images_per_s_batch_{n}']:.1f} at {n} per call = {enc['speedup']:.2f}x")
+        lines.append(
+            f"vision tower: {enc['images_per_s_batch_1']:.1f} images/s one per call, "
+            f"{enc[f'images_per_s_batch_{n}']:.1f} at {n} per call = {enc['speedup']:.2f}x"
+        )
     return "\n".join(lines)
 
 

@@ -30,7 +30,6 @@ from collab.config import POLICIES
 from collab.paths import DEFAULT_CONFIG, REPO_ROOT
 
 
-
 def percentile(values, q):
     values = sorted(values)
     return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
@@ -93,16 +92,22 @@ def tower_batching_ceiling(backend, payload: bytes, batch: int = 8, rounds: int 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.serve_bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=str(DEFAULT_CONFIG))
-    p.add_argument("--model", default=None,
-                   help="override model.path (a local directory), e.g. a heavier random model from "
-                        "`python -m collab.models.tiny`, to see how the ratios move with the cost of a query")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="override model.path (a local directory), e.g. a heavier random model from "
+        "`python -m collab.models.tiny`, to see how the ratios move with the cost of a query",
+    )
     p.add_argument("--policy", default="entropy", choices=POLICIES)
     p.add_argument("--requests", type=int, default=40, help="queries per measurement")
     p.add_argument("--clients", type=int, default=8, help="concurrent edges for the saturated DAG run")
     p.add_argument("--out", default="runs/serve_bench.json")
-    p.add_argument("--throughput-optimized", action="store_true",
-                   help="set RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (Ray >= 2.56: user code on the replica's main loop, "
-                        "router in the caller's loop, gRPC between replicas) for the cluster this run starts")
+    p.add_argument(
+        "--throughput-optimized",
+        action="store_true",
+        help="set RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (Ray >= 2.56: user code on the replica's main loop, "
+        "router in the caller's loop, gRPC between replicas) for the cluster this run starts",
+    )
     args = p.parse_args(argv)
     if args.model:  # replicas may run in another working directory
         if not Path(args.model).is_dir():
@@ -169,9 +174,11 @@ def main(argv=None) -> int:
     async def encoder_runs():  # one event loop: with RAY_SERVE_THROUGHPUT_OPTIMIZED the router lives in it
         await encoder_throughput(handle, "encode", payload, 4, 2)  # warm-up
         await encoder_throughput(noop, "echo", payload, 4, 2)
-        return (await encoder_throughput(handle, "encode", payload, 16, 8),
-                await encoder_throughput(handle, "encode_unbatched", payload, 16, 8),
-                await encoder_throughput(noop, "echo", payload, 16, 8))
+        return (
+            await encoder_throughput(handle, "encode", payload, 16, 8),
+            await encoder_throughput(handle, "encode_unbatched", payload, 16, 8),
+            await encoder_throughput(noop, "echo", payload, 16, 8),
+        )
 
     loop = asyncio.new_event_loop()  # left open: Serve's router shuts down on it at exit
     batched, unbatched, echo = loop.run_until_complete(encoder_runs())

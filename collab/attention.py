@@ -8,7 +8,7 @@ image.") cancels the positions a model attends to whatever it is asked (ViCrop's
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

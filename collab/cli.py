@@ -12,10 +12,16 @@ import sys
 # name -> (module with main(argv), what it does)
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("deployments.serve_cli", "run the Serve app (`serve run serve_config.yaml`, or another Serve config)"),
-    "ask": ("edge_agents.ask", "ask the running app about your own image, as an edge would; writes a picture with the box"),
+    "ask": (
+        "edge_agents.ask",
+        "ask the running app about your own image, as an edge would; writes a picture with the box",
+    ),
     "demo": ("edge_agents.demo", "start the app, show a few queries (and a picture of them), then a short edge load"),
     "local": ("collab.demo", "run the two-stage protocol in one process, no Ray (prints each query's record)"),
-    "eval": ("collab.eval.__main__", "evaluate the method: calibration, threshold sweep, bytes vs accuracy, RoI quality"),
+    "eval": (
+        "collab.eval.__main__",
+        "evaluate the method: calibration, threshold sweep, bytes vs accuracy, RoI quality",
+    ),
     "loadtest": ("edge_agents.loadtest", "load the app with simulated edge agents over simulated links"),
     "train": ("collab.training.__main__", "train the embedded model from a recipe file"),
     "probe": ("collab.eval.probe", "linear probes: what the visual tokens of objects and crops hold"),

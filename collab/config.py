@@ -50,7 +50,9 @@ class ModelConfig(_Strict):
     image_placeholder: str = "<image>"
     max_new_tokens: int = Field(10, ge=1, le=512)
     max_question_tokens: int = Field(
-        256, ge=1, le=8192,
+        256,
+        ge=1,
+        le=8192,
         description="Longest question in the model's own tokens (a character limit does not bound the prompt: "
         "rare characters can become several tokens each, and the attention read holds maps of every layer).",
     )
@@ -58,7 +60,7 @@ class ModelConfig(_Strict):
     local_files_only: bool = Field(True, description="Never reach a model hub at run time.")
 
     @model_validator(mode="after")
-    def _placeholders(self) -> "ModelConfig":
+    def _placeholders(self) -> ModelConfig:
         if self.prompt_template.count(self.image_placeholder) != 1:
             raise ValueError(f"prompt_template must contain exactly one {self.image_placeholder}")
         if self.refine_template.count(self.image_placeholder) != 2:
@@ -91,7 +93,9 @@ class GateConfig(_Strict):
     threshold: float = Field(
         0.5, description="Refine when uncertainty >= threshold (bits for entropies, 1 - margin for margin)."
     )
-    aggregation_length: int | None = Field(None, ge=1, description="Average over the first L answer tokens; None = all.")
+    aggregation_length: int | None = Field(
+        None, ge=1, description="Average over the first L answer tokens; None = all."
+    )
     random_rate: float = Field(0.5, ge=0.0, le=1.0, description="Refine probability of the `random` policy.")
     seed: int = 0
 
@@ -152,7 +156,9 @@ def nested(flat: dict) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"{key!r}: {part!r} was already set to a value, not a section")
-        node[leaf] = deep_merge(node[leaf], value) if isinstance(node.get(leaf), dict) and isinstance(value, dict) else value
+        node[leaf] = (
+            deep_merge(node[leaf], value) if isinstance(node.get(leaf), dict) and isinstance(value, dict) else value
+        )
     return out
 
 
@@ -206,8 +212,9 @@ def validation_message(exc: ValidationError, source: str, what: str = "configura
 Model = TypeVar("Model", bound=BaseModel)
 
 
-def load_typed(cls: type[Model], raw: dict, overrides: dict | None = None, source: str = "<config>",
-               what: str = "configuration") -> Model:
+def load_typed(
+    cls: type[Model], raw: dict, overrides: dict | None = None, source: str = "<config>", what: str = "configuration"
+) -> Model:
     """The one way a config is built: a mapping (read_yaml_mapping's, or {} for the defaults), nested
     overrides merged over it, validated into `cls`; ConfigError naming each bad field otherwise."""
     if overrides:

@@ -1,7 +1,7 @@
 """Run the two-stage protocol in-process on a few queries and print one JSON record per query.
 
-    python -m collab.demo                         # synthetic benchmark items, default config
-    python -m collab.demo --image photo.jpg --question "what is written on the sign?"
+python -m collab.demo                         # synthetic benchmark items, default config
+python -m collab.demo --image photo.jpg --question "what is written on the sign?"
 """
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+
 from collab.backends import ModelLoadError, load_backend
 from collab.config import POLICIES, ConfigError, load_config
 from collab.paths import DEFAULT_CONFIG, REPO_ROOT
 from collab.pipeline import ReferencePipeline
-
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,7 +65,10 @@ def main(argv: list[str] | None = None) -> int:
             correct += int(record["answer"] == truth)
         print(json.dumps(record, indent=None if args.compact else 2))
     if queries and queries[0][3] is not None:
-        print(f"# {correct}/{len(queries)} correct, model {backend.info.model_name}, policy {policy.name}", file=sys.stderr)
+        print(
+            f"# {correct}/{len(queries)} correct, model {backend.info.model_name}, policy {policy.name}",
+            file=sys.stderr,
+        )
     return 0
 
 

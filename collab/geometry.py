@@ -52,13 +52,13 @@ class Box:
     def contains_point(self, x: float, y: float) -> bool:
         return self.x0 <= x < self.x1 and self.y0 <= y < self.y1
 
-    def iou(self, other: "Box") -> float:
+    def iou(self, other: Box) -> float:
         ix = max(0, min(self.x1, other.x1) - max(self.x0, other.x0))
         iy = max(0, min(self.y1, other.y1) - max(self.y0, other.y0))
         inter = ix * iy
         return inter / float(self.area + other.area - inter)
 
-    def clamp_to(self, width: int, height: int) -> "Box":
+    def clamp_to(self, width: int, height: int) -> Box:
         """Clip to the image; raises if nothing is left."""
         return Box(max(0, self.x0), max(0, self.y0), min(width, self.x1), min(height, self.y1))
 
@@ -66,7 +66,7 @@ class Box:
         return [self.x0, self.y0, self.x1, self.y1]
 
     @classmethod
-    def from_seq(cls, seq) -> "Box":
+    def from_seq(cls, seq) -> Box:
         if len(seq) != 4:
             raise ValueError(f"a box needs 4 numbers [x0, y0, x1, y1], got {len(seq)}")
         return cls(*(int(round(float(v))) for v in seq))
@@ -83,7 +83,7 @@ class CanvasGeometry:
     offset: tuple[int, int]  # where that content starts on the canvas
 
     @classmethod
-    def create(cls, original_size: tuple[int, int], canvas_size: tuple[int, int], mode: GlobalMode) -> "CanvasGeometry":
+    def create(cls, original_size: tuple[int, int], canvas_size: tuple[int, int], mode: GlobalMode) -> CanvasGeometry:
         w, h = (int(v) for v in original_size)
         cw, ch = (int(v) for v in canvas_size)
         if w < 1 or h < 1 or cw < 1 or ch < 1:

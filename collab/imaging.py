@@ -121,7 +121,9 @@ UPLOAD_FORMATS = ("JPEG", "PNG")
 MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")
 
 
-def inspect_upload(data: bytes, *, max_bytes: int, max_pixels: int, expected_size: tuple[int, int] | None = None) -> Image.Image:
+def inspect_upload(
+    data: bytes, *, max_bytes: int, max_pixels: int, expected_size: tuple[int, int] | None = None
+) -> Image.Image:
     """Validate received image bytes and decode them as RGB, or raise InvalidUpload.
 
     Sizes are read from the header and capped BEFORE any pixel is decoded (a 100-byte PNG can
@@ -142,11 +144,15 @@ def inspect_upload(data: bytes, *, max_bytes: int, max_pixels: int, expected_siz
         raise InvalidUpload("not_image", "the file is not a JPEG or PNG image") from None
     width, height = image.size
     if width < 1 or height < 1 or width * height > max_pixels:
-        raise InvalidUpload("too_large", f"the image is {width}x{height} pixels; at most {max_pixels} pixels are accepted")
+        raise InvalidUpload(
+            "too_large", f"the image is {width}x{height} pixels; at most {max_pixels} pixels are accepted"
+        )
     if getattr(image, "n_frames", 1) > 1:
         raise InvalidUpload("animated", "animated (multi-frame) images are not accepted")
     if expected_size is not None and (width, height) != tuple(expected_size):
-        raise InvalidUpload("size", f"the image is {width}x{height}; this request needs {expected_size[0]}x{expected_size[1]}")
+        raise InvalidUpload(
+            "size", f"the image is {width}x{height}; this request needs {expected_size[0]}x{expected_size[1]}"
+        )
     try:
         image.load()
         # EXIF orientation and mode conversion read metadata that no header check has seen: a
@@ -186,7 +192,9 @@ def server_global(
         raise InvalidUpload("size", f"the image is {width}x{height}; {expected} (at least that size)")
     ow, oh = ow or width, oh or height
     if abs(width / height - ow / oh) > 0.01 * (ow / oh):
-        raise InvalidUpload("size", f"the image is {width}x{height}, not the {ow}x{oh} original's aspect ratio; {expected}")
+        raise InvalidUpload(
+            "size", f"the image is {width}x{height}, not the {ow}x{oh} original's aspect ratio; {expected}"
+        )
     global_image, _ = make_global_image(upload, encoder_size, mode)
     return global_image, (ow, oh)
 
@@ -201,15 +209,22 @@ def round_trip(image: Image.Image, fmt: ImageFormat = "jpeg", quality: int = 90)
     return decode_image(encode_image(image, fmt, quality).data)
 
 
-def global_payload(original: Image.Image, encoder_size: tuple[int, int], mode: GlobalMode = "resize",
-                   fmt: ImageFormat = "jpeg", quality: int = 90, pad_color: tuple[int, int, int] = (0, 0, 0)) -> Payload:
+def global_payload(
+    original: Image.Image,
+    encoder_size: tuple[int, int],
+    mode: GlobalMode = "resize",
+    fmt: ImageFormat = "jpeg",
+    quality: int = 90,
+    pad_color: tuple[int, int, int] = (0, 0, 0),
+) -> Payload:
     """What the edge uploads first: the global image at the encoder's size, encoded. The one
     implementation for the pipeline, the evaluation and the HTTP edge client."""
     return encode_image(make_global_image(original, encoder_size, mode, pad_color)[0], fmt, quality)
 
 
-def local_payload(original: Image.Image, box: Box, local_size: tuple[int, int], fmt: ImageFormat = "jpeg",
-                  quality: int = 90) -> Payload:
+def local_payload(
+    original: Image.Image, box: Box, local_size: tuple[int, int], fmt: ImageFormat = "jpeg", quality: int = 90
+) -> Payload:
     """What the edge uploads on `need_roi`: the crop of the ORIGINAL at the box, at `local_size`, encoded."""
     return encode_image(crop_local_image(original, box, local_size), fmt, quality)
 

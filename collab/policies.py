@@ -32,7 +32,7 @@ class PolicySpec:
             raise ValueError("aggregation_length must be >= 1")
 
     @classmethod
-    def from_gate(cls, gate: GateConfig, **overrides) -> "PolicySpec":
+    def from_gate(cls, gate: GateConfig, **overrides) -> PolicySpec:
         """The configured gate, with per-request overrides (None values are ignored)."""
         spec = cls(gate.policy, gate.score, gate.threshold, gate.aggregation_length, gate.random_rate, gate.seed)
         return replace(spec, **{k: v for k, v in overrides.items() if v is not None})

@@ -37,11 +37,23 @@ class _LogLines(tqdm):
         tqdm.write(s, file=file or sys.stderr, end=end, nolock=nolock)
 
 
-def progress(iterable=None, *, total: int | None = None, desc: str = "", unit: str = "it", disable: bool = False,
-             every_s: float = 30.0, file=None, **kwargs) -> tqdm:
+def progress(
+    iterable=None,
+    *,
+    total: int | None = None,
+    desc: str = "",
+    unit: str = "it",
+    disable: bool = False,
+    every_s: float = 30.0,
+    file=None,
+    **kwargs,
+) -> tqdm:
     """A progress bar over `iterable` (or updated by hand): live on a terminal, plain lines otherwise."""
     stream = file or sys.stderr
     if getattr(stream, "isatty", lambda: False)():
-        return tqdm(iterable, total=total, desc=desc, unit=unit, disable=disable, dynamic_ncols=True, file=stream, **kwargs)
-    return _LogLines(iterable, total=total, desc=desc, unit=unit, disable=disable, file=stream, every_s=every_s,
-                     ncols=100, **kwargs)
+        return tqdm(
+            iterable, total=total, desc=desc, unit=unit, disable=disable, dynamic_ncols=True, file=stream, **kwargs
+        )
+    return _LogLines(
+        iterable, total=total, desc=desc, unit=unit, disable=disable, file=stream, every_s=every_s, ncols=100, **kwargs
+    )

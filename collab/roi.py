@@ -19,8 +19,8 @@ tied windows apart (tests/test_roi.py compares with upstream's code and states e
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 

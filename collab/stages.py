@@ -58,7 +58,9 @@ class Located:
     timings_ms: dict[str, float] = field(default_factory=dict)
 
 
-def first_pass(backend: VLMBackend, global_features: torch.Tensor, question: str, spec: PolicySpec, key: str) -> FirstPass:
+def first_pass(
+    backend: VLMBackend, global_features: torch.Tensor, question: str, spec: PolicySpec, key: str
+) -> FirstPass:
     """Decode from the global tokens and gate on the aggregated uncertainty."""
     generation = backend.generate([global_features], question)
     scores = answer_uncertainties(generation.scores, generation.n_answer_tokens, spec.aggregation_length)

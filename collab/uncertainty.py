@@ -85,13 +85,9 @@ def uncertainty(kind: str, value: float) -> float:
     raise ValueError(f"unknown score kind {kind!r}; expected one of {SCORE_KINDS}")
 
 
-def answer_uncertainties(
-    scores: TokenScores, n_answer_tokens: int, length: int | None = None
-) -> dict[str, float]:
+def answer_uncertainties(scores: TokenScores, n_answer_tokens: int, length: int | None = None) -> dict[str, float]:
     """All three aggregated uncertainties (higher = more unsure) of one answer."""
-    return {
-        kind: uncertainty(kind, aggregate(scores.get(kind), n_answer_tokens, length)) for kind in SCORE_KINDS
-    }
+    return {kind: uncertainty(kind, aggregate(scores.get(kind), n_answer_tokens, length)) for kind in SCORE_KINDS}
 
 
 # --------------------------------------------------------------------------- separability

@@ -44,8 +44,9 @@ def deployment_options(serve_config: str | Path = SERVE_CONFIG, app: str = "coll
     return {d["name"]: {k: v for k, v in d.items() if k != "name"} for d in found.get("deployments") or []}
 
 
-def compose(app_args: AppArgs, overrides: dict[str, dict] | None = None,
-            serve_config: str | Path | None = SERVE_CONFIG) -> Application:
+def compose(
+    app_args: AppArgs, overrides: dict[str, dict] | None = None, serve_config: str | Path | None = SERVE_CONFIG
+) -> Application:
     """Bind the DAG with each deployment's options from `serve_config` (None: Serve's defaults);
     `overrides` replaces option keys per deployment name (tests, programmatic use)."""
     opts = deployment_options(serve_config) if serve_config is not None else {}

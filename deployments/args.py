@@ -39,10 +39,13 @@ class AppArgs(BaseModel):
     encoder_batch: BatchArgs = Field(default_factory=BatchArgs)
     request_timeout_s: float = Field(30.0, gt=0, description="Gateway deadline for one request's downstream calls.")
     max_image_bytes: int = Field(8 * 2**20, ge=1, description="Largest accepted image upload (bytes).")
-    max_image_pixels: int = Field(4096 * 4096, ge=1, description="Largest accepted image (pixels), checked before decoding.")
+    max_image_pixels: int = Field(
+        4096 * 4096, ge=1, description="Largest accepted image (pixels), checked before decoding."
+    )
     max_body_bytes: int = Field(8 * 2**20 + 2**16, ge=1, description="Largest accepted request body (bytes).")
     auth_token_env: str | None = Field(
-        "COLLAB_API_TOKEN", description="If this environment variable is set on the gateway, /v1/* needs `Authorization: Bearer <it>`."
+        "COLLAB_API_TOKEN",
+        description="If this environment variable is set on the gateway, /v1/* needs `Authorization: Bearer <it>`.",
     )
 
     def overrides(self) -> dict:

@@ -9,8 +9,8 @@ import torch
 from ray import serve
 
 from collab.imaging import decode_image
-from deployments.args import AppArgs
 from deployments import metrics
+from deployments.args import AppArgs
 from deployments.common import load_model
 
 

@@ -9,8 +9,8 @@ from ray import serve
 
 from collab import stages
 from collab.policies import PolicySpec
-from deployments.args import AppArgs
 from deployments import metrics
+from deployments.args import AppArgs
 from deployments.common import load_model
 
 
@@ -33,7 +33,9 @@ class FirstPassDecoder:
         if first.refine:  # attention only when the gate fires: it costs two more forward passes
             with metrics.timed("attention", out.timings_ms):
                 answer_ids = gen.token_ids[: gen.n_answer_tokens]
-                out.attention = stages.attention_map(self.backend, features, question, answer_ids, self.config.attention)
+                out.attention = stages.attention_map(
+                    self.backend, features, question, answer_ids, self.config.attention
+                )
         return out
 
     async def run(self, features: torch.Tensor, question: str, policy: PolicySpec, key: str) -> stages.GatedAnswer:

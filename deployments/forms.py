@@ -50,10 +50,18 @@ def undecodable_text_field(body: bytes, content_type: str) -> str | None:
             except UnicodeDecodeError:
                 found.append(part["name"])
 
-    parser = MultipartParser(params[b"boundary"], {
-        "on_part_begin": begin, "on_header_field": header_field, "on_header_value": header_value,
-        "on_header_end": header_end, "on_headers_finished": headers_finished, "on_part_data": data, "on_part_end": end,
-    })
+    parser = MultipartParser(
+        params[b"boundary"],
+        {
+            "on_part_begin": begin,
+            "on_header_field": header_field,
+            "on_header_value": header_value,
+            "on_header_end": header_end,
+            "on_headers_finished": headers_finished,
+            "on_part_data": data,
+            "on_part_end": end,
+        },
+    )
     try:
         parser.write(body)
         parser.finalize()

@@ -7,7 +7,6 @@ the global features from the session store the same way.
 (No `from __future__ import annotations` here: FastAPI must see the real parameter types.)
 """
 
-
 import asyncio
 import hmac
 import logging
@@ -17,17 +16,16 @@ import time
 from typing import Literal
 
 import anyio
-
 from fastapi import File, Form, HTTPException, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from ray.exceptions import RayActorError
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from pydantic import BaseModel, Field
 from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from collab.backends.base import UNICODE_WHITESPACE, InvalidQuestion
 from collab.config import PolicyName
@@ -43,7 +41,16 @@ API_VERSION = "1.0"
 MAX_QUESTION_CHARS = 1000
 MAX_ORIGINAL_SIDE = 65_535
 ENDPOINTS = {"/v1/query": "query", "/v1/refine": "refine", "/v1/models": "models"}
-QUERY_FIELDS = {"question", "image", "original_width", "original_height", "policy", "threshold", "client_id", "question_id"}
+QUERY_FIELDS = {
+    "question",
+    "image",
+    "original_width",
+    "original_height",
+    "policy",
+    "threshold",
+    "client_id",
+    "question_id",
+}
 REFINE_FIELDS = {"session_id", "image", "client_id"}
 UPLOAD_STATUS = {"empty": 400, "too_large": 413, "not_image": 415, "animated": 422, "corrupt": 422, "size": 422}
 # A stage that is down or restarting: the edge should retry (its retries are idempotent).
@@ -78,7 +85,9 @@ class Answered(BaseModel):
     status: Literal["answered"] = "answered"
     answer: str
     stage: int = Field(description="1: answered from the global image; 2: refined with the local image")
-    score: float | None = Field(None, description="first-pass uncertainty of the gate's score kind (null if not finite)")
+    score: float | None = Field(
+        None, description="first-pass uncertainty of the gate's score kind (null if not finite)"
+    )
     scores: dict[str, float | None] | None = None
     policy: str
     first_answer: str | None = None
@@ -86,7 +95,8 @@ class Answered(BaseModel):
     timings_ms: dict[str, float]
     replayed: bool = False
     global_made_by: Literal["edge", "server"] | None = Field(
-        None, description="who made the global image: the edge, or the server from an uploaded original (queries only)")
+        None, description="who made the global image: the edge, or the server from an uploaded original (queries only)"
+    )
 
 
 class NeedRoI(BaseModel):
@@ -133,7 +143,7 @@ ERROR_MEANINGS = {
     413: "body or image too large (bytes or pixels)",
     415: "the image is not a JPEG or PNG",
     422: "a field is missing, malformed or out of range, the question cannot be used, or the image is corrupt, "
-         "animated or of the wrong size",
+    "animated or of the wrong size",
     503: "a stage is overloaded or restarting: retry after Retry-After seconds",
 }
 
@@ -156,7 +166,9 @@ def error(status: int, message: str, headers: dict | None = None) -> HTTPExcepti
 @app.exception_handler(StarletteHTTPException)  # FastAPI's HTTPException and Starlette's own 404/405
 async def _json_errors(request, exc: HTTPException):
     """Every error is JSON: {"error": message, "status": code} (registered before serve.ingress wraps the app)."""
-    return JSONResponse({"error": exc.detail, "status": exc.status_code}, status_code=exc.status_code, headers=exc.headers)
+    return JSONResponse(
+        {"error": exc.detail, "status": exc.status_code}, status_code=exc.status_code, headers=exc.headers
+    )
 
 
 @app.exception_handler(RequestValidationError)
@@ -173,13 +185,21 @@ def _openapi() -> dict:
     if app.openapi_schema is None:
         from fastapi.openapi.utils import get_openapi
 
-        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes,
-                             servers=app.servers or None)
+        schema = get_openapi(
+            title=app.title,
+            version=app.version,
+            description=app.description,
+            routes=app.routes,
+            servers=app.servers or None,
+        )
         for name, body in schema.get("components", {}).get("schemas", {}).items():
             if name.startswith("Body_"):
                 body["additionalProperties"] = False
             if name.startswith("Body_query"):  # the original's size: both fields or neither
-                body["dependentRequired"] = {"original_width": ["original_height"], "original_height": ["original_width"]}
+                body["dependentRequired"] = {
+                    "original_width": ["original_height"],
+                    "original_height": ["original_width"],
+                }
         app.openapi_schema = schema
     return app.openapi_schema
 
@@ -198,7 +218,7 @@ async def _guard(request: Request, call_next):
     path = request.url.path
     root = request.scope.get("root_path", "")
     if root and path.startswith(root):  # an app under a route prefix: /prefix/v1/query -> /v1/query
-        path = path[len(root):]
+        path = path[len(root) :]
     response = _check_limits(request) if path.startswith("/v1/") else None
     if response is None and path.startswith("/v1/") and request.method == "POST":
         response = await _check_text_fields(request)
@@ -210,7 +230,9 @@ async def _guard(request: Request, call_next):
             response = _reject(500, "internal server error")
     if response.status_code >= 400 and path.startswith("/v1/"):
         endpoint = ENDPOINTS.get(path, "other")  # a fixed label set: no series per random path
-        metrics.gateway().requests.inc(tags={"endpoint": endpoint, "policy": "-", "outcome": f"error_{response.status_code // 100}xx"})
+        metrics.gateway().requests.inc(
+            tags={"endpoint": endpoint, "policy": "-", "outcome": f"error_{response.status_code // 100}xx"}
+        )
     return response
 
 
@@ -282,8 +304,13 @@ class Gateway:
         JPEG/PNG, size when one is required)."""
         data = await image.read(max_bytes + 1)
         try:
-            decoded = await asyncio.to_thread(inspect_upload, data, max_bytes=max_bytes,
-                                              max_pixels=self.args.max_image_pixels, expected_size=expected_size)
+            decoded = await asyncio.to_thread(
+                inspect_upload,
+                data,
+                max_bytes=max_bytes,
+                max_pixels=self.args.max_image_pixels,
+                expected_size=expected_size,
+            )
         except InvalidUpload as exc:
             raise error(UPLOAD_STATUS[exc.reason], str(exc)) from None
         return data, decoded
@@ -322,28 +349,47 @@ class Gateway:
             device=info["device"],
             dtype=info["dtype"],
             policies=list(POLICIES),
-            defaults={"policy": gate.policy, "score": gate.score, "threshold": gate.threshold,
-                      "aggregation_length": gate.aggregation_length, "random_rate": gate.random_rate,
-                      "global_mode": self.config.imaging.global_mode},
+            defaults={
+                "policy": gate.policy,
+                "score": gate.score,
+                "threshold": gate.threshold,
+                "aggregation_length": gate.aggregation_length,
+                "random_rate": gate.random_rate,
+                "global_mode": self.config.imaging.global_mode,
+            },
         )
 
     # Optional form fields are typed without `| None` (default None): multipart has no null, and the
     # OpenAPI document then says "optional integer", not "integer or null" (which a client would send as "null").
-    @app.post("/v1/query", response_model=Answered | NeedRoI, responses=error_responses(400, 401, 411, 413, 415, 422, 503))
+    @app.post(
+        "/v1/query", response_model=Answered | NeedRoI, responses=error_responses(400, 401, 411, 413, 415, 422, 503)
+    )
     async def query(
         self,
         request: Request,
-        question: str = Form(..., min_length=1, max_length=MAX_QUESTION_CHARS, pattern=r"\S",
-                             description=f"the question about the image (UTF-8, at most {MAX_QUESTION_CHARS} characters and "
-                             "the model's max_question_tokens tokens; no image or control tokens such as <image>, </s>)"),
-        image: UploadFile = File(..., description="the global image (JPEG or PNG) at the encoder resolution (GET /v1/models), "
-                                 "or the original photo, which the server then makes into the global image"),
-        original_width: int = Form(None, ge=1, le=MAX_ORIGINAL_SIDE,
-                                          description="width of the ORIGINAL image (default: the uploaded image's)"),
-        original_height: int = Form(None, ge=1, le=MAX_ORIGINAL_SIDE,
-                                           description="height of the ORIGINAL image (default: the uploaded image's)"),
+        question: str = Form(
+            ...,
+            min_length=1,
+            max_length=MAX_QUESTION_CHARS,
+            pattern=r"\S",
+            description=f"the question about the image (UTF-8, at most {MAX_QUESTION_CHARS} characters and "
+            "the model's max_question_tokens tokens; no image or control tokens such as <image>, </s>)",
+        ),
+        image: UploadFile = File(
+            ...,
+            description="the global image (JPEG or PNG) at the encoder resolution (GET /v1/models), "
+            "or the original photo, which the server then makes into the global image",
+        ),
+        original_width: int = Form(
+            None, ge=1, le=MAX_ORIGINAL_SIDE, description="width of the ORIGINAL image (default: the uploaded image's)"
+        ),
+        original_height: int = Form(
+            None, ge=1, le=MAX_ORIGINAL_SIDE, description="height of the ORIGINAL image (default: the uploaded image's)"
+        ),
         policy: PolicyName = Form(None, description="default: the server's (GET /v1/models)"),
-        threshold: float = Form(None, gt=-1e6, lt=1e6, description="gate threshold (a finite number; default: the server's)"),
+        threshold: float = Form(
+            None, gt=-1e6, lt=1e6, description="gate threshold (a finite number; default: the server's)"
+        ),
         client_id: str = Form(None, max_length=200, description="owner of the refine session, if given"),
         question_id: str = Form(None, max_length=200, description="stable id; keys the random policy"),
     ):
@@ -353,12 +399,15 @@ class Gateway:
         # threshold are checked by the Form constraints above, which the OpenAPI document states.
         question = question.strip(UNICODE_WHITESPACE)
         if (original_width is None) != (original_height is None):
-            raise error(422, "give both original_width and original_height, or neither (then the upload's size is used)")
+            raise error(
+                422, "give both original_width and original_height, or neither (then the upload's size is used)"
+            )
         info = await self._deadline(self.info())
         encoder_size = tuple(info["encoder_size"])
         upload, decoded = await self._read_image(image, None, self.args.max_image_bytes)
         data, (original_width, original_height), made_by = await self._global_image(
-            upload, decoded, encoder_size, (original_width, original_height))
+            upload, decoded, encoder_size, (original_width, original_height)
+        )
         spec = PolicySpec.from_gate(self.config.gate, name=policy, threshold=threshold)
         key = question_id or digest(data + question.encode())
 
@@ -374,34 +423,68 @@ class Gateway:
             m.threshold.set(spec.threshold, tags={"policy": spec.name})
         if not first.refine:
             done("query", spec.name, "answered", started, timings)
-            return Answered(answer=first.answer, stage=1, score=finite(first.uncertainty), scores=finite_scores(first.uncertainties),
-                            policy=spec.name, first_answer=first.answer, bytes_received=len(upload), timings_ms=timings,
-                            global_made_by=made_by)
+            return Answered(
+                answer=first.answer,
+                stage=1,
+                score=finite(first.uncertainty),
+                scores=finite_scores(first.uncertainties),
+                policy=spec.name,
+                first_answer=first.answer,
+                bytes_received=len(upload),
+                timings_ms=timings,
+                global_made_by=made_by,
+            )
 
-        located = await self._deadline(self.roi_search.locate.remote(first.attention, (original_width, original_height), encoder_size))
+        located = await self._deadline(
+            self.roi_search.locate.remote(first.attention, (original_width, original_height), encoder_size)
+        )
         timings.update(located.timings_ms)
         box = located.roi.box.as_list()
-        meta = {"question": question, "box": box, "client_id": client_id, "policy": spec.name,
-                "first_answer": first.answer, "score": first.uncertainty, "original_size": [original_width, original_height]}
+        meta = {
+            "question": question,
+            "box": box,
+            "client_id": client_id,
+            "policy": spec.name,
+            "first_answer": first.answer,
+            "score": first.uncertainty,
+            "original_size": [original_width, original_height],
+        }
         try:
             session = await self._deadline(self.sessions.create.remote(features, meta))
         except SessionTooLarge as exc:
             log.error("session store too small: %s", remote_message(exc))
-            raise error(503, f"the server cannot hold a refine session for this request: {remote_message(exc)}; "
-                             "raise sessions.max_bytes in the app args") from None
+            raise error(
+                503,
+                f"the server cannot hold a refine session for this request: {remote_message(exc)}; "
+                "raise sessions.max_bytes in the app args",
+            ) from None
         done("query", spec.name, "need_roi", started, timings)
-        return NeedRoI(session_id=session["session_id"], box=box, local_size=list(info["encoder_size"]),
-                       expires_in=session["expires_in"], first_answer=first.answer, score=finite(first.uncertainty),
-                       scores=finite_scores(first.uncertainties), policy=spec.name, bytes_received=len(upload), timings_ms=timings,
-                       global_made_by=made_by)
+        return NeedRoI(
+            session_id=session["session_id"],
+            box=box,
+            local_size=list(info["encoder_size"]),
+            expires_in=session["expires_in"],
+            first_answer=first.answer,
+            score=finite(first.uncertainty),
+            scores=finite_scores(first.uncertainties),
+            policy=spec.name,
+            bytes_received=len(upload),
+            timings_ms=timings,
+            global_made_by=made_by,
+        )
 
-    @app.post("/v1/refine", response_model=Answered,
-              responses=error_responses(400, 401, 403, 404, 409, 410, 411, 413, 415, 422, 503))
+    @app.post(
+        "/v1/refine",
+        response_model=Answered,
+        responses=error_responses(400, 401, 403, 404, 409, 410, 411, 413, 415, 422, 503),
+    )
     async def refine(
         self,
         request: Request,
         session_id: str = Form(..., min_length=1, max_length=64, description="the session_id of the need_roi reply"),
-        image: UploadFile = File(..., description="the local image: the crop of the ORIGINAL at the box, resized to local_size"),
+        image: UploadFile = File(
+            ..., description="the local image: the crop of the ORIGINAL at the box, resized to local_size"
+        ),
         client_id: str = Form(None, max_length=200, description="the client_id the query gave, if any"),
     ):
         started = time.perf_counter()
@@ -423,7 +506,9 @@ class Gateway:
         if status == "replay":
             return Answered(**{**opened["result"], "replayed": True})
         try:  # this request holds the session's claim until it completes it or gives it back
-            return await self._refine(session_id, opened["claim"], opened["meta"], data, started, client_id, image_digest)
+            return await self._refine(
+                session_id, opened["claim"], opened["meta"], data, started, client_id, image_digest
+            )
         except BaseException:
             with anyio.CancelScope(shield=True):  # a cancelled request (client gone) still gives the claim back
                 await self._release(session_id, opened["claim"])
@@ -440,7 +525,9 @@ class Gateway:
             if opened["status"] != "pending":
                 return opened
             if left <= 0:
-                raise error(503, "the same refine is still being answered by another request; retry", {"Retry-After": "1"})
+                raise error(
+                    503, "the same refine is still being answered by another request; retry", {"Retry-After": "1"}
+                )
             await self._deadline(self.sessions.wait.remote(session_id, min(left, self.args.request_timeout_s / 2)))
 
     async def _release(self, session_id: str, claim: str) -> None:
@@ -449,8 +536,16 @@ class Gateway:
         except Exception as exc:  # noqa: BLE001 - the claim's lease ends it anyway
             log.warning("could not release a refine claim: %s", type(exc).__name__)
 
-    async def _refine(self, session_id: str, claim: str, meta: dict, data: bytes, started: float, client_id: str | None,
-                      image_digest: str) -> Answered:
+    async def _refine(
+        self,
+        session_id: str,
+        claim: str,
+        meta: dict,
+        data: bytes,
+        started: float,
+        client_id: str | None,
+        image_digest: str,
+    ) -> Answered:
         local = self.encoder.encode.remote(data)
         global_features = self.sessions.features.remote(session_id)
         try:
@@ -459,16 +554,26 @@ class Gateway:
             raise error(410, "the session expired during the refine: keep the first-pass answer") from None
         timings = dict(refined.timings_ms)
         metrics.record("refine_total", started, timings, "total")
-        reply = Answered(answer=refined.answer, stage=2, score=finite(meta["score"]), policy=meta["policy"],
-                         first_answer=meta["first_answer"], bytes_received=len(data), timings_ms=timings)
+        reply = Answered(
+            answer=refined.answer,
+            stage=2,
+            score=finite(meta["score"]),
+            policy=meta["policy"],
+            first_answer=meta["first_answer"],
+            bytes_received=len(data),
+            timings_ms=timings,
+        )
         stored = await self._deadline(self.sessions.complete.remote(session_id, claim, reply.model_dump()))
         if not stored:  # this claim's lease ran out and another refine completed the session: its reply stands
             again = await self._deadline(self.sessions.open.remote(session_id, client_id, image_digest))
             if again["status"] == "replay":
                 return Answered(**{**again["result"], "replayed": True})
-            raise error(409 if again["status"] == "conflict" else 410,
-                        "this session was refined meanwhile by another request" if again["status"] == "conflict"
-                        else "the session expired during the refine: keep the first-pass answer")
+            raise error(
+                409 if again["status"] == "conflict" else 410,
+                "this session was refined meanwhile by another request"
+                if again["status"] == "conflict"
+                else "the session expired during the refine: keep the first-pass answer",
+            )
         m = metrics.gateway()
         m.uplink_bytes.inc(len(data), tags={"stage": "local"})
         m.requests.inc(tags={"endpoint": "refine", "policy": meta["policy"], "outcome": "refined"})

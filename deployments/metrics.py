@@ -3,7 +3,8 @@
 Ray adds the `ray_` prefix and the deployment/replica/application tags; counters are exported
 with a `_total` suffix. Each getter builds its metrics once per replica process (they must be
 created inside the replica to get its tags). configs/grafana/collab-dashboard.json reads every
-one of them (batch sizes come from Serve's own `serve_actual_batch_size`); tests/test_observability.py checks that each panel gets data from a live run.
+one of them (batch sizes come from Serve's own `serve_actual_batch_size`);
+tests/test_observability.py checks that each panel gets data from a live run.
 """
 
 from __future__ import annotations
@@ -22,8 +23,12 @@ FRACTIONS = [0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0]
 
 @cache
 def stage_latency() -> Histogram:
-    return Histogram("collab_stage_latency_ms", description="Server time of one stage of one request (ms)",
-                     boundaries=LATENCY_MS, tag_keys=("stage",))
+    return Histogram(
+        "collab_stage_latency_ms",
+        description="Server time of one stage of one request (ms)",
+        boundaries=LATENCY_MS,
+        tag_keys=("stage",),
+    )
 
 
 def record(stage: str, started: float, timings: dict | None = None, key: str | None = None) -> float:
@@ -47,27 +52,43 @@ def timed(stage: str, timings: dict | None = None):
 @cache
 def gateway() -> SimpleNamespace:
     return SimpleNamespace(
-        requests=Counter("collab_requests", description="Requests by endpoint, policy and outcome",
-                         tag_keys=("endpoint", "policy", "outcome")),
-        uplink_bytes=Counter("collab_uplink_bytes", description="Image bytes received from edges, per stage", tag_keys=("stage",)),
-        threshold=Gauge("collab_gate_threshold_bits", description="Entropy threshold of the latest gated request (bits)",
-                        tag_keys=("policy",)),
+        requests=Counter(
+            "collab_requests",
+            description="Requests by endpoint, policy and outcome",
+            tag_keys=("endpoint", "policy", "outcome"),
+        ),
+        uplink_bytes=Counter(
+            "collab_uplink_bytes", description="Image bytes received from edges, per stage", tag_keys=("stage",)
+        ),
+        threshold=Gauge(
+            "collab_gate_threshold_bits",
+            description="Entropy threshold of the latest gated request (bits)",
+            tag_keys=("policy",),
+        ),
     )
 
 
 @cache
 def gate() -> SimpleNamespace:
     return SimpleNamespace(
-        decisions=Counter("collab_gate_decisions", description="First-pass gate decisions", tag_keys=("policy", "decision")),
-        score=Histogram("collab_gate_score_bits", description="First-pass uncertainty score (bits)", boundaries=SCORE_BITS,
-                        tag_keys=("policy",)),
+        decisions=Counter(
+            "collab_gate_decisions", description="First-pass gate decisions", tag_keys=("policy", "decision")
+        ),
+        score=Histogram(
+            "collab_gate_score_bits",
+            description="First-pass uncertainty score (bits)",
+            boundaries=SCORE_BITS,
+            tag_keys=("policy",),
+        ),
     )
 
 
 @cache
 def roi() -> SimpleNamespace:
     return SimpleNamespace(
-        area=Histogram("collab_roi_area_fraction", description="RoI box area / original image area", boundaries=FRACTIONS),
+        area=Histogram(
+            "collab_roi_area_fraction", description="RoI box area / original image area", boundaries=FRACTIONS
+        ),
     )
 
 

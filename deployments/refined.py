@@ -8,8 +8,8 @@ import torch
 from ray import serve
 
 from collab import stages
-from deployments.args import AppArgs
 from deployments import metrics
+from deployments.args import AppArgs
 from deployments.common import load_model
 
 
@@ -24,5 +24,7 @@ class RefinedDecoder:
             gen = stages.refined_pass(self.backend, global_features, local_features, question)
         return stages.StageAnswer(gen.answer, gen.token_ids, timings)
 
-    async def run(self, global_features: torch.Tensor, local_features: torch.Tensor, question: str) -> stages.StageAnswer:
+    async def run(
+        self, global_features: torch.Tensor, local_features: torch.Tensor, question: str
+    ) -> stages.StageAnswer:
         return await asyncio.to_thread(self._run, global_features, local_features, question)

@@ -6,8 +6,8 @@ import numpy as np
 from ray import serve
 
 from collab import stages
-from deployments.args import AppArgs
 from deployments import metrics
+from deployments.args import AppArgs
 from deployments.common import load_collab_config
 
 
@@ -16,10 +16,13 @@ class RoISearch:
     def __init__(self, args: AppArgs):
         self.config = load_collab_config(args)
 
-    def locate(self, attention: np.ndarray, original_size: tuple[int, int], encoder_size: tuple[int, int]) -> stages.Located:
+    def locate(
+        self, attention: np.ndarray, original_size: tuple[int, int], encoder_size: tuple[int, int]
+    ) -> stages.Located:
         timings: dict[str, float] = {}
         with metrics.timed("roi_search", timings):
-            roi = stages.locate(attention, tuple(original_size), tuple(encoder_size), self.config.imaging.global_mode,
-                                self.config.roi)
+            roi = stages.locate(
+                attention, tuple(original_size), tuple(encoder_size), self.config.imaging.global_mode, self.config.roi
+            )
         metrics.roi().area.observe(roi.box.area / max(1, original_size[0] * original_size[1]))
         return stages.Located(roi, timings)

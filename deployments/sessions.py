@@ -92,7 +92,9 @@ class SessionTable:
         features = features.detach().cpu().contiguous()
         nbytes = features.element_size() * features.nelement()
         if nbytes > self.max_bytes:
-            raise SessionTooLarge(f"session features ({nbytes} B) exceed the session store's max_bytes ({self.max_bytes} B)")
+            raise SessionTooLarge(
+                f"session features ({nbytes} B) exceed the session store's max_bytes ({self.max_bytes} B)"
+            )
         while self.sessions and (len(self.sessions) >= self.max_sessions or self.nbytes + nbytes > self.max_bytes):
             self._forget(next(iter(self.sessions)), "evicted")
             self.counters["evicted"] += 1

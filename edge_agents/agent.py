@@ -3,8 +3,8 @@
 For each query the agent makes the global image from its ORIGINAL, sends it (`/v1/query`), and,
 when the server answers `need_roi`, crops the original at the box it was given and sends the
 local image (`/v1/refine`). Transient failures (connection errors, timeouts, 429 and 5xx) are
-retried with exponential backoff and full jitter (honouring Retry-After); both calls are safe to repeat (a repeated query
-opens a fresh session, a repeated refine is answered from the session's stored result), and a
+retried with exponential backoff and full jitter (honouring Retry-After); both calls are safe to
+repeat (a repeated query opens a fresh session, a repeated refine is answered from the session's stored result), and a
 query is recorded once, however many attempts it took. A refine whose session is gone (410, or 404
 after a session-store restart) keeps the first-pass answer, marked `session_expired`.
 
@@ -84,8 +84,17 @@ class _Attempts:
 class EdgeAgent:
     """One edge device. `run()` issues queries until the workload's duration is over."""
 
-    def __init__(self, index: int, config: LoadTestConfig | dict, *, run_start: float | None = None,
-                 channel=None, items: list[EdgeItem] | None = None, policy: str | None = None, on_record=None):
+    def __init__(
+        self,
+        index: int,
+        config: LoadTestConfig | dict,
+        *,
+        run_start: float | None = None,
+        channel=None,
+        items: list[EdgeItem] | None = None,
+        policy: str | None = None,
+        on_record=None,
+    ):
         self.config = config if isinstance(config, LoadTestConfig) else LoadTestConfig.model_validate(config)
         self.index = index
         self.name = f"agent-{index:03d}"
@@ -112,8 +121,9 @@ class EdgeAgent:
         token = os.environ.get(self.config.auth_token_env) if self.config.auth_token_env else None
         if token:
             headers["Authorization"] = f"Bearer {token}"
-        async with httpx.AsyncClient(base_url=self.config.url, timeout=self.config.retry.request_timeout_s, limits=limits,
-                                     headers=headers) as http:
+        async with httpx.AsyncClient(
+            base_url=self.config.url, timeout=self.config.retry.request_timeout_s, limits=limits, headers=headers
+        ) as http:
             self.http = http
             delay = w.ramp_up_s * self.index / max(1, self.config.agents)
             await self._sleep_until(self.run_start + delay)
@@ -158,7 +168,7 @@ class EdgeAgent:
             await self._sleep_until(arrival)
             await slots.acquire()  # a device has finite concurrency: arrivals beyond it queue here
 
-            async def one(item=self.items[seq % len(self.items)], seq=seq, arrival=arrival):
+            async def one(item=self.items[seq % len(self.items)], seq=seq, arrival=arrival):  # noqa: B008 - binds this arrival
                 try:
                     await self.query(item, seq, arrival)
                 finally:
@@ -182,8 +192,16 @@ class EdgeAgent:
         """Run one query to its end and record it exactly once (errors included)."""
         started = time.time()
         self.in_flight += 1
-        log = QueryLog(self.name, seq, item.question_id, self.profile.name, self.policy, item.kind,
-                       t_start=arrival - self.run_start, queue_ms=(started - arrival) * 1000)
+        log = QueryLog(
+            self.name,
+            seq,
+            item.question_id,
+            self.profile.name,
+            self.policy,
+            item.kind,
+            t_start=arrival - self.run_start,
+            queue_ms=(started - arrival) * 1000,
+        )
         attempts = _Attempts()
         try:
             await self._query(item, log, attempts)
@@ -219,8 +237,14 @@ class EdgeAgent:
         log.full_bytes = self._full_bytes[item.question_id]
         log.edge_ms += (time.perf_counter() - t) * 1000
         log.global_bytes = payload.nbytes
-        fields = {"question": item.question, "original_width": str(original.width), "original_height": str(original.height),
-                  "policy": self.policy, "client_id": self.name, "question_id": item.question_id}
+        fields = {
+            "question": item.question,
+            "original_width": str(original.width),
+            "original_height": str(original.height),
+            "policy": self.policy,
+            "client_id": self.name,
+            "question_id": item.question_id,
+        }
         if self.profile.threshold is not None:
             fields["threshold"] = str(self.profile.threshold)
         files = {"image": ("global." + payload.format, payload.data, MIME[payload.format])}
@@ -262,7 +286,9 @@ class EdgeAgent:
         await asyncio.sleep(round_trip_s(self.profile.rtt_ms, self.profile.jitter_ms, self.rng))
         return time.monotonic() - start
 
-    async def _exchange(self, path: str, data, files, nbytes: int, attempts: _Attempts, method: str = "POST") -> httpx.Response:
+    async def _exchange(
+        self, path: str, data, files, nbytes: int, attempts: _Attempts, method: str = "POST"
+    ) -> httpx.Response:
         """One call with retries; returns the first non-retryable response."""
         retry = self.config.retry
         last = "no attempt made"
@@ -287,7 +313,7 @@ class EdgeAgent:
                 last = f"HTTP {resp.status_code} on {path}: {resp.text[:120]}"
                 retry_after = _retry_after(resp)
             if attempt + 1 < retry.max_attempts:
-                cap = min(retry.backoff_max_s, retry.backoff_s * 2 ** attempt)
+                cap = min(retry.backoff_max_s, retry.backoff_s * 2**attempt)
                 pause = max(retry_after, self.rng.uniform(0, cap))
                 attempts.backoff_s += pause
                 await asyncio.sleep(pause)

@@ -35,18 +35,33 @@ def wait_ready(url: str, proc: subprocess.Popen | None, timeout: float) -> None:
 
 
 @contextmanager
-def serve_app(serve_config: str | Path = DEFAULT_SERVE_CONFIG, url: str = "http://127.0.0.1:8000", timeout: float = 180, quiet: bool = True):
+def serve_app(
+    serve_config: str | Path = DEFAULT_SERVE_CONFIG,
+    url: str = "http://127.0.0.1:8000",
+    timeout: float = 180,
+    quiet: bool = True,
+):
     """`serve run` in its own process group; SIGTERM (which stops its Ray cluster) on exit.
 
     Ray's auth mode is inherited, not set: the driver that then joins this cluster (the demo's or
     the load test's agents) runs with the same environment, and Ray needs both sides in one mode
     (a token-mode driver's actors never start on a cluster started with RAY_AUTH_MODE=disabled)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": os.environ.get("RAY_USAGE_STATS_ENABLED", "0")}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "RAY_USAGE_STATS_ENABLED": os.environ.get("RAY_USAGE_STATS_ENABLED", "0"),
+    }
     serve_cli = Path(sys.executable).with_name("serve")  # the venv's CLI, even when it is not on PATH
     out = subprocess.DEVNULL if quiet else None
     print(f"starting: serve run {serve_config}", flush=True)
-    proc = subprocess.Popen([str(serve_cli) if serve_cli.exists() else "serve", "run", str(serve_config)], cwd=REPO_ROOT,
-                            env=env, stdout=out, stderr=out, start_new_session=True)
+    proc = subprocess.Popen(
+        [str(serve_cli) if serve_cli.exists() else "serve", "run", str(serve_config)],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=out,
+        stderr=out,
+        start_new_session=True,
+    )
     try:
         wait_ready(url, proc, timeout)
         yield proc

@@ -62,8 +62,14 @@ def local_upload(original: Image.Image, box: list[int], local_size: list[int], i
 class EdgeClient:
     """Synchronous client (tests, scripts)."""
 
-    def __init__(self, base_url: str, client_id: str | None = None, imaging: EdgeImaging | None = None, timeout: float = 60.0,
-                 token: str | None = None):
+    def __init__(
+        self,
+        base_url: str,
+        client_id: str | None = None,
+        imaging: EdgeImaging | None = None,
+        timeout: float = 60.0,
+        token: str | None = None,
+    ):
         """`token`: bearer token for a gateway with auth on (default: $COLLAB_API_TOKEN if set)."""
         token = token if token is not None else os.environ.get("COLLAB_API_TOKEN")
         headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -86,28 +92,70 @@ class EdgeClient:
             raise ProtocolError(resp.status_code, resp.text)
         return resp.json()
 
-    def ask(self, image, question: str, *, policy: str | None = None, threshold: float | None = None,
-            question_id: str | None = None) -> EdgeResult:
+    def ask(
+        self,
+        image,
+        question: str,
+        *,
+        policy: str | None = None,
+        threshold: float | None = None,
+        question_id: str | None = None,
+    ) -> EdgeResult:
         original = load_image(image)
         payload = global_upload(original, self.models(), self.imaging)
         fields = {"question": question, "original_width": str(original.width), "original_height": str(original.height)}
-        for key, value in (("policy", policy), ("threshold", threshold), ("client_id", self.client_id), ("question_id", question_id)):
+        for key, value in (
+            ("policy", policy),
+            ("threshold", threshold),
+            ("client_id", self.client_id),
+            ("question_id", question_id),
+        ):
             if value is not None:
                 fields[key] = str(value)
         files = {"image": ("global." + payload.format, payload.data, MIME[payload.format])}
         first = self._json(self.http.post("/v1/query", data=fields, files=files))
         if first["status"] == "answered":
-            return EdgeResult(first["answer"], 1, first.get("first_answer"), first["policy"], first.get("score"), None,
-                              payload.nbytes, 0, first["timings_ms"])
+            return EdgeResult(
+                first["answer"],
+                1,
+                first.get("first_answer"),
+                first["policy"],
+                first.get("score"),
+                None,
+                payload.nbytes,
+                0,
+                first["timings_ms"],
+            )
         local = local_upload(original, first["box"], first["local_size"], self.imaging)
         data = {"session_id": first["session_id"]}
         if self.client_id is not None:
             data["client_id"] = self.client_id
-        resp = self.http.post("/v1/refine", data=data, files={"image": ("local." + local.format, local.data, MIME[local.format])})
+        resp = self.http.post(
+            "/v1/refine", data=data, files={"image": ("local." + local.format, local.data, MIME[local.format])}
+        )
         if resp.status_code == 410:  # expired: nothing is lost, the edge keeps the first-pass answer
-            return EdgeResult(first["first_answer"], 1, first["first_answer"], first["policy"], first["score"], first["box"],
-                              payload.nbytes, local.nbytes, first["timings_ms"], session_expired=True)
+            return EdgeResult(
+                first["first_answer"],
+                1,
+                first["first_answer"],
+                first["policy"],
+                first["score"],
+                first["box"],
+                payload.nbytes,
+                local.nbytes,
+                first["timings_ms"],
+                session_expired=True,
+            )
         second = self._json(resp)
         timings = {**first["timings_ms"], **{f"refine_{k}": v for k, v in second["timings_ms"].items()}}
-        return EdgeResult(second["answer"], 2, first["first_answer"], first["policy"], first["score"], first["box"],
-                          payload.nbytes, local.nbytes, timings)
+        return EdgeResult(
+            second["answer"],
+            2,
+            first["first_answer"],
+            first["policy"],
+            first["score"],
+            first["box"],
+            payload.nbytes,
+            local.nbytes,
+            timings,
+        )

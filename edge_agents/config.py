@@ -7,7 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from collab.config import ConfigError, PolicyName as Policy, load_typed, nested, read_yaml_mapping
+from collab.config import ConfigError, load_typed, nested, read_yaml_mapping
+from collab.config import PolicyName as Policy
 from collab.data.synthetic import parse_split
 
 LoadTestConfigError = ConfigError  # the one config error type (this name kept for callers)
@@ -43,7 +44,9 @@ class RetrySettings(_Strict):
     max_attempts: int = Field(6, ge=1)
     backoff_s: float = Field(0.2, ge=0, description="first backoff; doubles each attempt, with full jitter")
     backoff_max_s: float = Field(5.0, ge=0)
-    request_timeout_s: float = Field(120.0, gt=0, description="httpx timeout of one attempt, per phase (connect, write, read)")
+    request_timeout_s: float = Field(
+        120.0, gt=0, description="httpx timeout of one attempt, per phase (connect, write, read)"
+    )
 
 
 class Workload(_Strict):
@@ -54,7 +57,9 @@ class Workload(_Strict):
     think_time_s: float = Field(0.5, ge=0, description="closed loop: mean think time after each answer")
     think_distribution: Literal["fixed", "exponential"] = "exponential"
     rate_qps: float = Field(0.5, gt=0, description="open loop: mean arrival rate per agent")
-    max_in_flight: int = Field(16, ge=1, description="open loop: per-agent bound on queries in flight (later arrivals wait)")
+    max_in_flight: int = Field(
+        16, ge=1, description="open loop: per-agent bound on queries in flight (later arrivals wait)"
+    )
     duration_s: float = Field(30.0, gt=0, description="agents stop starting queries after this")
     ramp_up_s: float = Field(5.0, ge=0, description="agent i starts at ramp_up_s * i / agents")
     drain_s: float = Field(300.0, ge=0, description="after the duration, wait this long for queries in flight")
@@ -92,7 +97,9 @@ class LoadTestConfig(_Strict):
     seed: int = 0
     app_name: str = Field("collab", description="Serve application whose replicas are plotted")
     metrics_port: int | None = Field(None, description="serve Prometheus metrics of the edge side here")
-    auth_token_env: str | None = Field("COLLAB_API_TOKEN", description="send `Authorization: Bearer $VAR` when this variable is set")
+    auth_token_env: str | None = Field(
+        "COLLAB_API_TOKEN", description="send `Authorization: Bearer $VAR` when this variable is set"
+    )
     workload: Workload = Workload()
     source: Source = Source()
     channel: ChannelSettings = ChannelSettings()

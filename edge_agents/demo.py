@@ -42,10 +42,14 @@ def show_queries(url: str, n: int, seed: int, policy: str, out: Path) -> Path:
         total_bytes += r.global_bytes + r.local_bytes
         full_bytes += full
         views.append(QueryView(item.image, item.question, r, item.answer))
-        print(f"{item.question:40s} -> {r.answer:8s} ({'right' if ok else 'wrong, ' + item.answer:9s}) stage {r.stage} "
-              f"score {r.score:.2f} box {r.box} bytes {r.global_bytes}+{r.local_bytes} (full-res {full})")
-    print(f"\n{correct}/{n} correct; uplink {total_bytes / n / 1024:.1f} KiB/query "
-          f"vs {full_bytes / n / 1024:.1f} KiB for full-resolution originals")
+        print(
+            f"{item.question:40s} -> {r.answer:8s} ({'right' if ok else 'wrong, ' + item.answer:9s}) stage {r.stage} "
+            f"score {r.score:.2f} box {r.box} bytes {r.global_bytes}+{r.local_bytes} (full-res {full})"
+        )
+    print(
+        f"\n{correct}/{n} correct; uplink {total_bytes / n / 1024:.1f} KiB/query "
+        f"vs {full_bytes / n / 1024:.1f} KiB for full-resolution originals"
+    )
     picture = queries_sheet(views, info, client.imaging, out / "queries.png")
     client.close()
     print(f"picture of these queries: {picture}")
@@ -57,8 +61,10 @@ def short_load(url: str, agents: int, duration: float, policy: str, out: Path) -
     from edge_agents.config import load_loadtest_config
     from edge_agents.loadtest import connect_ray, run_load, write_outputs
 
-    config = load_loadtest_config(REPO / "configs/loadtest/default.yaml",
-                                  {"url": url, "agents": agents, "policy": policy, "workload.duration_s": duration, "workload.ramp_up_s": 2})
+    config = load_loadtest_config(
+        REPO / "configs/loadtest/default.yaml",
+        {"url": url, "agents": agents, "policy": policy, "workload.duration_s": duration, "workload.ramp_up_s": 2},
+    )
     print(f"\nload: {agents} edge agents for {duration:.0f} s (configs/loadtest/default.yaml device mix)", flush=True)
     import ray
 
@@ -70,20 +76,30 @@ def short_load(url: str, agents: int, duration: float, policy: str, out: Path) -
     summary = write_outputs(result, config, out)
     print("\n" + report.table(summary))
     plots = sorted(str(p) for p in out.glob("*.png"))
-    print(f"\nfiles in {out}/" + (f"; plots: {', '.join(plots)}" if plots else "") + "; a longer load: collab-vlm loadtest --help")
+    print(
+        f"\nfiles in {out}/"
+        + (f"; plots: {', '.join(plots)}" if plots else "")
+        + "; a longer load: collab-vlm loadtest --help"
+    )
     return 1 if summary["failed"] or summary["unfinished"] else 0
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="collab-vlm demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--serve-config", default=str(REPO / "serve_config.yaml"), help="config for `serve run` (default: %(default)s)")
+    p.add_argument(
+        "--serve-config", default=str(REPO / "serve_config.yaml"), help="config for `serve run` (default: %(default)s)"
+    )
     p.add_argument("--url", help="use an already running app instead of starting one")
     p.add_argument("--n", type=int, default=8, help="queries to show one by one (default: %(default)s)")
     p.add_argument("--seed", type=int, default=2024, help="synthetic benchmark seed (default: %(default)s)")
     p.add_argument("--policy", default="entropy", choices=POLICIES)
-    p.add_argument("--agents", type=int, default=4, help="edge agents in the short load, 0 to skip it (default: %(default)s)")
+    p.add_argument(
+        "--agents", type=int, default=4, help="edge agents in the short load, 0 to skip it (default: %(default)s)"
+    )
     p.add_argument("--duration", type=float, default=20, help="seconds of load (default: %(default)s)")
-    p.add_argument("--out", default=str(REPO / "runs/demo"), help="output directory: queries.png, load/ (default: %(default)s)")
+    p.add_argument(
+        "--out", default=str(REPO / "runs/demo"), help="output directory: queries.png, load/ (default: %(default)s)"
+    )
     p.add_argument("--timeout", type=float, default=180, help="seconds to wait for the app to start")
     args = p.parse_args(argv)
 

@@ -39,13 +39,19 @@ class AgentHost:
         results = await asyncio.gather(*(a.run() for a in self.agents), return_exceptions=True)
         for agent, result in zip(self.agents, results):
             if isinstance(result, BaseException):
-                self._failures.append(f"{agent.name}: " + "".join(traceback.format_exception_only(type(result), result)).strip())
+                self._failures.append(
+                    f"{agent.name}: " + "".join(traceback.format_exception_only(type(result), result)).strip()
+                )
 
     async def drain(self) -> dict:
         """Rows finished since the last call, whether every agent is done, and agent crashes."""
         rows, self._rows = self._rows, []
-        return {"rows": rows, "done": self._task is not None and self._task.done(), "failures": list(self._failures),
-                "in_flight": sum(a.in_flight for a in self.agents)}
+        return {
+            "rows": rows,
+            "done": self._task is not None and self._task.done(),
+            "failures": list(self._failures),
+            "in_flight": sum(a.in_flight for a in self.agents),
+        }
 
     async def stop(self) -> None:
         for agent in self.agents:

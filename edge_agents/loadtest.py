@@ -24,12 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
+from collab.config import POLICIES, ConfigError, deep_merge, nested, parse_sets
 from collab.progress import progress as progress_bar
 from edge_agents import report
-from collab.config import POLICIES, ConfigError, deep_merge, nested, parse_sets
 from edge_agents.config import LoadTestConfig, load_loadtest_config
-
-
 
 # ------------------------------------------------------------------------------------ Ray side
 
@@ -70,8 +68,9 @@ def replica_counts(app_name: str) -> dict[str, int] | None:
         return None
 
 
-def run_load(config: LoadTestConfig, *, policy: str | None = None, progress: bool = True, label: str = "",
-             metrics=None) -> dict:
+def run_load(
+    config: LoadTestConfig, *, policy: str | None = None, progress: bool = True, label: str = "", metrics=None
+) -> dict:
     """One load run: {"rows", "replicas", "channel", "wall_s", "failures", "unfinished"}."""
     import ray
 
@@ -84,7 +83,7 @@ def run_load(config: LoadTestConfig, *, policy: str | None = None, progress: boo
         env[config.auth_token_env] = os.environ[config.auth_token_env]
     host_cls = ray.remote(num_cpus=0, max_concurrency=1000, runtime_env={"env_vars": env} if env else None)(AgentHost)
     indices = list(range(config.agents))
-    groups = [indices[i:i + config.agents_per_actor] for i in range(0, len(indices), config.agents_per_actor)]
+    groups = [indices[i : i + config.agents_per_actor] for i in range(0, len(indices), config.agents_per_actor)]
     channel, hosts = None, []
     w = config.workload
     rows: list[dict] = []
@@ -96,7 +95,9 @@ def run_load(config: LoadTestConfig, *, policy: str | None = None, progress: boo
     bar = None
     try:
         if config.channel.capacity_mbps:
-            channel = ray.remote(num_cpus=0)(SharedChannel).remote(config.channel.capacity_mbps, config.channel.discipline)
+            channel = ray.remote(num_cpus=0)(SharedChannel).remote(
+                config.channel.capacity_mbps, config.channel.discipline
+            )
         hosts = [host_cls.remote(g, cfg, channel, policy) for g in groups]
         ray.get([h.ready.remote() for h in hosts])  # items loaded: the clock starts now for everyone
         if channel is not None:
@@ -104,7 +105,9 @@ def run_load(config: LoadTestConfig, *, policy: str | None = None, progress: boo
         run_start = time.time()
         ray.get([h.start.remote(run_start) for h in hosts])
         deadline = run_start + w.duration_s + w.drain_s
-        bar = progress_bar(total=int(w.duration_s), unit="s", desc=label or f"{config.agents} agents", disable=not progress)
+        bar = progress_bar(
+            total=int(w.duration_s), unit="s", desc=label or f"{config.agents} agents", disable=not progress
+        )
         stopped = False
         last_sample = 0.0
         while True:
@@ -131,7 +134,9 @@ def run_load(config: LoadTestConfig, *, policy: str | None = None, progress: boo
                 break
             if now >= deadline:
                 unfinished = sum(r["in_flight"] for r in results)
-                bar.write(f"drain time over ({w.drain_s:.0f} s): {unfinished} queries still in flight, counted as unfinished")
+                bar.write(
+                    f"drain time over ({w.drain_s:.0f} s): {unfinished} queries still in flight, counted as unfinished"
+                )
                 break
             if not stopped and now >= run_start + w.duration_s:
                 for i, h in enumerate(hosts):
@@ -152,7 +157,14 @@ def run_load(config: LoadTestConfig, *, policy: str | None = None, progress: boo
             except Exception:
                 pass
     wall = max((r["t_start"] + r["latency_ms"] / 1000 for r in rows), default=0.0)
-    return {"rows": rows, "replicas": replicas, "channel": channel_stats, "wall_s": wall, "failures": failures, "unfinished": unfinished}
+    return {
+        "rows": rows,
+        "replicas": replicas,
+        "channel": channel_stats,
+        "wall_s": wall,
+        "failures": failures,
+        "unfinished": unfinished,
+    }
 
 
 def _drain_all(hosts, dead: dict[int, str]) -> list[dict]:
@@ -179,7 +191,8 @@ def _live(rows: list[dict], elapsed: float, draining: bool) -> str:
     errors = sum(1 for r in rows if r["error"])
     p50, p95 = (np.percentile(ok, 50), np.percentile(ok, 95)) if ok else (0, 0)
     state = "draining " if draining else ""
-    return f"{state}queries {len(rows)} qps {len(ok) / max(elapsed, 1e-9):.2f} errors {errors} p50 {p50:.0f} ms p95 {p95:.0f} ms"
+    qps = len(ok) / max(elapsed, 1e-9)
+    return f"{state}queries {len(rows)} qps {qps:.2f} errors {errors} p50 {p50:.0f} ms p95 {p95:.0f} ms"
 
 
 # ------------------------------------------------------------------------------------ outputs
@@ -187,9 +200,15 @@ def _live(rows: list[dict], elapsed: float, draining: bool) -> str:
 
 def write_outputs(result: dict, config: LoadTestConfig, out: Path, extra_policies: dict | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
-    summary = report.summarize(result["rows"], wall_s=result["wall_s"], config=config.model_dump(mode="json"),
-                               replicas=result["replicas"], channel=result["channel"], agent_failures=result["failures"],
-                               unfinished=result.get("unfinished", 0))
+    summary = report.summarize(
+        result["rows"],
+        wall_s=result["wall_s"],
+        config=config.model_dump(mode="json"),
+        replicas=result["replicas"],
+        channel=result["channel"],
+        agent_failures=result["failures"],
+        unfinished=result.get("unfinished", 0),
+    )
     report.write_json(summary, out / "summary.json")
     report.write_json(result["replicas"], out / "replicas.json")
     report.write_rows(result["rows"], out / "queries.csv")
@@ -199,19 +218,42 @@ def write_outputs(result: dict, config: LoadTestConfig, out: Path, extra_policie
     return summary
 
 
-def sweep(config: LoadTestConfig, agents: list[int], policies: list[str], out: Path, progress: bool, metrics=None) -> list[dict]:
+def sweep(
+    config: LoadTestConfig, agents: list[int], policies: list[str], out: Path, progress: bool, metrics=None
+) -> list[dict]:
     points, by_policy = [], {}
     for policy in policies:
         for n in agents:
             cfg = config.model_copy(update={"agents": n})
             result = run_load(cfg, policy=policy, progress=progress, label=f"{policy} x{n}", metrics=metrics)
             summary = write_outputs(result, cfg, out / f"{policy}_{n}")
-            point = {"policy": policy, "agents": n, **{k: summary[k] for k in
-                     ("queries", "failed", "unfinished", "throughput_qps", "latency_ms", "accuracy", "refine_rate", "bytes_per_query", "retries")}}
+            point = {
+                "policy": policy,
+                "agents": n,
+                **{
+                    k: summary[k]
+                    for k in (
+                        "queries",
+                        "failed",
+                        "unfinished",
+                        "throughput_qps",
+                        "latency_ms",
+                        "accuracy",
+                        "refine_rate",
+                        "bytes_per_query",
+                        "retries",
+                    )
+                },
+            }
             points.append(point)
             by_policy.setdefault(policy, summary["by_policy"].get(policy))
-            print(f"{policy:8s} agents {n:4d}: {summary['throughput_qps'] or 0:6.2f} qps  p95 {summary['latency_ms']['p95'] or 0:8.0f} ms"
-                  f"  failed {summary['failed']}  accuracy {summary['accuracy'] if summary['accuracy'] is not None else '-'}", flush=True)
+            print(
+                f"{policy:8s} agents {n:4d}: {summary['throughput_qps'] or 0:6.2f} qps  p95 "
+                f"{summary['latency_ms']['p95'] or 0:8.0f} ms"
+                f"  failed {summary['failed']}  accuracy "
+                f"{summary['accuracy'] if summary['accuracy'] is not None else '-'}",
+                flush=True,
+            )
     report.write_json(points, out / "sweep.json")
     report.plot_sweep(points, out / "sweep.png")
     report.plot_bytes_accuracy({p: s for p, s in by_policy.items() if s}, out / "bytes_accuracy.png")
@@ -222,15 +264,20 @@ def sweep(config: LoadTestConfig, agents: list[int], policies: list[str], out: P
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m edge_agents.loadtest", description=__doc__.split("\n\n")[0],
-                                epilog="Flags override the YAML config; --set KEY=VALUE overrides any field (e.g. --set workload.drain_s=60).",
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m edge_agents.loadtest",
+        description=__doc__.split("\n\n")[0],
+        epilog="Flags override the YAML config; --set KEY=VALUE overrides any field (e.g. --set workload.drain_s=60).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--config", help="load-test YAML (see configs/loadtest/); defaults apply without one")
     p.add_argument("--url", help="gateway URL (default http://127.0.0.1:8000)")
     p.add_argument("--agents", type=int, help="number of edge agents")
     p.add_argument("--duration", type=float, help="seconds during which agents start queries")
     p.add_argument("--policy", choices=POLICIES, help="policy every agent asks for (device profiles may override)")
-    p.add_argument("--mode", choices=["closed", "open"], help="closed loop (think time) or open loop (Poisson arrivals)")
+    p.add_argument(
+        "--mode", choices=["closed", "open"], help="closed loop (think time) or open loop (Poisson arrivals)"
+    )
     p.add_argument("--think-time", type=float, help="closed loop: mean think time in seconds")
     p.add_argument("--rate", type=float, help="open loop: arrivals per second per agent")
     p.add_argument("--ramp-up", type=float, help="seconds over which agents start")
@@ -241,10 +288,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--agents-per-actor", type=int, help="agents per Ray actor process")
     p.add_argument("--metrics-port", type=int, help="export the edge metrics for Prometheus on this port")
     p.add_argument("--sweep-agents", metavar="N,N,...", help="run once per agent count and plot the contention curve")
-    p.add_argument("--sweep-policies", default="entropy,never,always,random", help="policies for --sweep-agents (default: %(default)s)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config field (YAML value)")
+    p.add_argument(
+        "--sweep-policies",
+        default="entropy,never,always,random",
+        help="policies for --sweep-agents (default: %(default)s)",
+    )
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override any config field (YAML value)"
+    )
     p.add_argument("--ray-address", help="Ray cluster to join (default: auto, else a local Ray)")
-    p.add_argument("--start-app", action="store_true", help="start `serve run serve_config.yaml` first and stop it at the end")
+    p.add_argument(
+        "--start-app", action="store_true", help="start `serve run serve_config.yaml` first and stop it at the end"
+    )
     p.add_argument("--out", default="runs/loadtest", help="output directory (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no live progress line")
     return p
@@ -252,11 +307,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args) -> LoadTestConfig:
     flags = {
-        "url": args.url, "agents": args.agents, "policy": args.policy, "agents_per_actor": args.agents_per_actor,
-        "metrics_port": args.metrics_port, "workload.duration_s": args.duration, "workload.mode": args.mode,
-        "workload.think_time_s": args.think_time, "workload.rate_qps": args.rate, "workload.ramp_up_s": args.ramp_up,
-        "channel.capacity_mbps": args.channel_mbps, "channel.discipline": args.discipline,
-        "source.synthetic": args.synthetic, "source.dataset": args.dataset,
+        "url": args.url,
+        "agents": args.agents,
+        "policy": args.policy,
+        "agents_per_actor": args.agents_per_actor,
+        "metrics_port": args.metrics_port,
+        "workload.duration_s": args.duration,
+        "workload.mode": args.mode,
+        "workload.think_time_s": args.think_time,
+        "workload.rate_qps": args.rate,
+        "workload.ramp_up_s": args.ramp_up,
+        "channel.capacity_mbps": args.channel_mbps,
+        "channel.discipline": args.discipline,
+        "source.synthetic": args.synthetic,
+        "source.dataset": args.dataset,
     }
     overrides = deep_merge(nested({k: v for k, v in flags.items() if v is not None}), parse_sets(args.set))
     return load_loadtest_config(args.config, overrides)
@@ -306,7 +370,9 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args, config: LoadTestConfig, out: Path, sweep_agents, policies) -> int:
     on_cluster = connect_ray(args.ray_address)
     if not on_cluster:
-        print("note: no Ray cluster found; agents run on a local Ray and replica counts are not plotted", file=sys.stderr)
+        print(
+            "note: no Ray cluster found; agents run on a local Ray and replica counts are not plotted", file=sys.stderr
+        )
     metrics = None
     if config.metrics_port:
         from edge_agents.metrics import EdgeMetrics

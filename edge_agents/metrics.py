@@ -16,20 +16,38 @@ class EdgeMetrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self.queries = Counter("collab_edge_queries", "Queries finished by the edge agents", ["policy", "profile", "outcome"], registry=r)
-        self.latency = Histogram("collab_edge_latency_seconds", "End-to-end query latency at the edge", ["policy", "part"],
-                                 buckets=LATENCY_BUCKETS_S, registry=r)
-        self.bytes = Counter("collab_edge_uplink_bytes", "Uplink payload bytes sent, per stage", ["policy", "stage"], registry=r)
-        self.bytes_per_query = Histogram("collab_edge_query_bytes", "Uplink bytes per query (both stages)", ["policy"],
-                                         buckets=BYTES_BUCKETS, registry=r)
-        self.correct = Counter("collab_edge_correct", "Sum of VQA accuracy of answered queries with ground truth", ["policy"], registry=r)
+        self.queries = Counter(
+            "collab_edge_queries", "Queries finished by the edge agents", ["policy", "profile", "outcome"], registry=r
+        )
+        self.latency = Histogram(
+            "collab_edge_latency_seconds",
+            "End-to-end query latency at the edge",
+            ["policy", "part"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.bytes = Counter(
+            "collab_edge_uplink_bytes", "Uplink payload bytes sent, per stage", ["policy", "stage"], registry=r
+        )
+        self.bytes_per_query = Histogram(
+            "collab_edge_query_bytes",
+            "Uplink bytes per query (both stages)",
+            ["policy"],
+            buckets=BYTES_BUCKETS,
+            registry=r,
+        )
+        self.correct = Counter(
+            "collab_edge_correct", "Sum of VQA accuracy of answered queries with ground truth", ["policy"], registry=r
+        )
         self.graded = Counter("collab_edge_graded", "Answered queries with ground truth", ["policy"], registry=r)
         self.retries = Counter("collab_edge_retries", "Retried HTTP attempts", ["policy"], registry=r)
-        self.channel_utilisation = Gauge("collab_edge_channel_utilisation", "Busy fraction of the shared uplink", registry=r)
+        self.channel_utilisation = Gauge(
+            "collab_edge_channel_utilisation", "Busy fraction of the shared uplink", registry=r
+        )
         self.channel_in_flight = Gauge("collab_edge_channel_in_flight", "Transfers on the shared uplink", registry=r)
 
     @classmethod
-    def serve(cls, port: int, addr: str = "127.0.0.1") -> "EdgeMetrics":
+    def serve(cls, port: int, addr: str = "127.0.0.1") -> EdgeMetrics:
         metrics = cls()
         start_http_server(port, addr=addr, registry=metrics.registry)
         return metrics

@@ -32,7 +32,9 @@ class QueryView:
         if r.stage == 2:
             lines.append(f"first pass: {r.first_answer}, score {score}: refined from the crop")
         else:
-            lines.append(f"score {score}: answered from the global image" + (" (session expired)" if r.session_expired else ""))
+            lines.append(
+                f"score {score}: answered from the global image" + (" (session expired)" if r.session_expired else "")
+            )
         lines.append(f"uplink {r.global_bytes:,} + {r.local_bytes:,} bytes")
         return "\n".join(lines)
 
@@ -67,11 +69,17 @@ def query_png(view: QueryView, info: dict, imaging: EdgeImaging, path: str | Pat
     global_image, local = sent_images(view, info, imaging)
     thumb = max(96, width // 4)
     side = [im.resize((thumb, thumb), Image.NEAREST) for im in (global_image, local) if im is not None]
-    caption = view.caption().splitlines() + ["left: the original with the requested box; right: the global image"
-                                             + (" and the crop" if local is not None else "") + " as sent"]
+    caption = view.caption().splitlines() + [
+        "left: the original with the requested box; right: the global image"
+        + (" and the crop" if local is not None else "")
+        + " as sent"
+    ]
     line_h = 16
-    canvas = Image.new("RGB", (boxed.width + thumb + 24, max(boxed.height, len(side) * (thumb + 8)) + line_h * len(caption) + 16),
-                       "white")
+    canvas = Image.new(
+        "RGB",
+        (boxed.width + thumb + 24, max(boxed.height, len(side) * (thumb + 8)) + line_h * len(caption) + 16),
+        "white",
+    )
     canvas.paste(boxed, (8, 8))
     for i, im in enumerate(side):
         canvas.paste(im, (boxed.width + 16, 8 + i * (thumb + 8)))
@@ -93,13 +101,16 @@ def queries_sheet(views: list[QueryView], info: dict, imaging: EdgeImaging, path
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(views), 4, figsize=(12, 2.9 * len(views)), squeeze=False,
-                             gridspec_kw={"width_ratios": [1.4, 1, 1, 1.8]})
+    fig, axes = plt.subplots(
+        len(views), 4, figsize=(12, 2.9 * len(views)), squeeze=False, gridspec_kw={"width_ratios": [1.4, 1, 1, 1.8]}
+    )
     for row, view in zip(axes, views):
         global_image, local = sent_images(view, info, imaging)
-        panels = [(with_box(view.original, view.result.box, 448), "original, requested box"),
-                  (global_image, f"global image sent ({view.result.global_bytes:,} B)"),
-                  (local, f"crop sent ({view.result.local_bytes:,} B)" if local is not None else "no crop requested")]
+        panels = [
+            (with_box(view.original, view.result.box, 448), "original, requested box"),
+            (global_image, f"global image sent ({view.result.global_bytes:,} B)"),
+            (local, f"crop sent ({view.result.local_bytes:,} B)" if local is not None else "no crop requested"),
+        ]
         for ax, (image, title) in zip(row, panels):
             if image is not None:
                 ax.imshow(image, interpolation="nearest")

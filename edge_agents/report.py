@@ -44,8 +44,16 @@ def group_summary(rows: list[dict]) -> dict:
     }
 
 
-def summarize(rows: list[dict], *, wall_s: float, config: dict | None = None, replicas: list[dict] | None = None,
-              channel: dict | None = None, agent_failures: list[str] | None = None, unfinished: int = 0) -> dict:
+def summarize(
+    rows: list[dict],
+    *,
+    wall_s: float,
+    config: dict | None = None,
+    replicas: list[dict] | None = None,
+    channel: dict | None = None,
+    agent_failures: list[str] | None = None,
+    unfinished: int = 0,
+) -> dict:
     """summary.json: `queries`, `failed`, `throughput_qps`, `latency_ms.{p50,p95,p99}`, `accuracy`,
     `refine_rate`, `bytes_per_query.{global,local}`, plus the network/server split and breakdowns."""
     ok = [r for r in rows if not r["error"]]
@@ -55,21 +63,27 @@ def summarize(rows: list[dict], *, wall_s: float, config: dict | None = None, re
         if r["error"]:
             key = r["error"].split(";")[0][:80]
             errors[key] = errors.get(key, 0) + 1
-    out.update({
-        "unfinished": unfinished,  # still in flight when the drain time ran out: not answered
-        "throughput_qps": len(ok) / wall_s if wall_s > 0 else None,
-        "wall_s": wall_s,
-        "network_ms": _percentiles(r["network_ms"] for r in ok),
-        "server_ms": _percentiles(r["server_ms"] for r in ok),
-        "edge_ms": _percentiles(r["edge_ms"] for r in ok),
-        "retries": int(sum(r["retries"] for r in rows)),
-        "queries_retried": int(sum(r["retries"] > 0 for r in rows)),
-        "sessions_expired": int(sum(bool(r["session_expired"]) for r in ok)),
-        "errors": errors,
-        "agent_failures": agent_failures or [],
-        "by_policy": {p: group_summary([r for r in rows if r["policy"] == p]) for p in sorted({r["policy"] for r in rows})},
-        "by_profile": {p: group_summary([r for r in rows if r["profile"] == p]) for p in sorted({r["profile"] for r in rows})},
-    })
+    out.update(
+        {
+            "unfinished": unfinished,  # still in flight when the drain time ran out: not answered
+            "throughput_qps": len(ok) / wall_s if wall_s > 0 else None,
+            "wall_s": wall_s,
+            "network_ms": _percentiles(r["network_ms"] for r in ok),
+            "server_ms": _percentiles(r["server_ms"] for r in ok),
+            "edge_ms": _percentiles(r["edge_ms"] for r in ok),
+            "retries": int(sum(r["retries"] for r in rows)),
+            "queries_retried": int(sum(r["retries"] > 0 for r in rows)),
+            "sessions_expired": int(sum(bool(r["session_expired"]) for r in ok)),
+            "errors": errors,
+            "agent_failures": agent_failures or [],
+            "by_policy": {
+                p: group_summary([r for r in rows if r["policy"] == p]) for p in sorted({r["policy"] for r in rows})
+            },
+            "by_profile": {
+                p: group_summary([r for r in rows if r["profile"] == p]) for p in sorted({r["profile"] for r in rows})
+            },
+        }
+    )
     if replicas:
         names = sorted({k for s in replicas for k in s["replicas"]})
         out["replicas_max"] = {n: max(s["replicas"].get(n, 0) for s in replicas) for n in names}
@@ -99,25 +113,40 @@ def table(summary: dict) -> str:
     lat, net, srv = summary["latency_ms"], summary["network_ms"], summary["server_ms"]
     b = summary["bytes_per_query"]
     lines = [
-        f"queries {summary['queries']}  failed {summary['failed']}  unfinished {summary['unfinished']}  throughput {_fmt(summary['throughput_qps'], '.2f')} qps"
-        f"  retries {summary['retries']} ({summary['queries_retried']} queries)  expired sessions {summary['sessions_expired']}",
+        f"queries {summary['queries']}  failed {summary['failed']}  unfinished {summary['unfinished']}  throughput "
+        f"{_fmt(summary['throughput_qps'], '.2f')} qps"
+        f"  retries {summary['retries']} ({summary['queries_retried']} queries)  expired sessions "
+        f"{summary['sessions_expired']}",
         f"{'latency ms':<14}{'p50':>10}{'p95':>10}{'p99':>10}",
     ]
     for name, d in (("end to end", lat), ("network", net), ("server", srv)):
         lines.append(f"{name:<14}" + "".join(f"{_fmt(d[f'p{p}']):>10}" for p in PERCENTILES))
-    lines.append(f"accuracy {_fmt(summary['accuracy'], '.3f')} (first pass {_fmt(summary['first_pass_accuracy'], '.3f')})"
-                 f"  refine rate {_fmt(summary['refine_rate'], '.3f')}")
-    lines.append(f"bytes/query: global {_fmt(b['global'], '.0f')}  local {_fmt(b['local'], '.0f')}  total {_fmt(b['total'], '.0f')}"
-                 f"  (full-resolution original {_fmt(b['full_resolution'], '.0f')})")
+    lines.append(
+        f"accuracy {_fmt(summary['accuracy'], '.3f')} (first pass {_fmt(summary['first_pass_accuracy'], '.3f')})"
+        f"  refine rate {_fmt(summary['refine_rate'], '.3f')}"
+    )
+    lines.append(
+        f"bytes/query: global {_fmt(b['global'], '.0f')}  local {_fmt(b['local'], '.0f')}  total "
+        f"{_fmt(b['total'], '.0f')}"
+        f"  (full-resolution original {_fmt(b['full_resolution'], '.0f')})"
+    )
     if len(summary["by_policy"]) > 1:
         for p, s in summary["by_policy"].items():
-            lines.append(f"  {p:<8} n={s['queries']:<5} acc {_fmt(s['accuracy'], '.3f')}  refine {_fmt(s['refine_rate'], '.2f')}"
-                         f"  bytes {_fmt(s['bytes_per_query']['total'], '.0f')}  p95 {_fmt(s['latency_ms']['p95'], '.0f')} ms")
+            lines.append(
+                f"  {p:<8} n={s['queries']:<5} acc {_fmt(s['accuracy'], '.3f')}  refine {_fmt(s['refine_rate'], '.2f')}"
+                f"  bytes {_fmt(s['bytes_per_query']['total'], '.0f')}  p95 {_fmt(s['latency_ms']['p95'], '.0f')} ms"
+            )
     if summary.get("replicas_max"):
-        lines.append("replicas (min-max): " + ", ".join(f"{n} {summary['replicas_min'][n]}-{m}" for n, m in summary["replicas_max"].items()))
+        lines.append(
+            "replicas (min-max): "
+            + ", ".join(f"{n} {summary['replicas_min'][n]}-{m}" for n, m in summary["replicas_max"].items())
+        )
     if summary.get("channel"):
         c = summary["channel"]
-        lines.append(f"shared channel: {c['capacity_mbps']} Mbit/s {c['discipline']}, utilisation {c['utilisation']:.2f}, peak {c['peak_in_flight']} transfers")
+        lines.append(
+            f"shared channel: {c['capacity_mbps']} Mbit/s {c['discipline']}, utilisation {c['utilisation']:.2f}, peak "
+            f"{c['peak_in_flight']} transfers"
+        )
     if summary["errors"]:
         lines.append("errors: " + "; ".join(f"{k} x{v}" for k, v in summary["errors"].items()))
     return "\n".join(lines)
@@ -172,11 +201,22 @@ def plot_timeline(rows: list[dict], replicas: list[dict], path: Path) -> None:
         ax1.scatter(done, lat, s=4, alpha=0.4, label="query")
         window = max(1, len(lat) // 30)
         if len(lat) >= window * 2:
-            ax1.plot(done[window - 1:], [np.percentile(lat[i - window + 1:i + 1], 95) for i in range(window - 1, len(lat))],
-                     color="C3", label=f"p95 of last {window}")
+            ax1.plot(
+                done[window - 1 :],
+                [np.percentile(lat[i - window + 1 : i + 1], 95) for i in range(window - 1, len(lat))],
+                color="C3",
+                label=f"p95 of last {window}",
+            )
     failed = [r for r in rows if r["error"]]
     if failed:
-        ax1.scatter([r["t_start"] + r["latency_ms"] / 1000 for r in failed], [r["latency_ms"] for r in failed], s=12, marker="x", color="k", label="failed")
+        ax1.scatter(
+            [r["t_start"] + r["latency_ms"] / 1000 for r in failed],
+            [r["latency_ms"] for r in failed],
+            s=12,
+            marker="x",
+            color="k",
+            label="failed",
+        )
     ax1.set_ylabel("latency (ms)")
     ax1.grid(alpha=0.3)
     ax1.legend(loc="upper left")
@@ -186,7 +226,14 @@ def plot_timeline(rows: list[dict], replicas: list[dict], path: Path) -> None:
             ax2.step(t, [s["replicas"].get(name, 0) for s in replicas], where="post", label=name)
         ax2.legend(loc="upper left", fontsize=8)
     else:
-        ax2.text(0.5, 0.5, "replica counts unavailable (not connected to the Serve cluster)", ha="center", va="center", transform=ax2.transAxes)
+        ax2.text(
+            0.5,
+            0.5,
+            "replica counts unavailable (not connected to the Serve cluster)",
+            ha="center",
+            va="center",
+            transform=ax2.transAxes,
+        )
     ax2.set_ylabel("running replicas")
     ax2.set_xlabel("time since start (s)")
     ax2.grid(alpha=0.3)
@@ -197,13 +244,21 @@ def plot_bytes_accuracy(by_policy: dict, path: Path) -> None:
     """Mean uplink bytes per query vs accuracy, one point per policy, full resolution for reference."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
-    full = [s["bytes_per_query"]["full_resolution"] for s in by_policy.values() if s["bytes_per_query"]["full_resolution"]]
+    full = [
+        s["bytes_per_query"]["full_resolution"] for s in by_policy.values() if s["bytes_per_query"]["full_resolution"]
+    ]
     for name, s in by_policy.items():
         x, y = s["bytes_per_query"]["total"], s["accuracy"]
         if x is None or y is None:
             continue
         ax.scatter([x / 1024], [y], s=40)
-        ax.annotate(f"{name} (refine {s['refine_rate']:.0%})", (x / 1024, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        ax.annotate(
+            f"{name} (refine {s['refine_rate']:.0%})",
+            (x / 1024, y),
+            textcoords="offset points",
+            xytext=(5, 5),
+            fontsize=8,
+        )
     if full:
         ax.axvline(np.mean(full) / 1024, color="grey", ls="--", label="full-resolution upload")
         ax.legend()

@@ -7,8 +7,8 @@ disk (on a multi-node cluster, put the dataset on a path every node can read).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from PIL import Image
 

@@ -44,15 +44,20 @@ def tiny_backend(tiny_config):
 @pytest.fixture(scope="session")
 def served(tiny_config, tmp_path_factory):
     """The app on a real local Ray (2 CPUs, loopback), shared by every test that needs HTTP."""
+    from serve_helpers import APP, FAST_AUTOSCALE, free_port, start_serve, wait_for, write_collab_config
+
     from deployments.app import compose
     from deployments.args import AppArgs
-    from serve_helpers import APP, FAST_AUTOSCALE, free_port, start_serve, wait_for, write_collab_config
 
     port = free_port()
     serve = start_serve(port)
     cfg = write_collab_config(tiny_config, tmp_path_factory.mktemp("serve") / "collab.yaml")
     args = {"config": str(cfg), "sessions": {"ttl_s": 30, "max_sessions": 100, "max_bytes": 2**24}}
-    serve.run(compose(AppArgs.model_validate(args), {"FirstPassDecoder": {"autoscaling_config": FAST_AUTOSCALE}}), name=APP, route_prefix="/")
+    serve.run(
+        compose(AppArgs.model_validate(args), {"FirstPassDecoder": {"autoscaling_config": FAST_AUTOSCALE}}),
+        name=APP,
+        route_prefix="/",
+    )
     url = f"http://127.0.0.1:{port}"
 
     def routed():  # the proxy learns the route shortly after serve.run returns

@@ -42,8 +42,14 @@ def start_serve(port: int):
     global RAY_METRICS_PORT
     if not ray.is_initialized():
         RAY_METRICS_PORT = free_port()
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
-                 _metrics_export_port=RAY_METRICS_PORT, _system_config={"metrics_report_interval_ms": 2000})
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            logging_level="ERROR",
+            log_to_driver=False,
+            _metrics_export_port=RAY_METRICS_PORT,
+            _system_config={"metrics_report_interval_ms": 2000},
+        )
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     return serve
 

@@ -119,13 +119,16 @@ def test_attention_layer_out_of_range(tiny_backend):
         tiny_backend.attention_grid(features, QUESTION, [], layer=99, query_rows="last_input")
 
 
-@pytest.mark.parametrize("question, reason", [
-    ("what is <image> here", "placeholder"),
-    ("what </s> is it", "special_token"),
-    ("<s><s> colour?", "special_token"),
-    ("a " * 300, "too_long"),  # 300 tokens, 600 characters: the character cap would let it through
-    (" \u3000\t", "empty"),
-])
+@pytest.mark.parametrize(
+    "question, reason",
+    [
+        ("what is <image> here", "placeholder"),
+        ("what </s> is it", "special_token"),
+        ("<s><s> colour?", "special_token"),
+        ("a " * 300, "too_long"),  # 300 tokens, 600 characters: the character cap would let it through
+        (" \u3000\t", "empty"),
+    ],
+)
 def test_questions_that_would_change_the_prompt_are_refused(tiny_backend, question, reason):
     import pickle
 
@@ -230,7 +233,9 @@ def test_the_kernel_switch_never_happens_while_a_decode_runs(tiny_config):
 
     sdpa._generate, sdpa.model.set_attn_implementation = slow_generate, watched_switch
     jobs = [lambda i=i: sdpa.generate([feats[i % 2]], QUESTION) for i in range(8)]
-    jobs += [lambda i=i: sdpa.attention_grid(feats[i % 2], QUESTION, [], layer=-1, query_rows="last_input") for i in range(4)]
+    jobs += [
+        lambda i=i: sdpa.attention_grid(feats[i % 2], QUESTION, [], layer=-1, query_rows="last_input") for i in range(4)
+    ]
     with ThreadPoolExecutor(6) as pool:
         for future in [pool.submit(job) for job in jobs[::2] + jobs[1::2]]:
             future.result()
@@ -279,11 +284,37 @@ def test_random_model_cli_builds_the_sizes_asked_for(tmp_path, capsys):
 
     from collab.models import tiny
 
-    tiny.main(["--out", str(tmp_path / "m"), "--image-size", "48", "--patch-size", "8", "--vision-hidden", "48",
-               "--vision-layers", "3", "--text-hidden", "64", "--text-layers", "3", "--text-heads", "2"])
+    tiny.main(
+        [
+            "--out",
+            str(tmp_path / "m"),
+            "--image-size",
+            "48",
+            "--patch-size",
+            "8",
+            "--vision-hidden",
+            "48",
+            "--vision-layers",
+            "3",
+            "--text-hidden",
+            "64",
+            "--text-layers",
+            "3",
+            "--text-heads",
+            "2",
+        ]
+    )
     cfg = _json.loads((tmp_path / "m" / "config.json").read_text())
-    assert (cfg["vision_config"]["image_size"], cfg["vision_config"]["hidden_size"], cfg["vision_config"]["num_hidden_layers"]) == (48, 48, 3)
-    assert (cfg["text_config"]["hidden_size"], cfg["text_config"]["num_hidden_layers"], cfg["text_config"]["num_attention_heads"]) == (64, 3, 2)
+    assert (
+        cfg["vision_config"]["image_size"],
+        cfg["vision_config"]["hidden_size"],
+        cfg["vision_config"]["num_hidden_layers"],
+    ) == (48, 48, 3)
+    assert (
+        cfg["text_config"]["hidden_size"],
+        cfg["text_config"]["num_hidden_layers"],
+        cfg["text_config"]["num_attention_heads"],
+    ) == (64, 3, 2)
     backend = load_backend(ModelConfig(path=str(tmp_path / "m"), max_new_tokens=2))
     assert backend.info.grid == (6, 6)
     with pytest.raises(SystemExit):

@@ -20,12 +20,23 @@ pytestmark = pytest.mark.slow
 
 def test_serve_bench_writes_every_figure(tmp_path):
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.serve_bench", "--requests", "6", "--clients", "2", "--out", str(out)],
-                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.serve_bench", "--requests", "6", "--clients", "2", "--out", str(out)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())
-    for key in ("p50_latency_ratio", "throughput_ratio", "encoder_batching_speedup", "per_hop_overhead_ms",
-                "noop_deployment_qps_16_callers", "tower_batch8_speedup_in_process"):
+    for key in (
+        "p50_latency_ratio",
+        "throughput_ratio",
+        "encoder_batching_speedup",
+        "per_hop_overhead_ms",
+        "noop_deployment_qps_16_callers",
+        "tower_batch8_speedup_in_process",
+    ):
         assert report[key] > 0, key
     assert report["p50_latency_ms"]["dag"] > 0 and report["throughput_qps"]["in_process"] > 0

@@ -10,7 +10,9 @@ REPO = Path(__file__).resolve().parents[1]
 def test_shipped_configs_load():
     import yaml
 
-    collab_configs = [p for p in sorted((REPO / "configs").glob("*.yaml")) if "applications" not in yaml.safe_load(p.read_text())]
+    collab_configs = [
+        p for p in sorted((REPO / "configs").glob("*.yaml")) if "applications" not in yaml.safe_load(p.read_text())
+    ]
     assert len(collab_configs) >= 2
     for path in collab_configs:
         assert isinstance(load_config(path), CollabConfig), path

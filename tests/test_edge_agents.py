@@ -96,7 +96,10 @@ def test_config_yaml_overrides_and_errors(tmp_path):
     bad.write_text("agents: 0\nworkload: {mode: sideways}\n")
     with pytest.raises(LoadTestConfigError) as bad_fields:
         load_loadtest_config(bad)
-    assert {line.split(":")[0].strip() for line in str(bad_fields.value).splitlines()[1:]} == {"agents", "workload.mode"}
+    assert {line.split(":")[0].strip() for line in str(bad_fields.value).splitlines()[1:]} == {
+        "agents",
+        "workload.mode",
+    }
     with pytest.raises(LoadTestConfigError, match="source.synthetic"):
         load_loadtest_config(None, {"source.synthetic": "12"})
     with pytest.raises(LoadTestConfigError, match="not found"):
@@ -133,16 +136,32 @@ def _mock_server(script: list):
                 raise httpx.ConnectError("connection refused", request=request)
             return httpx.Response(failure, json={"error": "busy", "status": failure}, headers={"Retry-After": "0"})
         if name == "query":
-            return httpx.Response(200, json={"status": "need_roi", "session_id": "s1", "box": [0, 0, 100, 100], "local_size": [32, 32],
-                                             "expires_in": 30, "first_answer": "3", "score": 4.0, "policy": "always", "timings_ms": {}})
+            return httpx.Response(
+                200,
+                json={
+                    "status": "need_roi",
+                    "session_id": "s1",
+                    "box": [0, 0, 100, 100],
+                    "local_size": [32, 32],
+                    "expires_in": 30,
+                    "first_answer": "3",
+                    "score": 4.0,
+                    "policy": "always",
+                    "timings_ms": {},
+                },
+            )
         return httpx.Response(200, json={"status": "answered", "answer": "7", "stage": 2, "timings_ms": {}})
 
     return handler, calls
 
 
 def _agent(script, tmp_items=None, **retry):
-    cfg = LoadTestConfig.model_validate({"retry": {"backoff_s": 0.0, **retry},
-                                         "profiles": [{"name": "fast", "uplink_mbps": 1000, "rtt_ms": 0, "jitter_ms": 0}]})
+    cfg = LoadTestConfig.model_validate(
+        {
+            "retry": {"backoff_s": 0.0, **retry},
+            "profiles": [{"name": "fast", "uplink_mbps": 1000, "rtt_ms": 0, "jitter_ms": 0}],
+        }
+    )
     item = next(generate_items(5, 1))
     items = tmp_items or [EdgeItem(item.question_id, item.question, ["7"] * 10, lambda: item.image, item.kind)]
     agent = EdgeAgent(0, cfg, items=items, policy="always")
@@ -185,13 +204,18 @@ def test_expired_session_keeps_first_answer():
 
 def test_agents_as_ray_actors_complete_both_stages(served, tmp_path):
     """Four agents in two Ray actors, sharing one uplink (a Ray actor), against the live app."""
-    cfg = LoadTestConfig.model_validate({
-        "url": served, "agents": 4, "agents_per_actor": 2, "policy": "always",
-        "workload": {"mode": "closed", "think_time_s": 0.05, "duration_s": 6, "ramp_up_s": 1, "drain_s": 60},
-        "source": {"synthetic": "31:12"},
-        "channel": {"capacity_mbps": 5, "discipline": "ps"},
-        "profiles": [{"name": "cam", "rtt_ms": 20, "jitter_ms": 5}],
-    })
+    cfg = LoadTestConfig.model_validate(
+        {
+            "url": served,
+            "agents": 4,
+            "agents_per_actor": 2,
+            "policy": "always",
+            "workload": {"mode": "closed", "think_time_s": 0.05, "duration_s": 6, "ramp_up_s": 1, "drain_s": 60},
+            "source": {"synthetic": "31:12"},
+            "channel": {"capacity_mbps": 5, "discipline": "ps"},
+            "profiles": [{"name": "cam", "rtt_ms": 20, "jitter_ms": 5}],
+        }
+    )
     result = run_load(cfg, progress=False)
     rows = result["rows"]
     assert rows and not result["failures"]
@@ -209,8 +233,16 @@ def test_agents_as_ray_actors_complete_both_stages(served, tmp_path):
 
     summary = write_outputs(result, cfg, tmp_path)
     saved = json.loads((tmp_path / "summary.json").read_text())
-    assert saved["queries"] == len(rows) and saved["failed"] == 0 and saved["unfinished"] == 0 and saved["refine_rate"] == 1.0
-    assert saved["throughput_qps"] > 0 and saved["latency_ms"]["p50"] <= saved["latency_ms"]["p95"] <= saved["latency_ms"]["p99"]
+    assert (
+        saved["queries"] == len(rows)
+        and saved["failed"] == 0
+        and saved["unfinished"] == 0
+        and saved["refine_rate"] == 1.0
+    )
+    assert (
+        saved["throughput_qps"] > 0
+        and saved["latency_ms"]["p50"] <= saved["latency_ms"]["p95"] <= saved["latency_ms"]["p99"]
+    )
     assert saved["bytes_per_query"]["local"] > 0 and saved["bytes_per_query"]["global"] > 0
     for name in ("queries.csv", "latency_cdf.png", "timeline.png", "bytes_accuracy.png"):
         assert (tmp_path / name).stat().st_size > 0

@@ -40,8 +40,15 @@ def global_features(backend, config, image):
 
 def test_shipped_files_are_small_and_complete():
     model_dir = REPO / "models" / "collab-tiny-llava"
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json", "generation_config.json",
-                 "training_recipe.json", "training_log.jsonl"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "preprocessor_config.json",
+        "generation_config.json",
+        "training_recipe.json",
+        "training_log.jsonl",
+    ):
         assert (model_dir / name).exists(), name
     assert (model_dir / "model.safetensors").stat().st_size < 20 * 2**20
 
@@ -62,15 +69,18 @@ def test_crop_reveals_what_the_global_image_hides(embedded):
     assert crop_right / n >= 0.85, (crop_right, n)
 
 
-V2_TARGET = pytest.mark.xfail(strict=True, reason="the shipped weights are v1 (generator 1.0); a v2 model must meet this "
-                               "(docs/embedded_model.md)")
+V2_TARGET = pytest.mark.xfail(
+    strict=True, reason="the shipped weights are v1 (generator 1.0); a v2 model must meet this (docs/embedded_model.md)"
+)
 
 
 @V2_TARGET
 def test_coarse_questions_are_answered_from_the_global_image(embedded):
     config, backend = embedded
     items = list(generate_items(FIXED_SEED + 1, 40, kind="coarse"))
-    right = sum(backend.generate([global_features(backend, config, it.image)], it.question).answer == it.answer for it in items)
+    right = sum(
+        backend.generate([global_features(backend, config, it.image)], it.question).answer == it.answer for it in items
+    )
     assert right / len(items) >= 0.75, right
 
 

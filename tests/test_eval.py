@@ -44,7 +44,9 @@ def test_cli_writes_report_with_stable_keys(tiny_model_dir, tiny_config, tmp_pat
     from collab.data.synthetic import generate_items, lookalike_share
 
     assert report["dataset"]["generator_version"] == "2.0"
-    assert report["dataset"]["lookalike_share"] == pytest.approx(lookalike_share([it.to_record() for it in generate_items(31, 6)]))
+    assert report["dataset"]["lookalike_share"] == pytest.approx(
+        lookalike_share([it.to_record() for it in generate_items(31, 6)])
+    )
     for png in ("separability.png", "sweep.png", "examples.png"):
         assert (out / png).stat().st_size > 1000
     assert len((out / "items.jsonl").read_text().splitlines()) == 6
@@ -98,8 +100,7 @@ def test_calibrated_threshold_meets_tolerance(outcomes):
 
 
 def test_set_overrides_parse_as_yaml():
-    from collab.config import ConfigError
-    from collab.config import parse_sets
+    from collab.config import ConfigError, parse_sets
 
     assert parse_sets(["attention.layer=2", "attention.relative=false", "gate.score=shannon"]) == {
         "attention": {"layer": 2, "relative": False},
@@ -182,7 +183,6 @@ def test_object_hit_tells_a_wrong_object_from_background(outcomes, tmp_path):
     assert q["object_hit_rate"] == pytest.approx(np.mean([o.object_hit for o in rows]))
     assert q["object_hit_rate"] >= q["hit_rate"]
     assert roi_quality([dataclasses.replace(o, object_hit=None) for o in rows], None)["object_hit_rate"] is None
-
 
 
 def test_hit_rate_by_objects_groups_items_by_their_scene(outcomes):

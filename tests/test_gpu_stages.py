@@ -7,12 +7,42 @@ import json
 
 from benchmarks import gpu_stages
 
-STAGES = {"edge_global", "encode_global", "first_pass", "attention", "roi_search", "edge_local", "encode_local", "refine"}
+STAGES = {
+    "edge_global",
+    "encode_global",
+    "first_pass",
+    "attention",
+    "roi_search",
+    "edge_local",
+    "encode_local",
+    "refine",
+}
 
 
 def test_tiny_shape_on_cpu_reports_every_stage_and_matches_plain_generate(tmp_path, capsys):
-    assert gpu_stages.main(["--shape", "tiny", "--device", "cpu", "--dtype", "float32", "--attn", "eager,sdpa",
-                            "--repeats", "2", "--warmup", "1", "--max-new-tokens", "4", "--out", str(tmp_path)]) == 0
+    assert (
+        gpu_stages.main(
+            [
+                "--shape",
+                "tiny",
+                "--device",
+                "cpu",
+                "--dtype",
+                "float32",
+                "--attn",
+                "eager,sdpa",
+                "--repeats",
+                "2",
+                "--warmup",
+                "1",
+                "--max-new-tokens",
+                "4",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     report = json.loads((tmp_path / "gpu_stages.json").read_text())
     assert report["visual_tokens_per_image"] == 16 and report["max_new_tokens"] == 4
     for attn in ("eager", "sdpa"):

@@ -13,12 +13,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from serve_helpers import APP, wait_for
 
 from collab.data.synthetic import generate_items
 from collab.imaging import InvalidUpload, encode_image, inspect_upload
 from deployments.sessions import SessionTable
 from edge_agents.client import EdgeClient
-from serve_helpers import APP, wait_for
 
 CAPS = {"max_bytes": 2**20, "max_pixels": 2**20}
 
@@ -46,17 +46,20 @@ def bomb_png() -> bytes:
 # ------------------------------------------------------------------------------------ uploads
 
 
-@pytest.mark.parametrize("data, reason", [
-    (b"", "empty"),
-    (b"hello, not an image", "not_image"),
-    (jpeg()[:40], "corrupt"),
-    (jpeg()[: len(jpeg()) // 2], "corrupt"),
-    (png(Image.new("RGB", (32, 32)))[:60], "corrupt"),
-    (b"\x00" * 5000, "not_image"),
-    (bomb_png(), "too_large"),
-    (animated_png(), "animated"),
-    (jpeg((16, 16)), "size"),
-])
+@pytest.mark.parametrize(
+    "data, reason",
+    [
+        (b"", "empty"),
+        (b"hello, not an image", "not_image"),
+        (jpeg()[:40], "corrupt"),
+        (jpeg()[: len(jpeg()) // 2], "corrupt"),
+        (png(Image.new("RGB", (32, 32)))[:60], "corrupt"),
+        (b"\x00" * 5000, "not_image"),
+        (bomb_png(), "too_large"),
+        (animated_png(), "animated"),
+        (jpeg((16, 16)), "size"),
+    ],
+)
 def test_inspect_upload_refuses(data, reason):
     with pytest.raises(InvalidUpload) as info:
         inspect_upload(data, expected_size=(32, 32), **CAPS)
@@ -132,7 +135,7 @@ def metadata_images(draw, size=(32, 32), flips=(0, 1, 2)):
     start = max(data.find(b"Exif" if fmt == "JPEG" else b"eXIf"), 0)
     for _ in range(draw(st.sampled_from(flips))):
         position = draw(st.integers(start, min(start + 120, len(data) - 1)))
-        data = data[:position] + bytes([draw(st.integers(0, 255))]) + data[position + 1:]
+        data = data[:position] + bytes([draw(st.integers(0, 255))]) + data[position + 1 :]
     return data
 
 
@@ -149,7 +152,7 @@ def test_random_metadata_is_decoded_or_refused(data):
 
 def _corrupt(data: bytes, position: int, value: int) -> bytes:
     position %= len(data)
-    return data[:position] + bytes([value]) + data[position + 1:]
+    return data[:position] + bytes([value]) + data[position + 1 :]
 
 
 # ------------------------------------------------------------------------------------ state
@@ -231,7 +234,13 @@ def test_bad_input_table_over_http(served):
         ("animated PNG", "/v1/query", base, img(animated_png(), "g.png", "image/png"), 422),
         ("wrong global size", "/v1/query", base, img(jpeg((24, 18))), 422),
         ("original of another aspect", "/v1/query", base, img(jpeg((64, 64))), 422),
-        ("one original size only", "/v1/query", {k: v for k, v in base.items() if k != "original_height"}, img(good), 422),
+        (
+            "one original size only",
+            "/v1/query",
+            {k: v for k, v in base.items() if k != "original_height"},
+            img(good),
+            422,
+        ),
         ("missing question", "/v1/query", {k: v for k, v in base.items() if k != "question"}, img(good), 422),
         ("missing image", "/v1/query", base, None, 422),
         ("extra field", "/v1/query", {**base, "debug": "1"}, img(good), 422),
@@ -255,11 +264,20 @@ def test_bad_input_table_over_http(served):
     r = httpx.post(f"{served}/v1/query", json=base, timeout=30)
     if r.status_code != 422:
         failures.append(f"JSON body: {r.status_code} {r.text[:160]}")
-    r = httpx.post(f"{served}/v1/query", content=b"question=\xff\xfe&original_width=1", timeout=30,
-                   headers={"content-type": "application/x-www-form-urlencoded"})
+    r = httpx.post(
+        f"{served}/v1/query",
+        content=b"question=\xff\xfe&original_width=1",
+        timeout=30,
+        headers={"content-type": "application/x-www-form-urlencoded"},
+    )
     if not 400 <= r.status_code < 500:
         failures.append(f"non-UTF-8 form: {r.status_code} {r.text[:160]}")
-    r = httpx.post(f"{served}/v1/query", content=b"x" * (9 * 2**20), timeout=60, headers={"content-type": "multipart/form-data; boundary=x"})
+    r = httpx.post(
+        f"{served}/v1/query",
+        content=b"x" * (9 * 2**20),
+        timeout=60,
+        headers={"content-type": "multipart/form-data; boundary=x"},
+    )
     if r.status_code != 413:
         failures.append(f"oversize body: {r.status_code} {r.text[:160]}")
     assert not failures, "\n".join(failures)
@@ -272,26 +290,64 @@ def test_bad_input_table_over_http(served):
 def test_session_ids_replay_and_ownership_over_http(served):
     item = next(generate_items(12, 1))
     owner = EdgeClient(served, client_id="owner")
-    first = owner._json(owner.http.post("/v1/query", data={"question": item.question, "original_width": str(item.image.width),
-                                                           "original_height": str(item.image.height), "policy": "always",
-                                                           "client_id": "owner"},
-                                        files={"image": ("g.jpg", encode_image(item.image.resize((32, 32)), "jpeg", 90).data, "image/jpeg")}))
+    first = owner._json(
+        owner.http.post(
+            "/v1/query",
+            data={
+                "question": item.question,
+                "original_width": str(item.image.width),
+                "original_height": str(item.image.height),
+                "policy": "always",
+                "client_id": "owner",
+            },
+            files={"image": ("g.jpg", encode_image(item.image.resize((32, 32)), "jpeg", 90).data, "image/jpeg")},
+        )
+    )
     local = jpeg(tuple(first["local_size"]))
-    thief = _post(served, "/v1/refine", {"session_id": first["session_id"], "client_id": "someone-else"}, {"image": ("l.jpg", local, "image/jpeg")})
+    thief = _post(
+        served,
+        "/v1/refine",
+        {"session_id": first["session_id"], "client_id": "someone-else"},
+        {"image": ("l.jpg", local, "image/jpeg")},
+    )
     assert thief.status_code == 403 and thief.json()["status"] == 403
-    wrong_size = _post(served, "/v1/refine", {"session_id": first["session_id"], "client_id": "owner"},
-                       {"image": ("l.jpg", jpeg((8, 8)), "image/jpeg")})
+    wrong_size = _post(
+        served,
+        "/v1/refine",
+        {"session_id": first["session_id"], "client_id": "owner"},
+        {"image": ("l.jpg", jpeg((8, 8)), "image/jpeg")},
+    )
     assert wrong_size.status_code == 422
-    done = _post(served, "/v1/refine", {"session_id": first["session_id"], "client_id": "owner"}, {"image": ("l.jpg", local, "image/jpeg")})
-    again = _post(served, "/v1/refine", {"session_id": first["session_id"], "client_id": "owner"}, {"image": ("l.jpg", local, "image/jpeg")})
-    assert done.status_code == again.status_code == 200 and again.json()["replayed"] and again.json()["answer"] == done.json()["answer"]
-    other = _post(served, "/v1/refine", {"session_id": first["session_id"], "client_id": "owner"},
-                  {"image": ("l.jpg", jpeg(tuple(first["local_size"]), (0, 0, 255)), "image/jpeg")})
+    done = _post(
+        served,
+        "/v1/refine",
+        {"session_id": first["session_id"], "client_id": "owner"},
+        {"image": ("l.jpg", local, "image/jpeg")},
+    )
+    again = _post(
+        served,
+        "/v1/refine",
+        {"session_id": first["session_id"], "client_id": "owner"},
+        {"image": ("l.jpg", local, "image/jpeg")},
+    )
+    assert (
+        done.status_code == again.status_code == 200
+        and again.json()["replayed"]
+        and again.json()["answer"] == done.json()["answer"]
+    )
+    other = _post(
+        served,
+        "/v1/refine",
+        {"session_id": first["session_id"], "client_id": "owner"},
+        {"image": ("l.jpg", jpeg(tuple(first["local_size"]), (0, 0, 255)), "image/jpeg")},
+    )
     assert other.status_code == 409
     owner.close()
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 @given(
     question=st.text(max_size=1200),
     width=st.one_of(st.integers(-10, 10**6).map(str), st.sampled_from(["", "nan", "1e3", "0x10", "ten"])),
@@ -317,10 +373,24 @@ def test_query_fuzz_never_5xx(served, question, width, threshold, policy, image)
 QUESTION_TEXT = st.one_of(
     # full Unicode (controls, RTL, combining marks, emoji), weighted 3 of 5 so that most examples are
     # valid questions that reach the decoders
-    st.text(min_size=1, max_size=300), st.text(min_size=1, max_size=40), st.text(min_size=1, max_size=300),
+    st.text(min_size=1, max_size=300),
+    st.text(min_size=1, max_size=40),
+    st.text(min_size=1, max_size=300),
     st.builds(lambda a, b: f"{a} <image> {b}", st.text(max_size=20), st.text(max_size=20)),
-    st.sampled_from(["what number is in the red circle?", "</s> what?", "<s><s>", "\u202eevil\u202c?", "e\u0301" * 50,
-                     "\U0001f600" * 40, "x" * 999, "why " * 300, "\x00\x01\x1b[2J", "\ufeffbom"]),
+    st.sampled_from(
+        [
+            "what number is in the red circle?",
+            "</s> what?",
+            "<s><s>",
+            "\u202eevil\u202c?",
+            "e\u0301" * 50,
+            "\U0001f600" * 40,
+            "x" * 999,
+            "why " * 300,
+            "\x00\x01\x1b[2J",
+            "\ufeffbom",
+        ]
+    ),
 )
 
 
@@ -331,10 +401,20 @@ def _fuzz_queries(url: str, max_examples: int) -> dict:
     size = tuple(httpx.get(f"{url}/v1/models", timeout=30).json()["encoder_size"])
     counts = {"examples": 0, "answered": 0, "need_roi": 0, "refused": 0, "reasons": {}}
 
-    @settings(max_examples=max_examples, deadline=None, database=None, derandomize=True,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-    @given(question=QUESTION_TEXT, image=metadata_images(size, flips=(0, 0, 0, 1, 2)), policy=st.sampled_from(["never", "always", "entropy", "random"]),
-           threshold=st.one_of(st.none(), st.floats(-10, 10)), flip=st.booleans())
+    @settings(
+        max_examples=max_examples,
+        deadline=None,
+        database=None,
+        derandomize=True,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+    )
+    @given(
+        question=QUESTION_TEXT,
+        image=metadata_images(size, flips=(0, 0, 0, 1, 2)),
+        policy=st.sampled_from(["never", "always", "entropy", "random"]),
+        threshold=st.one_of(st.none(), st.floats(-10, 10)),
+        flip=st.booleans(),
+    )
     def one(question, image, policy, threshold, flip):
         data = {"question": question, "original_width": "480", "original_height": "360", "policy": policy}
         if threshold is not None:
@@ -346,13 +426,15 @@ def _fuzz_queries(url: str, max_examples: int) -> dict:
         if r.status_code >= 400:
             assert body["status"] == r.status_code and body["error"]
             counts["refused"] += 1
-            reason = f'{r.status_code} {body["error"][:40]}'
+            reason = f"{r.status_code} {body['error'][:40]}"
             counts["reasons"][reason] = counts["reasons"].get(reason, 0) + 1
             return
         counts[body["status"]] += 1
         if body["status"] == "need_roi" and flip:  # the refine path too, with the crop the server asked for
             local = jpeg(tuple(body["local_size"]))
-            refined = _post(url, "/v1/refine", {"session_id": body["session_id"]}, {"image": ("l.jpg", local, "image/jpeg")})
+            refined = _post(
+                url, "/v1/refine", {"session_id": body["session_id"]}, {"image": ("l.jpg", local, "image/jpeg")}
+            )
             assert refined.status_code == 200, refined.text[:200]
 
     one()
@@ -379,18 +461,26 @@ def test_questions_that_would_change_the_prompt_are_refused(served):
     size = tuple(httpx.get(f"{served}/v1/models", timeout=30).json()["encoder_size"])
     image = {"image": ("g.jpg", jpeg(size), "image/jpeg")}
     base = {"original_width": "400", "original_height": "300", "policy": "never"}
-    for question, needle in [("what is <image> here?", "image token"), ("what </s> is it?", "control token"),
-                             ("a " * 300, "tokens")]:
+    for question, needle in [
+        ("what is <image> here?", "image token"),
+        ("what </s> is it?", "control token"),
+        ("a " * 300, "tokens"),
+    ]:
         r = _post(served, "/v1/query", {**base, "question": question}, image)
         assert r.status_code == 422 and needle in r.json()["error"], (question[:20], r.status_code, r.text[:200])
         # the decoder's message, not Ray's wrapper around it (remote traceback, pid, paths)
         assert r.json()["error"].startswith("the question") and "pid=" not in r.text and "File " not in r.text
-    body = (b'--b\r\nContent-Disposition: form-data; name="question"\r\n\r\nwhat \xff\xfe is it?\r\n'
-            b'--b\r\nContent-Disposition: form-data; name="original_width"\r\n\r\n400\r\n'
-            b'--b\r\nContent-Disposition: form-data; name="original_height"\r\n\r\n300\r\n'
-            b'--b\r\nContent-Disposition: form-data; name="image"; filename="g.jpg"\r\nContent-Type: image/jpeg\r\n\r\n'
-            + jpeg(size) + b"\r\n--b--\r\n")
-    r = httpx.post(f"{served}/v1/query", content=body, headers={"content-type": "multipart/form-data; boundary=b"}, timeout=30)
+    body = (
+        b'--b\r\nContent-Disposition: form-data; name="question"\r\n\r\nwhat \xff\xfe is it?\r\n'
+        b'--b\r\nContent-Disposition: form-data; name="original_width"\r\n\r\n400\r\n'
+        b'--b\r\nContent-Disposition: form-data; name="original_height"\r\n\r\n300\r\n'
+        b'--b\r\nContent-Disposition: form-data; name="image"; filename="g.jpg"\r\nContent-Type: image/jpeg\r\n\r\n'
+        + jpeg(size)
+        + b"\r\n--b--\r\n"
+    )
+    r = httpx.post(
+        f"{served}/v1/query", content=body, headers={"content-type": "multipart/form-data; boundary=b"}, timeout=30
+    )
     assert r.status_code == 422 and "UTF-8" in r.json()["error"], r.text[:200]
     r = _post(served, "/v1/query", {**base, "question": "what colour is the circle?"}, image)
     assert r.status_code == 200
@@ -401,7 +491,12 @@ def test_a_plain_client_can_send_its_photo(served):
     the global image as the edge would, says so, and counts the bytes that arrived."""
     item = next(generate_items(15, 1))
     photo = encode_image(item.image, "jpeg", 90).data
-    r = _post(served, "/v1/query", {"question": item.question, "policy": "always"}, {"image": ("photo.jpg", photo, "image/jpeg")})
+    r = _post(
+        served,
+        "/v1/query",
+        {"question": item.question, "policy": "always"},
+        {"image": ("photo.jpg", photo, "image/jpeg")},
+    )
     assert r.status_code == 200, r.text[:200]
     body = r.json()
     assert body["status"] == "need_roi" and body["global_made_by"] == "server" and body["bytes_received"] == len(photo)
@@ -411,7 +506,12 @@ def test_a_plain_client_can_send_its_photo(served):
     client = EdgeClient(served, client_id=None)
     edge = client.ask(photo, item.question, policy="never")
     client.close()
-    plain = _post(served, "/v1/query", {"question": item.question, "policy": "never"}, {"image": ("photo.jpg", photo, "image/jpeg")})
+    plain = _post(
+        served,
+        "/v1/query",
+        {"question": item.question, "policy": "never"},
+        {"image": ("photo.jpg", photo, "image/jpeg")},
+    )
     assert plain.json()["global_made_by"] == "server"
     assert plain.json()["answer"] == edge.first_answer
 
@@ -424,8 +524,17 @@ def test_concurrent_refines_of_one_session(served):
     size = tuple(httpx.get(f"{served}/v1/models", timeout=30).json()["encoder_size"])
 
     def session() -> tuple[str, tuple[int, int]]:
-        r = _post(served, "/v1/query", {"question": "what number is in the red circle?", "original_width": "400",
-                                       "original_height": "300", "policy": "always"}, {"image": ("g.jpg", jpeg(size), "image/jpeg")})
+        r = _post(
+            served,
+            "/v1/query",
+            {
+                "question": "what number is in the red circle?",
+                "original_width": "400",
+                "original_height": "300",
+                "policy": "always",
+            },
+            {"image": ("g.jpg", jpeg(size), "image/jpeg")},
+        )
         assert r.status_code == 200 and r.json()["status"] == "need_roi", r.text[:200]
         return r.json()["session_id"], tuple(r.json()["local_size"])
 
@@ -460,21 +569,29 @@ def test_killed_replicas_lose_no_query(served):
     from edge_agents.config import LoadTestConfig
     from edge_agents.loadtest import run_load
 
-    cfg = LoadTestConfig.model_validate({
-        "url": served, "agents": 4, "agents_per_actor": 4, "policy": "always",
-        "workload": {"mode": "closed", "think_time_s": 0.05, "duration_s": 40, "ramp_up_s": 1, "drain_s": 120},
-        "source": {"synthetic": "61:16"},
-        "retry": {"max_attempts": 30, "backoff_s": 0.2, "backoff_max_s": 2.0, "request_timeout_s": 60},
-        "profiles": [{"name": "cam", "rtt_ms": 5, "jitter_ms": 0}],
-    })
+    cfg = LoadTestConfig.model_validate(
+        {
+            "url": served,
+            "agents": 4,
+            "agents_per_actor": 4,
+            "policy": "always",
+            "workload": {"mode": "closed", "think_time_s": 0.05, "duration_s": 40, "ramp_up_s": 1, "drain_s": 120},
+            "source": {"synthetic": "61:16"},
+            "retry": {"max_attempts": 30, "backoff_s": 0.2, "backoff_max_s": 2.0, "request_timeout_s": 60},
+            "profiles": [{"name": "cam", "rtt_ms": 5, "jitter_ms": 0}],
+        }
+    )
     result: dict = {}
     runner = threading.Thread(target=lambda: result.update(run_load(cfg, progress=False)), daemon=True)
     runner.start()
     killed = []
     for deployment in ("VisionEncoder", "FirstPassDecoder", "RefinedDecoder", "SessionStore", "RoISearch", "Gateway"):
         time.sleep(5)
-        actors = [a for a in ray.util.list_named_actors(all_namespaces=True) if f"{APP}#{deployment}#" in a["name"] or
-                  (deployment in a["name"] and "SERVE_REPLICA" in a["name"])]
+        actors = [
+            a
+            for a in ray.util.list_named_actors(all_namespaces=True)
+            if f"{APP}#{deployment}#" in a["name"] or (deployment in a["name"] and "SERVE_REPLICA" in a["name"])
+        ]
         if actors:
             ray.kill(ray.get_actor(actors[0]["name"], namespace=actors[0]["namespace"]), no_restart=True)
             killed.append(deployment)
@@ -503,15 +620,19 @@ def _answers(client, item) -> bool:
 def test_bearer_token_live(served, tiny_config, tmp_path):
     """A second app whose Gateway has COLLAB_API_TOKEN in its environment, under a route prefix."""
     from ray import serve
+    from serve_helpers import write_collab_config
 
     from deployments.app import compose
     from deployments.args import AppArgs
-    from serve_helpers import write_collab_config
 
     cfg = write_collab_config(tiny_config, tmp_path / "collab.yaml")
     small = {"ray_actor_options": {"num_cpus": 0.01}}
-    options = {name: small for name in ("VisionEncoder", "FirstPassDecoder", "RoISearch", "RefinedDecoder", "SessionStore")}
-    options["Gateway"] = {"ray_actor_options": {"num_cpus": 0.01, "runtime_env": {"env_vars": {"COLLAB_API_TOKEN": "tok-123"}}}}
+    options = {
+        name: small for name in ("VisionEncoder", "FirstPassDecoder", "RoISearch", "RefinedDecoder", "SessionStore")
+    }
+    options["Gateway"] = {
+        "ray_actor_options": {"num_cpus": 0.01, "runtime_env": {"env_vars": {"COLLAB_API_TOKEN": "tok-123"}}}
+    }
     serve.run(compose(AppArgs(config=str(cfg)), options), name="authapp", route_prefix="/auth")
     url = served + "/auth"
     try:

@@ -116,7 +116,9 @@ def test_server_global_from_an_uploaded_original():
     photo = Image.new("RGB", (1600, 1200), (10, 200, 30))
     made, original = server_global(photo, (96, 96), (None, None), "resize")
     assert original == (1600, 1200) and made.size == (96, 96)
-    assert np.array_equal(np.asarray(made), np.asarray(make_global_image(photo, (96, 96), "resize")[0]))  # as the edge would
+    assert np.array_equal(
+        np.asarray(made), np.asarray(make_global_image(photo, (96, 96), "resize")[0])
+    )  # as the edge would
     # a downscale of a declared original: the box maps to the declared original's pixels
     assert server_global(photo.resize((800, 600)), (96, 96), (1600, 1200), "pad")[1] == (1600, 1200)
     # already the global image: nothing to make; the original's size defaults to the upload's

@@ -71,7 +71,9 @@ def panel_targets(dashboard: dict) -> list[tuple[str, str]]:
 
 def test_dashboard_is_generated_and_valid_for_its_schema_version():
     dashboard = json.loads(DASHBOARD.read_text())
-    assert dashboard == load_generator().build(), "collab-dashboard.json is stale: run python configs/grafana/make_dashboard.py"
+    assert dashboard == load_generator().build(), (
+        "collab-dashboard.json is stale: run python configs/grafana/make_dashboard.py"
+    )
     assert dashboard["schemaVersion"] == 36  # Grafana 10.1, the schema grafana-foundation-sdk 10.1 models
     assert schema_differences(dashboard, roundtrip(dashboard)) == []
     broken = copy.deepcopy(dashboard)
@@ -119,8 +121,20 @@ def prometheus(tmp_path):
     config["global"]["scrape_interval"] = "2s"
     path = tmp_path / "prometheus.yml"
     path.write_text(yaml.safe_dump(config))
-    subprocess.run(["bash", str(REPO_ROOT / "scripts/prometheus.sh"), "--config", str(path), "--port", str(prom_port),
-                    "--data", str(tmp_path / "data")], check=True, timeout=120)
+    subprocess.run(
+        [
+            "bash",
+            str(REPO_ROOT / "scripts/prometheus.sh"),
+            "--config",
+            str(path),
+            "--port",
+            str(prom_port),
+            "--data",
+            str(tmp_path / "data"),
+        ],
+        check=True,
+        timeout=120,
+    )
     pid = int((tmp_path / "data/prometheus.pid").read_text())
     yield f"http://127.0.0.1:{prom_port}", edge_port
     subprocess.run(["kill", str(pid)], check=False)
@@ -133,15 +147,26 @@ def test_every_panel_gets_data_from_a_live_run(served, prometheus):
 
     prom, edge_port = prometheus
     metrics = EdgeMetrics.serve(edge_port)
-    cfg = LoadTestConfig.model_validate({
-        "url": served, "agents": 4, "agents_per_actor": 4, "policy": "entropy",
-        "workload": {"mode": "closed", "think_time_s": 0.1, "duration_s": 20, "ramp_up_s": 1, "drain_s": 60},
-        "source": {"synthetic": "77:16"},
-        "channel": {"capacity_mbps": 20, "discipline": "ps"},
-        "profiles": [{"name": "gated", "policy": "entropy", "rtt_ms": 10}, {"name": "refining", "policy": "always", "rtt_ms": 10}],
-    })
-    bad = httpx.post(f"{served}/v1/query", data={"question": " ", "original_width": "10", "original_height": "10"},
-                     files={"image": ("x.jpg", b"\xff\xd8", "image/jpeg")})
+    cfg = LoadTestConfig.model_validate(
+        {
+            "url": served,
+            "agents": 4,
+            "agents_per_actor": 4,
+            "policy": "entropy",
+            "workload": {"mode": "closed", "think_time_s": 0.1, "duration_s": 20, "ramp_up_s": 1, "drain_s": 60},
+            "source": {"synthetic": "77:16"},
+            "channel": {"capacity_mbps": 20, "discipline": "ps"},
+            "profiles": [
+                {"name": "gated", "policy": "entropy", "rtt_ms": 10},
+                {"name": "refining", "policy": "always", "rtt_ms": 10},
+            ],
+        }
+    )
+    bad = httpx.post(
+        f"{served}/v1/query",
+        data={"question": " ", "original_width": "10", "original_height": "10"},
+        files={"image": ("x.jpg", b"\xff\xd8", "image/jpeg")},
+    )
     assert bad.status_code == 422  # one error reply for the errors panel
     result = run_load(cfg, progress=False, metrics=metrics)
     assert result["rows"] and all(r["error"] is None for r in result["rows"])

@@ -17,6 +17,7 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from PIL import Image
 
+
 @pytest.fixture(scope="module")
 def encoder_jpeg(served) -> bytes:
     import httpx
@@ -56,7 +57,9 @@ def test_the_app_conforms_to_its_openapi_document(served, encoder_jpeg, mode):
         strategy = operation.as_strategy(GenerationMode(mode))
 
         @given(case=strategy)
-        @settings(max_examples=30, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
+        @settings(
+            max_examples=30, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck)
+        )
         def run(case):
             if case.meta is not None and case.meta.generation.mode.is_positive:
                 follow_written_rules(case, encoder_jpeg)
@@ -91,14 +94,28 @@ def test_interactive_docs_render_with_the_network_off(served, tmp_path):
         if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
             pytest.fail("chromium not installed (CI=true: .ci/run must install Debian's chromium)")
         pytest.skip("chromium not installed (apt-get install chromium; .ci/run does)")
-    offline = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-               "--proxy-server=http://127.0.0.1:9", "--proxy-bypass-list=127.0.0.1", "--virtual-time-budget=15000",
-               f"--user-data-dir={tmp_path / 'profile'}"]
+    offline = [
+        browser,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--proxy-server=http://127.0.0.1:9",
+        "--proxy-bypass-list=127.0.0.1",
+        "--virtual-time-budget=15000",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ]
     for page, marker in (("docs", "opblock-summary-path"), ("redoc", "operation-")):
-        dom = subprocess.run([*offline, "--dump-dom", f"{served}/{page}"], capture_output=True, text=True, timeout=120).stdout
+        dom = subprocess.run(
+            [*offline, "--dump-dom", f"{served}/{page}"], capture_output=True, text=True, timeout=120
+        ).stdout
         for path in ("/v1/query", "/v1/refine", "/v1/models"):
             assert path in dom, f"/{page} did not render {path}"
         assert marker in dom, f"/{page} did not run its script (no {marker!r} in the DOM)"
     shot = os.environ.get("COLLAB_DOCS_SCREENSHOT", str(tmp_path / "docs.png"))
-    subprocess.run([*offline, "--window-size=1280,1400", f"--screenshot={shot}", f"{served}/docs"], capture_output=True, timeout=120)
+    subprocess.run(
+        [*offline, "--window-size=1280,1400", f"--screenshot={shot}", f"{served}/docs"],
+        capture_output=True,
+        timeout=120,
+    )
     assert os.path.getsize(shot) > 10_000

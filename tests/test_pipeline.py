@@ -21,7 +21,9 @@ def pipeline(tiny_backend, tiny_config):
 def run_all(pipeline, n, **policy):
     spec = pipeline.policy(**policy)
     return [
-        pipeline.run(scene(i, 400 + 16 * (i % 5), 300 + 8 * (i % 3)), QUESTIONS[i % 3], question_id=f"q{i}", policy=spec)
+        pipeline.run(
+            scene(i, 400 + 16 * (i % 5), 300 + 8 * (i % 3)), QUESTIONS[i % 3], question_id=f"q{i}", policy=spec
+        )
         for i in range(n)
     ]
 
@@ -106,7 +108,15 @@ def test_each_stage_waits_for_the_device_before_its_time_is_taken(tiny_backend, 
     monkeypatch.setattr(tiny_backend, "synchronize", slow_sync)
     pipe = ReferencePipeline(tiny_backend, tiny_config)
     record = pipe.run(scene(3), "what number is in the red circle?", policy=pipe.policy(name="always"))
-    assert set(record.times_ms) == {"edge_global", "encode_global", "first_pass", "attention", "roi_search",
-                                    "edge_local", "encode_local", "refine"}
+    assert set(record.times_ms) == {
+        "edge_global",
+        "encode_global",
+        "first_pass",
+        "attention",
+        "roi_search",
+        "edge_local",
+        "encode_local",
+        "refine",
+    }
     assert len(calls) == len(record.times_ms)
     assert all(ms >= 30 for ms in record.times_ms.values())

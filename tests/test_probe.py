@@ -31,7 +31,10 @@ def test_probe_reads_an_encoded_attribute_and_not_noise():
     labels = {a: torch.randint(len(v), (n,), generator=g) for a, v in ATTRIBUTES.items()}
     encoded = torch.nn.functional.one_hot(labels["shape"], len(ATTRIBUTES["shape"])).float()
     noise = torch.randn(n, 16, generator=g)
-    data = {"features": {"global": torch.cat([noise, 0.1 * noise[:, :5] + encoded], 1), "crop": noise}, "labels": labels}
+    data = {
+        "features": {"global": torch.cat([noise, 0.1 * noise[:, :5] + encoded], 1), "crop": noise},
+        "labels": labels,
+    }
     table = probe_table(data, 0.75)
     assert table["n"] == n and table["n_train"] == 300
     assert table["views"]["global"]["shape"]["accuracy"] > 0.95
@@ -96,12 +99,34 @@ def test_collect_labels_each_object_with_its_own_attributes_and_cell(tiny_backen
 
 def test_cli_takes_model_and_set_overrides(tiny_config, tiny_model_dir, tmp_path, capsys):
     cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(yaml.safe_dump({**tiny_config.model_dump(mode="json"), "model": {
-        **tiny_config.model.model_dump(mode="json"), "path": str(tmp_path / "absent")}}))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                **tiny_config.model_dump(mode="json"),
+                "model": {**tiny_config.model.model_dump(mode="json"), "path": str(tmp_path / "absent")},
+            }
+        )
+    )
     assert main(["--config", str(cfg), "--n", "8", "--no-progress"]) == 2  # the config's model is absent
     capsys.readouterr()
-    assert main(["--config", str(cfg), "--model", str(tiny_model_dir), "--n", "8", "--no-progress",
-                 "--set", "imaging.jpeg_quality=70", "--out", str(tmp_path / "p")]) == 0
+    assert (
+        main(
+            [
+                "--config",
+                str(cfg),
+                "--model",
+                str(tiny_model_dir),
+                "--n",
+                "8",
+                "--no-progress",
+                "--set",
+                "imaging.jpeg_quality=70",
+                "--out",
+                str(tmp_path / "p"),
+            ]
+        )
+        == 0
+    )
     report = json.loads((tmp_path / "p" / "probe.json").read_text())
     assert report["model"] == str(tiny_model_dir) and report["config"]["imaging"]["jpeg_quality"] == 70
     assert main(["--config", str(cfg), "--set", "imaging.jpeg_quality"]) == 2

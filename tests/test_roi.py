@@ -15,10 +15,10 @@ import warnings
 
 import numpy as np
 import pytest
+from vicrop_upstream import bbox_from_att_image_adaptive
 
 from collab.geometry import Box, CanvasGeometry
 from collab.roi import DEFAULT_RATIOS, search_roi, window_sums
-from vicrop_upstream import bbox_from_att_image_adaptive
 
 
 def upstream_box(att_map, image_size, bbox_size):

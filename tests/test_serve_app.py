@@ -8,11 +8,11 @@ import time
 
 import httpx
 import pytest
+from serve_helpers import APP, running_replicas, wait_for
 
 from collab.data.synthetic import generate_items
 from collab.pipeline import ReferencePipeline
 from edge_agents.client import EdgeClient
-from serve_helpers import APP, running_replicas, wait_for
 
 
 @pytest.fixture()
@@ -48,7 +48,12 @@ def test_two_stage_query_over_http(client):
 def test_dag_matches_reference_pipeline(client, tiny_backend, tiny_config):
     pipeline = ReferencePipeline(tiny_backend, tiny_config)
     batch = items(4, seed=405)
-    threshold = sorted(pipeline.run(it.image, it.question, question_id=it.question_id, policy=pipeline.policy(name="never")).uncertainty for it in batch)[2]
+    threshold = sorted(
+        pipeline.run(
+            it.image, it.question, question_id=it.question_id, policy=pipeline.policy(name="never")
+        ).uncertainty
+        for it in batch
+    )[2]
     for policy in ("always", "entropy", "random"):
         spec = pipeline.policy(name=policy, threshold=threshold)
         for it in batch:
@@ -66,9 +71,17 @@ def _need_roi(served, item, client_id="owner"):
     from edge_agents.client import global_upload
 
     payload = global_upload(item.image, c.models(), c.imaging)
-    r = httpx.post(f"{served}/v1/query", data={"question": item.question, "original_width": item.width,
-                   "original_height": item.height, "policy": "always", "client_id": client_id},
-                   files={"image": ("g.jpg", payload.data, "image/jpeg")})
+    r = httpx.post(
+        f"{served}/v1/query",
+        data={
+            "question": item.question,
+            "original_width": item.width,
+            "original_height": item.height,
+            "policy": "always",
+            "client_id": client_id,
+        },
+        files={"image": ("g.jpg", payload.data, "image/jpeg")},
+    )
     c.close()
     assert r.status_code == 200 and r.json()["status"] == "need_roi"
     return r.json()
@@ -81,30 +94,55 @@ def test_session_errors_and_idempotent_replay(served):
 
     local = local_upload(item.image, first["box"], first["local_size"], EdgeImaging())
     files = {"image": ("l.jpg", local.data, "image/jpeg")}
-    assert httpx.post(f"{served}/v1/refine", data={"session_id": "0" * 32, "client_id": "owner"}, files=files).status_code == 404
-    assert httpx.post(f"{served}/v1/refine", data={"session_id": first["session_id"], "client_id": "thief"}, files=files).status_code == 403
+    assert (
+        httpx.post(f"{served}/v1/refine", data={"session_id": "0" * 32, "client_id": "owner"}, files=files).status_code
+        == 404
+    )
+    assert (
+        httpx.post(
+            f"{served}/v1/refine", data={"session_id": first["session_id"], "client_id": "thief"}, files=files
+        ).status_code
+        == 403
+    )
     ok = httpx.post(f"{served}/v1/refine", data={"session_id": first["session_id"], "client_id": "owner"}, files=files)
     assert ok.status_code == 200 and ok.json()["stage"] == 2 and not ok.json()["replayed"]
-    again = httpx.post(f"{served}/v1/refine", data={"session_id": first["session_id"], "client_id": "owner"}, files=files)
+    again = httpx.post(
+        f"{served}/v1/refine", data={"session_id": first["session_id"], "client_id": "owner"}, files=files
+    )
     assert again.status_code == 200 and again.json()["replayed"] and again.json()["answer"] == ok.json()["answer"]
     other = local_upload(item.image, [0, 0, 40, 40], first["local_size"], EdgeImaging())
-    conflict = httpx.post(f"{served}/v1/refine", data={"session_id": first["session_id"], "client_id": "owner"},
-                          files={"image": ("l.jpg", other.data, "image/jpeg")})
+    conflict = httpx.post(
+        f"{served}/v1/refine",
+        data={"session_id": first["session_id"], "client_id": "owner"},
+        files={"image": ("l.jpg", other.data, "image/jpeg")},
+    )
     assert conflict.status_code == 409 and "error" in conflict.json()
 
 
 def test_bad_requests_are_4xx(served):
-    r = httpx.post(f"{served}/v1/query", data={"question": "q", "original_width": "10", "original_height": "10"},
-                   files={"image": ("g.jpg", b"", "image/jpeg")})
+    r = httpx.post(
+        f"{served}/v1/query",
+        data={"question": "q", "original_width": "10", "original_height": "10"},
+        files={"image": ("g.jpg", b"", "image/jpeg")},
+    )
     assert r.status_code == 400
-    r = httpx.post(f"{served}/v1/query", data={"question": "   ", "original_width": "10", "original_height": "10"},
-                   files={"image": ("g.jpg", b"x", "image/jpeg")})
+    r = httpx.post(
+        f"{served}/v1/query",
+        data={"question": "   ", "original_width": "10", "original_height": "10"},
+        files={"image": ("g.jpg", b"x", "image/jpeg")},
+    )
     assert r.status_code == 422
-    r = httpx.post(f"{served}/v1/query", data={"question": "q", "original_width": "0", "original_height": "10"},
-                   files={"image": ("g.jpg", b"x", "image/jpeg")})
+    r = httpx.post(
+        f"{served}/v1/query",
+        data={"question": "q", "original_width": "0", "original_height": "10"},
+        files={"image": ("g.jpg", b"x", "image/jpeg")},
+    )
     assert r.status_code == 422
-    r = httpx.post(f"{served}/v1/query", data={"question": "q", "original_width": "10", "original_height": "10", "policy": "sometimes"},
-                   files={"image": ("g.jpg", b"x", "image/jpeg")})
+    r = httpx.post(
+        f"{served}/v1/query",
+        data={"question": "q", "original_width": "10", "original_height": "10", "policy": "sometimes"},
+        files={"image": ("g.jpg", b"x", "image/jpeg")},
+    )
     assert r.status_code == 422
 
 

@@ -1,8 +1,8 @@
 """The synthetic benchmark: deterministic, boxes match the pixels, questions match the objects."""
 
 import io
-import json
 import itertools
+import json
 import re
 import subprocess
 import sys
@@ -65,7 +65,9 @@ def test_objects_unique_sized_and_apart():
             x0, y0, x1, y1 = o["box"]
             assert 0 <= x0 < x1 <= it.width and 0 <= y0 < y1 <= it.height
             lo, hi = syn.OBJECT_FRACTION
-            assert 0.9 * lo * max(it.image.size) - 1 <= x1 - x0 <= hi * max(it.image.size) + 1  # shrunk once at most here
+            assert (
+                0.9 * lo * max(it.image.size) - 1 <= x1 - x0 <= hi * max(it.image.size) + 1
+            )  # shrunk once at most here
             assert o["color"] in syn.COLORS and o["shape"] in syn.SHAPES and o["digit"] in syn.DIGITS
         for a, b in itertools.combinations(objs, 2):
             assert syn._gap(a["box"], b["box"]) >= syn.OBJECT_GAP
@@ -193,9 +195,16 @@ def test_lookalike_distractors_are_common_and_counted():
     share = syn.lookalike_share(records)
     assert 0.3 <= share <= 0.9
     fine = [r for r in records if r["kind"] == "fine"]
-    by_hand = np.mean([any(o["box"] != r["target_box"] and (o["color"] == t["color"] or o["shape"] == t["shape"])
-                           for o in r["objects"])
-                       for r in fine for t in [next(o for o in r["objects"] if o["box"] == r["target_box"])]])
+    by_hand = np.mean(
+        [
+            any(
+                o["box"] != r["target_box"] and (o["color"] == t["color"] or o["shape"] == t["shape"])
+                for o in r["objects"]
+            )
+            for r in fine
+            for t in [next(o for o in r["objects"] if o["box"] == r["target_box"])]
+        ]
+    )
     assert share == pytest.approx(by_hand)
     assert syn.lookalike_share([r for r in records if r["kind"] == "coarse"]) is None
 
@@ -207,12 +216,19 @@ def test_legible_glyphs_are_a_training_option_that_only_enlarges_the_digit():
     for a, b in zip(plain.objects, big.objects):
         assert (a.box, a.color, a.shape) == (b.box, b.color, b.shape)
         side = b.box[2] - b.box[0]
-        assert syn.LEGIBLE_GLYPH_FRACTION[0] - 0.01 <= (b.glyph_box[3] - b.glyph_box[1]) / side <= syn.LEGIBLE_GLYPH_FRACTION[1] + 0.01
+        assert (
+            syn.LEGIBLE_GLYPH_FRACTION[0] - 0.01
+            <= (b.glyph_box[3] - b.glyph_box[1]) / side
+            <= syn.LEGIBLE_GLYPH_FRACTION[1] + 0.01
+        )
         assert (b.glyph_box[3] - b.glyph_box[1]) * 96 / max(big.image.size) >= 8  # readable in the global image
     for i in range(5):  # the benchmark never draws them
         scene = syn.make_scene(5, i)
         assert not scene.legible_glyphs
-        assert all(abs((o.glyph_box[3] - o.glyph_box[1]) / (o.box[2] - o.box[0]) - syn.GLYPH_FRACTION) <= 0.02 for o in scene.objects)
+        assert all(
+            abs((o.glyph_box[3] - o.glyph_box[1]) / (o.box[2] - o.box[0]) - syn.GLYPH_FRACTION) <= 0.02
+            for o in scene.objects
+        )
 
 
 def test_scenes_differing_only_in_digit_differ_only_in_glyph():
@@ -239,7 +255,9 @@ def test_cli_writes_a_dataset(tmp_path):
 
 
 def test_cli_help():
-    out = subprocess.run([sys.executable, "-m", "collab.data.synthetic", "--help"], capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "collab.data.synthetic", "--help"], capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0
     for flag in ("--seed", "--n", "--out", "--fine-fraction"):
         assert flag in out.stdout

@@ -18,12 +18,22 @@ from collab.training.data import BatchSpec, BatchStream, collate, crop_box, make
 from collab.training.loop import CosineSchedule, make_loader
 from collab.training.recipe import PROMPT, REFINE_PROMPT, Recipe, load_recipe
 from collab.training.tower import ScaleCurriculum, TowerStream, patch_labels, tower_batch
-from collab.training.train import TOWER_CHECKPOINT, train, tower_state
+from collab.training.train import TOWER_CHECKPOINT, tower_state, train
 
 TOY = {
-    "model": {"image_size": 32, "patch_size": 8, "vision_hidden": 32, "vision_layers": 1, "vision_heads": 2,
-              "text_hidden": 32, "text_layers": 2, "text_heads": 4, "text_kv_heads": 2, "text_intermediate": 64,
-              "max_positions": 160},
+    "model": {
+        "image_size": 32,
+        "patch_size": 8,
+        "vision_hidden": 32,
+        "vision_layers": 1,
+        "vision_heads": 2,
+        "text_hidden": 32,
+        "text_layers": 2,
+        "text_heads": 4,
+        "text_kv_heads": 2,
+        "text_intermediate": 64,
+        "max_positions": 160,
+    },
     "tower": {"steps": 3, "batch": 4},
     "vlm": {"steps": 3, "batch": 4, "warmup": 1},
     "monitor": {"every": 2, "batches": 1, "attention_items": 3, "maps": 1},
@@ -48,7 +58,9 @@ def toy_spec(**kw):
 
 def test_train_saves_a_loadable_model_and_monitors_localisation(tmp_path):
     out = train(toy_recipe(), tmp_path / "model", tmp_path / "log.jsonl")
-    backend = load_backend(ModelConfig(path=str(out), prompt_template=PROMPT, refine_template=REFINE_PROMPT, max_new_tokens=2))
+    backend = load_backend(
+        ModelConfig(path=str(out), prompt_template=PROMPT, refine_template=REFINE_PROMPT, max_new_tokens=2)
+    )
     feats = backend.encode_images([make_scene(1, 0).image.resize((32, 32))])
     assert feats.shape == (1, 16, 32)
     assert len(backend.generate([feats[0]], "what number is in the red circle?").token_ids) >= 1
@@ -71,10 +83,24 @@ def test_the_shipped_recipe_files_load_and_the_cpu_one_trains_two_steps(tmp_path
     assert cpu.model == gpu.model and cpu.vlm.legible_fraction == gpu.vlm.legible_fraction
     assert cpu.vlm.curriculum == gpu.vlm.curriculum and cpu.tower.object_weight == gpu.tower.object_weight
     assert cpu.runtime.device == "cpu" and gpu.runtime.device == "cuda"
-    sets = ["tower.steps=2", "tower.batch=4", "vlm.steps=2", "vlm.batch=4", "monitor.batches=1", "monitor.attention_items=2",
-            "runtime.workers=0"]
-    cmd = [sys.executable, "-m", "collab.training", "--recipe", str(REPO_ROOT / "configs/training/embedded.yaml"),
-           "--out", str(tmp_path / "m")] + [x for s in sets for x in ("--set", s)]
+    sets = [
+        "tower.steps=2",
+        "tower.batch=4",
+        "vlm.steps=2",
+        "vlm.batch=4",
+        "monitor.batches=1",
+        "monitor.attention_items=2",
+        "runtime.workers=0",
+    ]
+    cmd = [
+        sys.executable,
+        "-m",
+        "collab.training",
+        "--recipe",
+        str(REPO_ROOT / "configs/training/embedded.yaml"),
+        "--out",
+        str(tmp_path / "m"),
+    ] + [x for s in sets for x in ("--set", s)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = rows_of(tmp_path / "m" / "training_log.jsonl")
@@ -100,10 +126,14 @@ def test_recipe_errors_name_the_field_and_the_cli_exits_2(tmp_path, capsys):
         load_recipe(tmp_path / "a.yaml")
     with pytest.raises(ConfigError, match="tower.stepz"):
         load_recipe(None, {"tower": {"stepz": 1}})
-    for args, message in ((["--set", "vlm.batch=1"], "vlm.batch"), (["--stages", "vlm"], "needs --init-tower"),
-                          (["--init-model", str(tmp_path / "absent")], "does not exist"),
-                          (["--stages", "decoder"], "--stages must be"), (["--set", "nokey"], "KEY=VALUE"),
-                          (["--recipe", str(tmp_path / "missing.yaml")], "not found")):
+    for args, message in (
+        (["--set", "vlm.batch=1"], "vlm.batch"),
+        (["--stages", "vlm"], "needs --init-tower"),
+        (["--init-model", str(tmp_path / "absent")], "does not exist"),
+        (["--stages", "decoder"], "--stages must be"),
+        (["--set", "nokey"], "KEY=VALUE"),
+        (["--recipe", str(tmp_path / "missing.yaml")], "not found"),
+    ):
         assert main(["--out", str(tmp_path / "never"), *args]) == 2
         assert message in capsys.readouterr().err
     if not torch.cuda.is_available():
@@ -114,16 +144,28 @@ def test_recipe_errors_name_the_field_and_the_cli_exits_2(tmp_path, capsys):
 def test_vlm_stage_from_a_saved_tower_keeps_it_frozen(tmp_path):
     first = train(toy_recipe(), tmp_path / "a", None, stages=("tower",))
     tower = torch.load(first / TOWER_CHECKPOINT, weights_only=True)
-    second = train(toy_recipe(), tmp_path / "b", tmp_path / "log.jsonl", stages=("vlm",), init_tower=first / TOWER_CHECKPOINT)
+    second = train(
+        toy_recipe(), tmp_path / "b", tmp_path / "log.jsonl", stages=("vlm",), init_tower=first / TOWER_CHECKPOINT
+    )
     assert not any(r.get("stage") == 1 for r in rows_of(tmp_path / "log.jsonl"))
     saved = tower_state(second)
     assert saved.keys() == tower.keys() and all(torch.equal(saved[k], tower[k]) for k in tower)
     assert tower_state(first).keys() == tower.keys()  # a saved model directory also provides a tower
-    tuned = train(toy_recipe(vlm={"tower_lr_scale": 1.0, "lr": 0.05}), tmp_path / "c", None, stages=("vlm",),
-                  init_tower=first / TOWER_CHECKPOINT)
+    tuned = train(
+        toy_recipe(vlm={"tower_lr_scale": 1.0, "lr": 0.05}),
+        tmp_path / "c",
+        None,
+        stages=("vlm",),
+        init_tower=first / TOWER_CHECKPOINT,
+    )
     assert any(not torch.equal(tower_state(tuned)[k], tower[k]) for k in tower)
-    held = train(toy_recipe(vlm={"tower_lr_scale": 1.0, "lr": 0.05, "freeze_tower_steps": 3}), tmp_path / "e", None,
-                 stages=("vlm",), init_tower=first / TOWER_CHECKPOINT)
+    held = train(
+        toy_recipe(vlm={"tower_lr_scale": 1.0, "lr": 0.05, "freeze_tower_steps": 3}),
+        tmp_path / "e",
+        None,
+        stages=("vlm",),
+        init_tower=first / TOWER_CHECKPOINT,
+    )
     assert all(torch.equal(tower_state(held)[k], tower[k]) for k in tower)  # frozen for all 3 steps
     with pytest.raises(ValueError, match="init_tower"):
         train(toy_recipe(), tmp_path / "d", None, stages=("vlm",))
@@ -133,7 +175,9 @@ def test_warm_start_continues_stage_2_from_a_saved_model(tmp_path):
     from transformers import LlavaForConditionalGeneration
 
     first = train(toy_recipe(), tmp_path / "a", None)
-    again = train(toy_recipe(vlm={"steps": 0}), tmp_path / "b", tmp_path / "log.jsonl", stages=("vlm",), init_model=first)
+    again = train(
+        toy_recipe(vlm={"steps": 0}), tmp_path / "b", tmp_path / "log.jsonl", stages=("vlm",), init_model=first
+    )
     a = LlavaForConditionalGeneration.from_pretrained(first).state_dict()
     b = LlavaForConditionalGeneration.from_pretrained(again).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)  # zero steps: exactly the saved weights
@@ -180,8 +224,12 @@ def test_legible_scenes_only_in_global_examples_and_only_when_asked(monkeypatch)
         make_example(np.random.default_rng(i), toy_spec(), 3, "global", tok)
         make_example(np.random.default_rng(i), toy_spec(legible_fraction=1.0), 3, "local", tok)
     assert not any(seen)
-    fine = [make_example(np.random.default_rng(i), toy_spec(legible_fraction=1.0, legible_fine_fraction=1.0), 3, "global", tok)
-            for i in range(10)]
+    fine = [
+        make_example(
+            np.random.default_rng(i), toy_spec(legible_fraction=1.0, legible_fine_fraction=1.0), 3, "global", tok
+        )
+        for i in range(10)
+    ]
     assert all(seen[-10:]) and all(ex["kind"] == "fine" for ex in fine)
 
 
@@ -242,8 +290,9 @@ def test_cosine_schedule_follows_steps_or_a_time_budget(monkeypatch):
         return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
 
     reference = opt()
-    lam = torch.optim.lr_scheduler.LambdaLR(reference, lambda s: (s + 1) / 3 if s < 3 else
-                                            0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, (s - 3) / 7))))
+    lam = torch.optim.lr_scheduler.LambdaLR(
+        reference, lambda s: (s + 1) / 3 if s < 3 else 0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, (s - 3) / 7)))
+    )
     ours = opt()
     sched = CosineSchedule(ours, warmup=3, total=10)
     for step in range(12):
@@ -273,9 +322,13 @@ def test_streams_are_the_same_for_any_number_of_workers():
     def first(stream, workers, key, n=5):
         return [b[key] for b, _ in zip(make_loader(stream, workers, cpu), range(n))]
 
-    stage2 = [first(BatchStream(toy_spec(), tok, 4, 3, [[None, 3]], 0.5, scene_reuse=2), w, "pixel_values") for w in (0, 2)]
+    stage2 = [
+        first(BatchStream(toy_spec(), tok, 4, 3, [[None, 3]], 0.5, scene_reuse=2), w, "pixel_values") for w in (0, 2)
+    ]
     assert all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(*stage2))
-    stage1 = [first(TowerStream(toy_spec(), 4, 3, ScaleCurriculum(), 0.5, scene_reuse=2), w, "crop_labels") for w in (0, 2)]
+    stage1 = [
+        first(TowerStream(toy_spec(), 4, 3, ScaleCurriculum(), 0.5, scene_reuse=2), w, "crop_labels") for w in (0, 2)
+    ]
     assert all(torch.equal(a, b) for a, b in zip(*stage1))
     assert len({tuple(map(tuple, b.tolist())) for b in stage1[0]}) > 1  # not one batch repeated
 
@@ -302,14 +355,20 @@ def test_scene_reuse_asks_different_questions_of_one_scene(monkeypatch):
     labels = [tuple(x) for x in crops["crop_labels"].tolist()]
     for scene, group in zip(scenes, (labels[:4], labels[4:8], labels[8:])):
         assert len({(c, s) for _, c, s in group}) == min(4, len(scene.objects))
-        assert {(c, s) for _, c, s in group} <= {(tower.COLOR_NAMES.index(o.color), SHAPES.index(o.shape)) for o in scene.objects}
+        assert {(c, s) for _, c, s in group} <= {
+            (tower.COLOR_NAMES.index(o.color), SHAPES.index(o.shape)) for o in scene.objects
+        }
 
 
 def test_budgeted_bf16_run_stops_on_time_and_logs_it(tmp_path):
     """A wall-clock budget ends each stage early; the model is still saved and the log says how
     many steps ran (autocast bf16 on CPU exercises the GPU recipe's code path)."""
-    recipe = toy_recipe(tower={"steps": 10_000, "budget_s": 3.0}, vlm={"steps": 10_000, "budget_s": 3.0},
-                        runtime={"amp_dtype": "bfloat16", "scene_reuse": 2, "workers": 0}, monitor={"every": 10_000})
+    recipe = toy_recipe(
+        tower={"steps": 10_000, "budget_s": 3.0},
+        vlm={"steps": 10_000, "budget_s": 3.0},
+        runtime={"amp_dtype": "bfloat16", "scene_reuse": 2, "workers": 0},
+        monitor={"every": 10_000},
+    )
     out = train(recipe, tmp_path / "m", tmp_path / "log.jsonl")
     rows = rows_of(tmp_path / "log.jsonl")
     done = {r["stage_done"]: r["steps"] for r in rows if "stage_done" in r}
@@ -347,8 +406,12 @@ def test_object_cells_are_the_probes_object_tokens():
 
 
 def test_evaluations_are_labelled_by_steps_done_and_never_repeated(tmp_path):
-    train(toy_recipe(vlm={"steps": 4}, monitor={"attention_items": 0}), tmp_path / "a", tmp_path / "a.jsonl",
-          stages=("tower", "vlm"))
+    train(
+        toy_recipe(vlm={"steps": 4}, monitor={"attention_items": 0}),
+        tmp_path / "a",
+        tmp_path / "a.jsonl",
+        stages=("tower", "vlm"),
+    )
     assert [r["step"] for r in rows_of(tmp_path / "a.jsonl") if r.get("stage") == 2] == [2, 4]
     out = train(toy_recipe(vlm={"steps": 0}), tmp_path / "b", tmp_path / "b.jsonl")  # a model is saved all the same
     assert json.loads((out / "training_recipe.json").read_text())["saved_at_step"] == 0

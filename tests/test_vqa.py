@@ -100,7 +100,9 @@ def test_synthetic_round_trip(tmp_path):
         assert ex.target_box == (tuple(item.target_box) if item.target_box else None)
         assert ex.extra["objects"] == item.objects and ex.extra["answer"] == item.answer
         assert np.array_equal(np.asarray(ex.load_image()), np.asarray(item.image))
-    assert [e.question_id for e in load_dataset(out / "questions.jsonl", limit=2)] == [e.question_id for e in examples[:2]]
+    assert [e.question_id for e in load_dataset(out / "questions.jsonl", limit=2)] == [
+        e.question_id for e in examples[:2]
+    ]
 
 
 def write_jpeg(path, size=(40, 20), orientation=None):
@@ -190,7 +192,9 @@ def write_vqav2(root, split="val2014"):
                 "question_type": "how many",
                 "answer_type": "number",
                 "multiple_choice_answer": "2",
-                "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": j + 1} for j, a in enumerate(answers_42)],
+                "answers": [
+                    {"answer": a, "answer_confidence": "yes", "answer_id": j + 1} for j, a in enumerate(answers_42)
+                ],
             },
         ]
     }
@@ -204,7 +208,11 @@ def write_vqav2(root, split="val2014"):
 
 def test_vqav2_loader(tmp_path):
     root = write_vqav2(tmp_path / "vqav2")
-    for source in (root, root / "v2_OpenEnded_mscoco_val2014_questions.json", root / "v2_mscoco_val2014_annotations.json"):
+    for source in (
+        root,
+        root / "v2_OpenEnded_mscoco_val2014_questions.json",
+        root / "v2_mscoco_val2014_annotations.json",
+    ):
         exs = load_dataset(source)
         assert [e.question_id for e in exs] == ["420", "70"]
         assert exs[0].image_path == root / "val2014" / "COCO_val2014_000000000042.jpg"

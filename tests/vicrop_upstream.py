@@ -61,8 +61,11 @@ def bbox_from_att_image_adaptive(att_map, image_size, bbox_size=336):
         block_size = image_size[0] / att_map.shape[1], image_size[1] / att_map.shape[0]
 
         # if I want a bbox_size*r width and bbox_size*r height crop from the original image, the number of blocks I need (x, y)
-        block_num = min(int(bbox_size*ratio/block_size[0]), att_map.shape[1]), min(int(bbox_size*ratio/block_size[1]), att_map.shape[0])
-        if att_map.shape[1]-block_num[0] < 1 and att_map.shape[0]-block_num[1] < 1:
+        block_num = (
+            min(int(bbox_size * ratio / block_size[0]), att_map.shape[1]),
+            min(int(bbox_size * ratio / block_size[1]), att_map.shape[0]),
+        )
+        if att_map.shape[1] - block_num[0] < 1 and att_map.shape[0] - block_num[1] < 1:
             if ratio == 1:
                 return 0, 0, image_size[0], image_size[1]
             else:
@@ -70,14 +73,14 @@ def bbox_from_att_image_adaptive(att_map, image_size, bbox_size=336):
         block_nums.append((block_num[0], block_num[1]))
 
         # attention aggregation map
-        sliding_att = np.zeros((att_map.shape[0]-block_num[1]+1, att_map.shape[1]-block_num[0]+1))
+        sliding_att = np.zeros((att_map.shape[0] - block_num[1] + 1, att_map.shape[1] - block_num[0] + 1))
         max_att = -np.inf
         max_att_pos = (0, 0)
 
         # sliding window to find the block with the highest attention
-        for x in range(att_map.shape[1]-block_num[0]+1):
-            for y in range(att_map.shape[0]-block_num[1]+1):
-                att = att_map[y:y+block_num[1], x:x+block_num[0]].sum()
+        for x in range(att_map.shape[1] - block_num[0] + 1):
+            for y in range(att_map.shape[0] - block_num[1] + 1):
+                att = att_map[y : y + block_num[1], x : x + block_num[0]].sum()
                 sliding_att[y, x] = att
                 if att > max_att:
                     max_att = att
@@ -87,13 +90,13 @@ def bbox_from_att_image_adaptive(att_map, image_size, bbox_size=336):
         # we choose the best ratio r according to their attention difference
         adjcent_atts = []
         if max_att_pos[0] > 0:
-            adjcent_atts.append(sliding_att[max_att_pos[1], max_att_pos[0]-1])
-        if max_att_pos[0] < sliding_att.shape[1]-1:
-            adjcent_atts.append(sliding_att[max_att_pos[1], max_att_pos[0]+1])
+            adjcent_atts.append(sliding_att[max_att_pos[1], max_att_pos[0] - 1])
+        if max_att_pos[0] < sliding_att.shape[1] - 1:
+            adjcent_atts.append(sliding_att[max_att_pos[1], max_att_pos[0] + 1])
         if max_att_pos[1] > 0:
-            adjcent_atts.append(sliding_att[max_att_pos[1]-1, max_att_pos[0]])
-        if max_att_pos[1] < sliding_att.shape[0]-1:
-            adjcent_atts.append(sliding_att[max_att_pos[1]+1, max_att_pos[0]])
+            adjcent_atts.append(sliding_att[max_att_pos[1] - 1, max_att_pos[0]])
+        if max_att_pos[1] < sliding_att.shape[0] - 1:
+            adjcent_atts.append(sliding_att[max_att_pos[1] + 1, max_att_pos[0]])
         difference = (max_att - np.mean(adjcent_atts)) / (block_num[0] * block_num[1])
         differences.append(difference)
         max_att_poses.append(max_att_pos)
@@ -104,14 +107,18 @@ def bbox_from_att_image_adaptive(att_map, image_size, bbox_size=336):
     x_center = int(max_att_pos[0] * block_size[0] + block_size[0] * block_num[0] / 2)
     y_center = int(max_att_pos[1] * block_size[1] + block_size[1] * block_num[1] / 2)
 
-    x_center = selected_bbox_size//2 if x_center < selected_bbox_size//2 else x_center
-    y_center = selected_bbox_size//2 if y_center < selected_bbox_size//2 else y_center
-    x_center = image_size[0] - selected_bbox_size//2 if x_center > image_size[0] - selected_bbox_size//2 else x_center
-    y_center = image_size[1] - selected_bbox_size//2 if y_center > image_size[1] - selected_bbox_size//2 else y_center
+    x_center = selected_bbox_size // 2 if x_center < selected_bbox_size // 2 else x_center
+    y_center = selected_bbox_size // 2 if y_center < selected_bbox_size // 2 else y_center
+    x_center = (
+        image_size[0] - selected_bbox_size // 2 if x_center > image_size[0] - selected_bbox_size // 2 else x_center
+    )
+    y_center = (
+        image_size[1] - selected_bbox_size // 2 if y_center > image_size[1] - selected_bbox_size // 2 else y_center
+    )
 
-    x1 = max(0, x_center - selected_bbox_size//2)
-    y1 = max(0, y_center - selected_bbox_size//2)
-    x2 = min(image_size[0], x_center + selected_bbox_size//2)
-    y2 = min(image_size[1], y_center + selected_bbox_size//2)
+    x1 = max(0, x_center - selected_bbox_size // 2)
+    y1 = max(0, y_center - selected_bbox_size // 2)
+    x2 = min(image_size[0], x_center + selected_bbox_size // 2)
+    y2 = min(image_size[1], y_center + selected_bbox_size // 2)
 
     return x1, y1, x2, y2

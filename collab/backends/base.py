@@ -9,8 +9,8 @@ between processes.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -18,11 +18,12 @@ from PIL import Image
 
 from collab.uncertainty import TokenScores
 
-
 # Unicode's White_Space property: what JSON Schema's and pydantic's \s mean. Python's str.strip()
 # also strips the separators U+001C-U+001F, which would make "\x1f" valid in the schema but empty here.
-UNICODE_WHITESPACE = ("\t\n\x0b\x0c\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008"
-                      "\u2009\u200a\u2028\u2029\u202f\u205f\u3000")
+UNICODE_WHITESPACE = (
+    "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008"
+    "\u2009\u200a\u2028\u2029\u202f\u205f\u3000"
+)
 
 
 class InvalidQuestion(ValueError):

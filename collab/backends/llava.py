@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Sequence
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -128,7 +128,9 @@ class LlavaBackend(VLMBackend):
         # shared, the switched pass holds it alone.
         self._kernels = SharedExclusiveLock()
         # Texts the tokenizer turns into control tokens (BOS/EOS/PAD/UNK and added special tokens).
-        self._control_tokens = sorted({t for t in tokenizer.all_special_tokens if t and len(t) > 1}, key=len, reverse=True)
+        self._control_tokens = sorted(
+            {t for t in tokenizer.all_special_tokens if t and len(t) > 1}, key=len, reverse=True
+        )
         self.info = BackendInfo(
             model_name=name,
             encoder_size=(int(vision.image_size), int(vision.image_size)),
@@ -142,7 +144,7 @@ class LlavaBackend(VLMBackend):
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def from_pretrained(cls, config: ModelConfig, search_roots: Sequence[Path] = ()) -> "LlavaBackend":
+    def from_pretrained(cls, config: ModelConfig, search_roots: Sequence[Path] = ()) -> LlavaBackend:
         """Load with transformers' from_pretrained from a local directory or a hub id.
 
         `local_files_only` (default on) means nothing is downloaded at run time: a hub id works
@@ -188,7 +190,9 @@ class LlavaBackend(VLMBackend):
                 raise InvalidQuestion("special_token", f"the question must not contain the control token {token!r}")
         n = len(self.tokenizer(question, add_special_tokens=False)["input_ids"])
         if n > self.config.max_question_tokens:
-            raise InvalidQuestion("too_long", f"the question is {n} tokens; at most {self.config.max_question_tokens} are accepted")
+            raise InvalidQuestion(
+                "too_long", f"the question is {n} tokens; at most {self.config.max_question_tokens} are accepted"
+            )
 
     def prompt_ids(self, template: str, question: str, n_images: int) -> torch.Tensor:
         """Token ids of the filled template, each image placeholder expanded to its visual tokens."""

@@ -31,9 +31,9 @@ from __future__ import annotations
 import argparse
 import json
 import re
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 from PIL import Image, ImageChops, ImageDraw
@@ -107,6 +107,7 @@ def _build_vocabulary() -> list[str]:
 
 VOCABULARY: list[str] = _build_vocabulary()
 
+
 @dataclass
 class SceneObject:
     """One filled shape with its digit; boxes are half-open original pixels."""
@@ -118,7 +119,13 @@ class SceneObject:
     glyph_box: list[int]
 
     def to_dict(self) -> dict:
-        return {"shape": self.shape, "color": self.color, "digit": self.digit, "box": list(self.box), "glyph_box": list(self.glyph_box)}
+        return {
+            "shape": self.shape,
+            "color": self.color,
+            "digit": self.digit,
+            "box": list(self.box),
+            "glyph_box": list(self.glyph_box),
+        }
 
 
 @dataclass
@@ -220,7 +227,9 @@ def _near(rng: np.random.Generator, base: np.ndarray, spread: float) -> tuple[in
     return tuple(int(v) for v in rgb)
 
 
-def _draw_clutter(draw: ImageDraw.ImageDraw, rng: np.random.Generator, base: np.ndarray, width: int, height: int, clutter: float) -> None:
+def _draw_clutter(
+    draw: ImageDraw.ImageDraw, rng: np.random.Generator, base: np.ndarray, width: int, height: int, clutter: float
+) -> None:
     """Lines, blobs and small grey marks (outlines, digits) that are not valid objects."""
     for _ in range(int(round(clutter * rng.integers(6, 15)))):
         pts = [(int(rng.integers(0, width)), int(rng.integers(0, height))) for _ in range(2)]
@@ -353,7 +362,9 @@ def _glyph_box(shape: str, box: Sequence[int], glyph_height: int) -> list[int]:
     return [gx0, gy0, gx0 + gw, gy0 + gh]
 
 
-def _sample_objects(rng: np.random.Generator, n: int, width: int, height: int, legible_glyphs: bool = False) -> list[SceneObject]:
+def _sample_objects(
+    rng: np.random.Generator, n: int, width: int, height: int, legible_glyphs: bool = False
+) -> list[SceneObject]:
     """n objects with unique (colour, shape) pairs, random digits, non-overlapping boxes."""
     pairs = rng.choice(len(COLORS) * len(SHAPES), size=n, replace=False)
     colors = list(COLORS)
@@ -368,8 +379,14 @@ def _sample_objects(rng: np.random.Generator, n: int, width: int, height: int, l
     return objects
 
 
-def render_scene(rng: np.random.Generator, *, n_objects: int | None = None, clutter: float = 1.0, size: tuple[int, int] | None = None,
-                 legible_glyphs: bool = False) -> Scene:
+def render_scene(
+    rng: np.random.Generator,
+    *,
+    n_objects: int | None = None,
+    clutter: float = 1.0,
+    size: tuple[int, int] | None = None,
+    legible_glyphs: bool = False,
+) -> Scene:
     """Draw one scene from `rng`. n_objects (1-5) defaults to 2-5 at random; clutter scales the marks;
     legible_glyphs (training only) draws digits readable in the global image."""
     if n_objects is not None and not 1 <= n_objects <= MAX_OBJECTS:
@@ -401,7 +418,16 @@ def questions_for_scene(scene: Scene) -> list[Question]:
     color_counts = _counts(o.color for o in scene.objects)
     out = []
     for o in scene.objects:
-        out.append(Question(FINE_TEMPLATE.format(color=o.color, shape=o.shape), o.digit, "fine", "number", list(o.box), list(o.glyph_box)))
+        out.append(
+            Question(
+                FINE_TEMPLATE.format(color=o.color, shape=o.shape),
+                o.digit,
+                "fine",
+                "number",
+                list(o.box),
+                list(o.glyph_box),
+            )
+        )
     for o in scene.objects:
         if shape_counts[o.shape] == 1:
             out.append(Question(COLOR_TEMPLATE.format(shape=o.shape), o.color, "coarse", "color", list(o.box)))
@@ -433,7 +459,9 @@ def _counts(values) -> dict[str, int]:
     return out
 
 
-def item_from_scene(scene: Scene, question: Question, *, question_id: str, seed: int = -1, index: int = -1) -> SyntheticItem:
+def item_from_scene(
+    scene: Scene, question: Question, *, question_id: str, seed: int = -1, index: int = -1
+) -> SyntheticItem:
     """Pair a scene with one of its questions as a VQA item (10 identical answers)."""
     return SyntheticItem(
         question_id=question_id,
@@ -453,7 +481,15 @@ def item_from_scene(scene: Scene, question: Question, *, question_id: str, seed:
     )
 
 
-def generate_item(seed: int, index: int, *, fine_fraction: float = 0.5, kind: str | None = None, n_objects: int | None = None, clutter: float = 1.0) -> SyntheticItem:
+def generate_item(
+    seed: int,
+    index: int,
+    *,
+    fine_fraction: float = 0.5,
+    kind: str | None = None,
+    n_objects: int | None = None,
+    clutter: float = 1.0,
+) -> SyntheticItem:
     """Item `index` of split `seed`: a fine question with probability fine_fraction, unless `kind` forces one."""
     if kind not in (None, "fine", "coarse"):
         raise ValueError(f"kind must be None, 'fine' or 'coarse', got {kind!r}")
@@ -492,7 +528,9 @@ def generate_items(seed: int, n: int, *, start: int = 0, **kw) -> Iterator[Synth
 # Files
 
 
-def write_dataset(out_dir: str | Path, seed: int, n: int, *, fine_fraction: float = 0.5, progress: bool = True, **kw) -> Path:
+def write_dataset(
+    out_dir: str | Path, seed: int, n: int, *, fine_fraction: float = 0.5, progress: bool = True, **kw
+) -> Path:
     """Write images/<question_id>.png, questions.jsonl and dataset.json under out_dir; returns out_dir."""
     from collab.progress import progress as progress_bar
 
@@ -514,7 +552,9 @@ def write_dataset(out_dir: str | Path, seed: int, n: int, *, fine_fraction: floa
         "fine_fraction": fine_fraction,
         **kw,
         "box_convention": "[x0, y0, x1, y1], half-open, pixels of the original image",
-        "lookalike_share": lookalike_share(records),  # fine items whose target shares colour or shape with another object
+        "lookalike_share": lookalike_share(
+            records
+        ),  # fine items whose target shares colour or shape with another object
         "vocabulary": VOCABULARY,
     }
     (out / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
@@ -522,7 +562,9 @@ def write_dataset(out_dir: str | Path, seed: int, n: int, *, fine_fraction: floa
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m collab.data.synthetic", description="Write a synthetic fine-detail VQA dataset.")
+    p = argparse.ArgumentParser(
+        prog="python -m collab.data.synthetic", description="Write a synthetic fine-detail VQA dataset."
+    )
     p.add_argument("--seed", type=int, default=0, help="split seed (item i depends only on seed and i)")
     p.add_argument("--n", type=int, default=1000, help="number of items")
     p.add_argument("--out", type=Path, required=True, help="output directory")

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping
 
 from PIL import Image, ImageOps
 
@@ -58,7 +58,9 @@ class VQAExample:
 # Loading
 
 
-def load_dataset(path: str | Path, *, images_dir: str | Path | None = None, split: str | None = None, limit: int | None = None) -> list[VQAExample]:
+def load_dataset(
+    path: str | Path, *, images_dir: str | Path | None = None, split: str | None = None, limit: int | None = None
+) -> list[VQAExample]:
     """Read a local VQA dataset (format auto-detected, see module doc); `limit` keeps the first N.
 
     `split` picks a file when a directory holds several (e.g. "val" for TextVQA_0.5.1_val.json,
@@ -150,7 +152,9 @@ def _synthetic_example(rec: dict, images: Path, source: Path, lineno: int) -> VQ
     if missing:
         raise ValueError(f"{source}:{lineno}: record lacks {missing}")
     box = rec.get("target_box")
-    extra = {k: v for k, v in rec.items() if k not in ("question_id", "image", "question", "answers", "kind", "target_box")}
+    extra = {
+        k: v for k, v in rec.items() if k not in ("question_id", "image", "question", "answers", "kind", "target_box")
+    }
     return VQAExample(
         question_id=str(rec["question_id"]),
         image_path=images / rec["image"],
@@ -193,7 +197,13 @@ def _load_vqav2(questions_path: Path, images_dir: Path | None, limit: int | None
     entries = questions["questions"] if limit is None else questions["questions"][:limit]
     annotations = _vqav2_annotations(questions_path.with_name(f"v2_mscoco_{split}_annotations.json"), split)
     image_split = "test2015" if split.startswith("test") else split  # test-dev images live in test2015
-    folder = images_dir or _first_dir([questions_path.parent / image_split, questions_path.parent / "images" / image_split, questions_path.parent / "images"])
+    folder = images_dir or _first_dir(
+        [
+            questions_path.parent / image_split,
+            questions_path.parent / "images" / image_split,
+            questions_path.parent / "images",
+        ]
+    )
     out = []
     for q in entries:
         ann = annotations.get(q["question_id"], {})
@@ -218,7 +228,9 @@ def _vqav2_annotations(path: Path, split: str) -> dict:
     if not path.is_file():
         if split.startswith("test"):
             return {}
-        raise FileNotFoundError(f"VQAv2 annotations not found: {path} (needed next to the questions file for split {split})")
+        raise FileNotFoundError(
+            f"VQAv2 annotations not found: {path} (needed next to the questions file for split {split})"
+        )
     data = _read_json(path)
     if not (isinstance(data, dict) and isinstance(data.get("annotations"), list)):
         raise ValueError(f"{path}: expected VQAv2 annotations, a JSON object with an 'annotations' list")

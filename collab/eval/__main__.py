@@ -22,7 +22,7 @@ from collab.config import ConfigError, load_config, parse_sets
 from collab.data.synthetic import parse_split
 from collab.eval import plots
 from collab.eval.report import build_report, calibrate_threshold
-from collab.eval.runner import Evaluator, EvalItem, dataset_items, decisions, synthetic_items
+from collab.eval.runner import EvalItem, Evaluator, dataset_items, decisions, synthetic_items
 from collab.paths import DEFAULT_CONFIG, REPO_ROOT
 from collab.policies import POLICIES, PolicySpec
 
@@ -47,15 +47,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="with --dataset: first N questions only")
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: %(default)s)")
     p.add_argument("--model", help="override model.path")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any config field, e.g. --set attention.layer=2 --set attention.relative=false (YAML values)")
-    p.add_argument("--policies", default=",".join(POLICIES), help="comma list of %s (default: %%(default)s)" % ",".join(POLICIES))
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any config field, e.g. --set attention.layer=2 --set attention.relative=false (YAML values)",
+    )
+    p.add_argument(
+        "--policies", default=",".join(POLICIES), help=f"comma list of {','.join(POLICIES)} (default: %(default)s)"
+    )
     p.add_argument("--threshold", type=float, help="entropy threshold (default: config gate.threshold)")
-    p.add_argument("--calibrate", type=split_spec, metavar="SEED:N", help="pick the threshold on a separate synthetic split: "
-                   "the highest threshold whose accuracy is within --tolerance of `always`")
-    p.add_argument("--tolerance", type=float, default=0.005, help="accuracy slack for --calibrate (default: %(default)s = 0.5 pt)")
+    p.add_argument(
+        "--calibrate",
+        type=split_spec,
+        metavar="SEED:N",
+        help="pick the threshold on a separate synthetic split: "
+        "the highest threshold whose accuracy is within --tolerance of `always`",
+    )
+    p.add_argument(
+        "--tolerance", type=float, default=0.005, help="accuracy slack for --calibrate (default: %(default)s = 0.5 pt)"
+    )
     p.add_argument("--random-rate", type=float, help="refine probability of `random` (default: entropy's refine rate)")
-    p.add_argument("--layers", default="all", help="decoder layers for the RoI layer sweep: 'all', 'none' or a comma list")
+    p.add_argument(
+        "--layers", default="all", help="decoder layers for the RoI layer sweep: 'all', 'none' or a comma list"
+    )
     p.add_argument("--out", default="runs/eval", help="output directory (default: %(default)s)")
     return p
 
@@ -90,7 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     calibration = None
     if args.calibrate:
         seed, n = args.calibrate
-        cal = Evaluator(backend, config, layers=[]).run(synthetic_items(seed, n), total=n, desc=f"calibrating {seed}:{n}")
+        cal = Evaluator(backend, config, layers=[]).run(
+            synthetic_items(seed, n), total=n, desc=f"calibrating {seed}:{n}"
+        )
         threshold = calibrate_threshold(cal, spec, args.tolerance)
         spec = replace(spec, threshold=threshold)
         calibration = {"split": f"synthetic {seed}:{n}", "threshold": threshold, "tolerance": args.tolerance}
@@ -101,8 +119,13 @@ def main(argv: list[str] | None = None) -> int:
         from collab.data.synthetic import GENERATOR_VERSION
 
         fine = [it for it in items if it.kind == "fine"]
-        dataset = {"kind": "synthetic", "seed": seed, "n": n, "generator_version": GENERATOR_VERSION,
-                   "lookalike_share": float(np.mean([it.lookalike for it in fine])) if fine else None}
+        dataset = {
+            "kind": "synthetic",
+            "seed": seed,
+            "n": n,
+            "generator_version": GENERATOR_VERSION,
+            "lookalike_share": float(np.mean([it.lookalike for it in fine])) if fine else None,
+        }
     else:
         items = dataset_items(args.dataset, args.limit)
         dataset = {"kind": "local", "path": str(args.dataset), "n": len(items)}
@@ -146,29 +169,43 @@ def print_summary(report: dict, out: Path) -> None:
     print(f"\n{report['n']} items -> {out}/report.json")
     print(f"{'policy':10s} {'accuracy':>9s} {'refine':>7s} {'extra KiB':>10s} {'total KiB':>10s}")
     for name, r in report["policies"].items():
-        print(f"{name:10s} {100 * r['accuracy']:8.1f}% {100 * r['refine_rate']:6.1f}% "
-              f"{r['extra_bytes_mean'] / 1024:10.2f} {r['total_bytes_mean'] / 1024:10.2f}")
+        print(
+            f"{name:10s} {100 * r['accuracy']:8.1f}% {100 * r['refine_rate']:6.1f}% "
+            f"{r['extra_bytes_mean'] / 1024:10.2f} {r['total_bytes_mean'] / 1024:10.2f}"
+        )
     print(f"full-resolution upload: {report['bytes']['full_resolution_mean'] / 1024:.1f} KiB/query")
     for kind, s in report["separability"].items():
         if s:
-            print(f"separability {kind:12s} overlap {s['overlap']:.3f}  bhattacharyya {s['bhattacharyya']:.3f}  auc {s['auc']:.3f}")
+            print(
+                f"separability {kind:12s} overlap {s['overlap']:.3f}  bhattacharyya {s['bhattacharyya']:.3f}  auc "
+                f"{s['auc']:.3f}"
+            )
     roi = report["roi"]
     if roi["hit_rate"] is not None:
         on_any = f"  on some object {roi['object_hit_rate']:.3f}" if roi.get("object_hit_rate") is not None else ""
-        print(f"RoI (fine): hit rate {roi['hit_rate']:.3f}{on_any}  mean IoU {roi['mean_iou']:.3f}  "
-              f"area {roi['area_fraction']:.3f}  (n={roi['n']})")
+        print(
+            f"RoI (fine): hit rate {roi['hit_rate']:.3f}{on_any}  mean IoU {roi['mean_iou']:.3f}  "
+            f"area {roi['area_fraction']:.3f}  (n={roi['n']})"
+        )
         if roi.get("hit_rate_by_objects"):
-            print("RoI hit rate by objects in the scene: " + "  ".join(f"{k}: {v:.2f}" for k, v in roi["hit_rate_by_objects"].items()))
+            print(
+                "RoI hit rate by objects in the scene: "
+                + "  ".join(f"{k}: {v:.2f}" for k, v in roi["hit_rate_by_objects"].items())
+            )
         if roi.get("hit_rate_by_lookalike"):
-            print("RoI hit rate with / without a look-alike distractor: "
-                  + " / ".join(f"{roi['hit_rate_by_lookalike'].get(k, float('nan')):.2f}" for k in ("yes", "no")))
+            print(
+                "RoI hit rate with / without a look-alike distractor: "
+                + " / ".join(f"{roi['hit_rate_by_lookalike'].get(k, float('nan')):.2f}" for k in ("yes", "no"))
+            )
     if report["layers"]:
         print("layer hit rates: " + "  ".join(f"L{k}={v:.2f}" for k, v in report["layers"].items()))
     by_qtype = {k: v for k, v in report.get("stages_by_qtype", {}).items() if k != "all"}  # "all" is printed above
     for kind, s in [*report["stages"].items(), *by_qtype.items()]:
         gt = f"{100 * s['refined_gt_crop']:.1f}%" if s["refined_gt_crop"] is not None else "-"
-        print(f"stage accuracy [{kind}]: first {100 * s['first_pass']:.1f}%  refined(RoI) {100 * s['refined_roi']:.1f}%  "
-              f"refined(GT crop) {gt}  right->wrong {s['right_to_wrong']}  wrong->right {s['wrong_to_right']}")
+        print(
+            f"stage accuracy [{kind}]: first {100 * s['first_pass']:.1f}%  refined(RoI) {100 * s['refined_roi']:.1f}%  "
+            f"refined(GT crop) {gt}  right->wrong {s['right_to_wrong']}  wrong->right {s['wrong_to_right']}"
+        )
 
 
 if __name__ == "__main__":

@@ -27,8 +27,17 @@ def plot_separability(outcomes: list[ItemOutcome], report: dict, path: Path, bin
         if correct.any() and (~correct).any():
             p_wrong, p_right, edges = shared_histograms(u[~correct], u[correct], bins)
             centers, width = (edges[:-1] + edges[1:]) / 2, edges[1] - edges[0]
-            ax.bar(centers, p_right, width=width, alpha=0.55, label=f"correct (n={int(correct.sum())})", color="tab:green")
-            ax.bar(centers, p_wrong, width=width, alpha=0.55, label=f"incorrect (n={int((~correct).sum())})", color="tab:red")
+            ax.bar(
+                centers, p_right, width=width, alpha=0.55, label=f"correct (n={int(correct.sum())})", color="tab:green"
+            )
+            ax.bar(
+                centers,
+                p_wrong,
+                width=width,
+                alpha=0.55,
+                label=f"incorrect (n={int((~correct).sum())})",
+                color="tab:red",
+            )
         title = TITLES[kind]
         if stats:
             title += f"\noverlap {stats['overlap']:.2f}  BD {stats['bhattacharyya']:.2f}  AUC {stats['auc']:.2f}"
@@ -43,23 +52,46 @@ def plot_separability(outcomes: list[ItemOutcome], report: dict, path: Path, bin
     plt.close(fig)
     return path
 
+
 POLICY_MARKERS = {"never": "s", "always": "^", "entropy": "*", "random": "x"}
 
 
 def plot_sweep(report: dict, path: Path) -> Path:
     sweep = sorted(report["sweep"], key=lambda p: p["extra_bytes_mean"])
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    ax.plot([p["extra_bytes_mean"] / 1024 for p in sweep], [100 * p["accuracy"] for p in sweep], "o-", ms=3, label="entropy (threshold sweep)")
-    ax.plot([p["random_extra_bytes_mean"] / 1024 for p in sweep], [100 * p["random_accuracy"] for p in sweep], "--", color="gray", label="random (matched rate, expected)")
+    ax.plot(
+        [p["extra_bytes_mean"] / 1024 for p in sweep],
+        [100 * p["accuracy"] for p in sweep],
+        "o-",
+        ms=3,
+        label="entropy (threshold sweep)",
+    )
+    ax.plot(
+        [p["random_extra_bytes_mean"] / 1024 for p in sweep],
+        [100 * p["random_accuracy"] for p in sweep],
+        "--",
+        color="gray",
+        label="random (matched rate, expected)",
+    )
     pol = report["policies"]
     for name in POLICIES:
         marker = POLICY_MARKERS[name]
         if name in pol:
-            ax.plot(pol[name]["extra_bytes_mean"] / 1024, 100 * pol[name]["accuracy"], marker, ms=11, label=f"{name} ({100 * pol[name]['accuracy']:.1f}%)")
+            ax.plot(
+                pol[name]["extra_bytes_mean"] / 1024,
+                100 * pol[name]["accuracy"],
+                marker,
+                ms=11,
+                label=f"{name} ({100 * pol[name]['accuracy']:.1f}%)",
+            )
     full = report["bytes"]["full_resolution_mean"] / 1024
     ax.set_xlabel("extra uplink per query (KiB, local images)")
     ax.set_ylabel("accuracy (%)")
-    ax.set_title(f"Accuracy vs retransmission  (global {report['bytes']['global_mean'] / 1024:.1f} KiB, full-res {full:.0f} KiB)", fontsize=9)
+    ax.set_title(
+        f"Accuracy vs retransmission  (global {report['bytes']['global_mean'] / 1024:.1f} KiB, full-res {full:.0f} "
+        "KiB)",
+        fontsize=9,
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
@@ -98,7 +130,9 @@ def plot_examples(outcomes: list[ItemOutcome], items: dict[str, EvalItem], path:
         ax.imshow(image)
         for box, color in ((o.target_box, "lime"), (o.roi_box, "red")):
             if box:
-                ax.add_patch(plt.Rectangle((box[0], box[1]), box[2] - box[0], box[3] - box[1], fill=False, lw=2, ec=color))
+                ax.add_patch(
+                    plt.Rectangle((box[0], box[1]), box[2] - box[0], box[3] - box[1], fill=False, lw=2, ec=color)
+                )
         ax.set_title(f"{o.question[:34]}\n1st: {o.first_answer} → {o.refined_answer} (gt {o.answers[0]})", fontsize=6)
         ax.axis("off")
         axes[1, col].imshow(o.attention, cmap="magma")

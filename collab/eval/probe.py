@@ -6,7 +6,8 @@ The method needs the first pass to find "the red circle" in the global image, an
 to read it in the crop. When either fails, this says whether the visual tokens hold the needed
 attribute at all (then the decoder did not learn to use it) or not (then the encoder is the limit).
 For objects of the synthetic benchmark it fits one multinomial logistic regression per attribute
-(shape, colour, digit, and the cell of the image it sits in) and per view, on the projected visual tokens the decoder receives:
+(shape, colour, digit, and the cell of the image it sits in) and per view, on the projected visual
+tokens the decoder receives:
 
 - ``global``: the global image's tokens whose cells' centres lie inside the object's box, averaged
   (the object's own tokens; a first pass must find them);
@@ -14,8 +15,9 @@ For objects of the synthetic benchmark it fits one multinomial logistic regressi
   x U(1, 2), as it picks), all tokens averaged.
 
 Held-out accuracy (fit on the first `--train` share of objects, scored on the rest) against the
-held-out accuracy of always answering the training split's most frequent class. A probe is a lower bound of what the tokens hold
-(linear, on a pooled vector), so "high" is conclusive and "low" says: not linearly, at this size.
+held-out accuracy of always answering the training split's most frequent class. A probe is a lower
+bound of what the tokens hold (linear, on a pooled vector), so "high" is conclusive and "low" says:
+not linearly, at this size.
 Works with any LLaVA-family model the config names; the scenes come from `collab.data.synthetic`.
 """
 
@@ -24,16 +26,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from collab.progress import progress as progress_bar
 
 from collab.data.synthetic import COLORS, DIGITS, SHAPES, render_scene
 from collab.imaging import crop_local_image, make_global_image, round_trip
+from collab.progress import progress as progress_bar
 from collab.roi import box_around
 
 # "cell": where the object is, as the 3 x 3 compass cell of the image (cell_of below).
@@ -41,7 +43,17 @@ from collab.roi import box_around
 # positions enter the decoder's attention scores, not the values tokens pass on); from the crop view
 # it is a control that should stay near the majority (a crop mostly does not show where it was cut;
 # crops at the image edge are shifted inside it, a small leak).
-CELLS: tuple[str, ...] = ("northwest", "north", "northeast", "west", "center", "east", "southwest", "south", "southeast")
+CELLS: tuple[str, ...] = (
+    "northwest",
+    "north",
+    "northeast",
+    "west",
+    "center",
+    "east",
+    "southwest",
+    "south",
+    "southeast",
+)
 
 
 def cell_of(box: Sequence[int], width: int, height: int) -> str:
@@ -63,8 +75,12 @@ def object_token_indices(box: Sequence[float], geometry, grid: tuple[int, int], 
     cw, ch = (geometry.canvas_size[0] / cols, geometry.canvas_size[1] / rows)
     u0, v0 = geometry.to_canvas(box[0], box[1])
     u1, v1 = geometry.to_canvas(box[2], box[3])
-    inside = [r * cols + c for r in range(rows) for c in range(cols)
-              if u0 <= (c + 0.5) * cw < u1 and v0 <= (r + 0.5) * ch < v1]
+    inside = [
+        r * cols + c
+        for r in range(rows)
+        for c in range(cols)
+        if u0 <= (c + 0.5) * cw < u1 and v0 <= (r + 0.5) * ch < v1
+    ]
     if not inside:
         u, v = (u0 + u1) / 2, (v0 + v1) / 2
         inside = [min(int(v // ch), rows - 1) * cols + min(int(u // cw), cols - 1)]
@@ -111,10 +127,15 @@ def collect(backend, config, n: int, seed: int, batch: int = 32, progress: bool 
         done += k
         bar.update(k)
     bar.close()
-    return {"features": {v: torch.stack(f) for v, f in feats.items()}, "labels": {a: torch.tensor(l) for a, l in labels.items()}}
+    return {
+        "features": {v: torch.stack(f) for v, f in feats.items()},
+        "labels": {a: torch.tensor(values) for a, values in labels.items()},
+    }
 
 
-def fit_probe(x: torch.Tensor, y: torch.Tensor, n_classes: int, n_train: int, steps: int = 500, l2: float = 1e-3) -> float:
+def fit_probe(
+    x: torch.Tensor, y: torch.Tensor, n_classes: int, n_train: int, steps: int = 500, l2: float = 1e-3
+) -> float:
     """Held-out accuracy of a multinomial logistic regression (standardised inputs, Adam, L2;
     zero-initialised, so deterministic)."""
     mean, std = x[:n_train].mean(0), x[:n_train].std(0) + 1e-6
@@ -163,11 +184,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", type=Path, default=None, help="method config YAML (default: configs/default.yaml)")
     p.add_argument("--model", help="override model.path (e.g. a training run's output directory)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any config field, as in python -m collab.eval (YAML values)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any config field, as in python -m collab.eval (YAML values)",
+    )
     p.add_argument("--n", type=int, default=1600, help="objects (one per synthetic scene; default %(default)s)")
     p.add_argument("--seed", type=int, default=123, help="scene seed (default %(default)s)")
-    p.add_argument("--train", type=float, default=0.75, help="share of objects the probes are fitted on (default %(default)s)")
+    p.add_argument(
+        "--train", type=float, default=0.75, help="share of objects the probes are fitted on (default %(default)s)"
+    )
     p.add_argument("--out", type=Path, default=None, help="write OUT/probe.json")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -198,8 +226,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     report["model"] = str(config.model.path)
     report["config"] = config.model_dump(mode="json")
     report["seed"] = args.seed
-    print(f"linear probes on {report['n'] - report['n_train']} held-out objects (fit on {report['n_train']}); "
-          "accuracy (in brackets: always the training split's most frequent class)")
+    print(
+        f"linear probes on {report['n'] - report['n_train']} held-out objects (fit on {report['n_train']}); "
+        "accuracy (in brackets: always the training split's most frequent class)"
+    )
     print(f"{'view':8s}" + "".join(f"{a:>18s}" for a in ATTRIBUTES))
     for view, row in report["views"].items():
         print(f"{view:8s}" + "".join(f"{row[a]['accuracy']:>11.3f} ({row[a]['majority']:.2f})" for a in ATTRIBUTES))

@@ -2,8 +2,8 @@
 
 Report keys are stable so runs can be compared: `policies.<name>.{accuracy, refine_rate,
 extra_bytes_mean, total_bytes_mean}`, `separability.<score>.{overlap, bhattacharyya, auc}`,
-`roi.{hit_rate, mean_iou, area_fraction, object_hit_rate, hit_rate_by_objects, hit_rate_by_lookalike}`, `sweep` (list of points), `layers`, `aggregation`,
-`stages`, `n`.
+`roi.{hit_rate, mean_iou, area_fraction, object_hit_rate, hit_rate_by_objects, hit_rate_by_lookalike}`,
+`sweep` (list of points), `layers`, `aggregation`, `stages`, `n`.
 """
 
 from __future__ import annotations
@@ -45,7 +45,9 @@ def expected_random_accuracy(outcomes: list[ItemOutcome], rate: float) -> float:
 def threshold_sweep(outcomes: list[ItemOutcome], spec: PolicySpec, points: int = 25) -> list[dict]:
     """Accuracy vs extra bytes of `entropy` over thresholds, with random at the matched rate."""
     u = np.array([o.uncertainty(spec.score, length_key(spec.aggregation_length)) for o in outcomes])
-    thresholds = sorted(set(np.quantile(u, np.linspace(0, 1, points)).tolist()) | {float(u.max()) + 1e-9, spec.threshold})
+    thresholds = sorted(
+        set(np.quantile(u, np.linspace(0, 1, points)).tolist()) | {float(u.max()) + 1e-9, spec.threshold}
+    )
     local = np.array([o.local_bytes for o in outcomes])
     rows = []
     for t in thresholds:
@@ -88,7 +90,9 @@ def roi_quality(outcomes: list[ItemOutcome], kind: str | None = "fine") -> dict:
         "area_fraction": float(np.mean(areas)),
         # on SOME annotated object, the asked one or not (hit_rate far below it: attention finds
         # objects but not the one the question names); None without object annotations
-        "object_hit_rate": float(np.mean(annotated)) if (annotated := [o.object_hit for o in rows if o.object_hit is not None]) else None,
+        "object_hit_rate": float(np.mean(annotated))
+        if (annotated := [o.object_hit for o in rows if o.object_hit is not None])
+        else None,
         # hit rate by objects in the scene (annotated data only): chance falls as 1/n, so binding
         # shows on crowded scenes; {"2": rate, ...}
         "hit_rate_by_objects": {
@@ -99,7 +103,8 @@ def roi_quality(outcomes: list[ItemOutcome], kind: str | None = "fine") -> dict:
         # does ("no"): a model that names objects by one attribute fails the first
         "hit_rate_by_lookalike": {
             key: float(np.mean([h for h, o in zip(hits, rows) if o.lookalike is flag]))
-            for key, flag in (("yes", True), ("no", False)) if any(o.lookalike is flag for o in rows)
+            for key, flag in (("yes", True), ("no", False))
+            if any(o.lookalike is flag for o in rows)
         },
         "n": len(rows),
     }

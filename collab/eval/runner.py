@@ -9,21 +9,21 @@ query by query (a test checks that equivalence).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import numpy as np
 from PIL import Image
 
 from collab import stages
-from collab.progress import progress
 from collab.backends.base import VLMBackend
 from collab.config import CollabConfig
 from collab.data.vqa import vqa_accuracy
 from collab.geometry import Box
 from collab.imaging import decode_image, full_resolution_bytes, global_payload, load_image, local_payload
 from collab.policies import PolicySpec, should_refine
+from collab.progress import progress
 from collab.roi import box_around
 from collab.uncertainty import answer_uncertainties
 
@@ -109,7 +109,9 @@ def on_some_object(box: Box | list[int], object_boxes: list[list[int]] | None) -
 class Evaluator:
     """Runs items through the backend with one configuration."""
 
-    def __init__(self, backend: VLMBackend, config: CollabConfig, layers: list[int] | None = None, keep_attention: int = 8):
+    def __init__(
+        self, backend: VLMBackend, config: CollabConfig, layers: list[int] | None = None, keep_attention: int = 8
+    ):
         self.backend = backend
         self.config = config
         self.layers = layers if layers is not None else list(range(backend.info.num_layers))
@@ -127,7 +129,8 @@ class Evaluator:
         size = info.encoder_size
         im = cfg.imaging
         global_bytes, global_features = self._send(
-            global_payload(original, size, im.global_mode, im.format, im.jpeg_quality, im.pad_color))
+            global_payload(original, size, im.global_mode, im.format, im.jpeg_quality, im.pad_color)
+        )
         full_bytes = full_resolution_bytes(original, cfg.imaging.format, cfg.imaging.jpeg_quality)
 
         gen = backend.generate([global_features], item.question)
@@ -190,8 +193,10 @@ def decisions(outcomes: list[ItemOutcome], spec: PolicySpec) -> np.ndarray:
     """The gate's decision for every item under `spec` (same rule as collab.policies)."""
     length = length_key(spec.aggregation_length)
     if outcomes and length not in outcomes[0].uncertainties:
-        raise ValueError(f"outcomes hold no scores aggregated over L={spec.aggregation_length}; "
-                         f"evaluate with gate.aggregation_length={spec.aggregation_length}")
+        raise ValueError(
+            f"outcomes hold no scores aggregated over L={spec.aggregation_length}; "
+            f"evaluate with gate.aggregation_length={spec.aggregation_length}"
+        )
     return np.array(
         [should_refine(spec, o.uncertainty(spec.score, length), o.question_id) for o in outcomes], dtype=bool
     )
@@ -211,9 +216,7 @@ def policy_result(outcomes: list[ItemOutcome], refine: np.ndarray) -> dict:
     }
     kinds = sorted({o.kind for o in outcomes if o.kind})
     if kinds:
-        out["accuracy_by_kind"] = {
-            k: float(np.mean([a for a, o in zip(acc, outcomes) if o.kind == k])) for k in kinds
-        }
+        out["accuracy_by_kind"] = {k: float(np.mean([a for a, o in zip(acc, outcomes) if o.kind == k])) for k in kinds}
     return out
 
 
@@ -221,8 +224,17 @@ def synthetic_items(seed: int, n: int) -> Iterator[EvalItem]:
     from collab.data.synthetic import generate_items, has_lookalike
 
     for it in generate_items(seed, n):
-        yield EvalItem(it.question_id, it.question, it.answers, (lambda im=it.image: im), it.kind, it.target_box, it.qtype,
-                       [o["box"] for o in it.objects], has_lookalike(it.objects, it.target_box) if it.target_box else None)
+        yield EvalItem(
+            it.question_id,
+            it.question,
+            it.answers,
+            (lambda im=it.image: im),
+            it.kind,
+            it.target_box,
+            it.qtype,
+            [o["box"] for o in it.objects],
+            has_lookalike(it.objects, it.target_box) if it.target_box else None,
+        )
 
 
 def object_boxes_of(extra: dict) -> list[list[int]] | None:
@@ -247,8 +259,16 @@ def dataset_items(path: str | Path, limit: int | None = None) -> list[EvalItem]:
     from collab.data.vqa import load_dataset
 
     return [
-        EvalItem(ex.question_id, ex.question, ex.answers, ex.load_image, ex.kind,
-                 list(ex.target_box) if ex.target_box else None, ex.extra.get("qtype") or ex.extra.get("answer_type"),
-                 object_boxes_of(ex.extra), lookalike_of(ex.extra, ex.target_box))
+        EvalItem(
+            ex.question_id,
+            ex.question,
+            ex.answers,
+            ex.load_image,
+            ex.kind,
+            list(ex.target_box) if ex.target_box else None,
+            ex.extra.get("qtype") or ex.extra.get("answer_type"),
+            object_boxes_of(ex.extra),
+            lookalike_of(ex.extra, ex.target_box),
+        )
         for ex in load_dataset(path, limit=limit)
     ]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from collab.config import ConfigError, parse_sets
 from collab.training.recipe import load_recipe
@@ -19,17 +19,34 @@ def build_parser() -> argparse.ArgumentParser:
         "vision tower on scene labels, stage 2 trains the whole model on answers. Everything that decides the weights "
         "is in the recipe file; the result loads with from_pretrained (configs/default.yaml's model.path).",
     )
-    p.add_argument("--recipe", type=Path, default=Path("configs/training/embedded.yaml"),
-                   help="recipe YAML (default: %(default)s; the GPU variant: configs/training/embedded_gpu.yaml)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe field, e.g. --set vlm.steps=200 --set runtime.workers=0 (YAML values)")
+    p.add_argument(
+        "--recipe",
+        type=Path,
+        default=Path("configs/training/embedded.yaml"),
+        help="recipe YAML (default: %(default)s; the GPU variant: configs/training/embedded_gpu.yaml)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe field, e.g. --set vlm.steps=200 --set runtime.workers=0 (YAML values)",
+    )
     p.add_argument("--out", type=Path, required=True, help="output model directory")
     p.add_argument("--log", type=Path, help="JSONL metrics file (default: OUT/training_log.jsonl)")
     p.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset of %(default)s")
-    p.add_argument("--init-tower", type=Path, help="with --stages vlm: the stage-1 tower (OUT/vision_tower_stage1.pt "
-                   "of an earlier run, or a saved model directory)")
-    p.add_argument("--init-model", type=Path, help="warm start from a saved model directory (same sizes and tokenizer): "
-                   "with --stages vlm, a continuation of stage 2")
+    p.add_argument(
+        "--init-tower",
+        type=Path,
+        help="with --stages vlm: the stage-1 tower (OUT/vision_tower_stage1.pt "
+        "of an earlier run, or a saved model directory)",
+    )
+    p.add_argument(
+        "--init-model",
+        type=Path,
+        help="warm start from a saved model directory (same sizes and tokenizer): "
+        "with --stages vlm, a continuation of stage 2",
+    )
     return p
 
 

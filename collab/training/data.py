@@ -25,8 +25,8 @@ from PIL import Image
 from collab.backends.llava import expand_prompt
 from collab.data.synthetic import Question, Scene, questions_for_scene, render_scene
 from collab.imaging import crop_local_image, make_global_image, round_trip
-from collab.training.loop import worker_shard
 from collab.roi import box_around
+from collab.training.loop import worker_shard
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,9 @@ def to_pixels(images: list[Image.Image], mean: float, std: float) -> torch.Tenso
     return torch.from_numpy((arr - mean) / std).permute(0, 3, 1, 2).contiguous()
 
 
-def pick_question(rng: np.random.Generator, scene: Scene, fine_fraction: float, asked: set[str] | None = None) -> Question:
+def pick_question(
+    rng: np.random.Generator, scene: Scene, fine_fraction: float, asked: set[str] | None = None
+) -> Question:
     questions = questions_for_scene(scene)
     if asked:
         questions = [q for q in questions if q.question not in asked] or questions
@@ -100,8 +102,15 @@ def make_example(rng: np.random.Generator, spec: BatchSpec, n_objects: int, kind
     return example_from_scene(rng, spec, scene, global_view(scene, spec), kind, tokenizer)
 
 
-def example_from_scene(rng: np.random.Generator, spec: BatchSpec, scene: Scene, global_image: Image.Image, kind: str,
-                       tokenizer, asked: set[str] | None = None) -> dict:
+def example_from_scene(
+    rng: np.random.Generator,
+    spec: BatchSpec,
+    scene: Scene,
+    global_image: Image.Image,
+    kind: str,
+    tokenizer,
+    asked: set[str] | None = None,
+) -> dict:
     """One example about a rendered scene; `asked` holds questions already used on it (avoided
     while others remain, so that reusing a scene does not repeat an example)."""
     fine_fraction = spec.legible_fine_fraction if scene.legible_glyphs else spec.fine_fraction
@@ -116,11 +125,19 @@ def example_from_scene(rng: np.random.Generator, spec: BatchSpec, scene: Scene, 
         box = crop_box(rng, scene, question.target_box, spec, negative)
         images.append(round_trip(crop_local_image(scene.image, box, size), "jpeg", spec.jpeg_quality))
     template = spec.prompt_template if kind == "global" else spec.refine_template
-    text = expand_prompt(template, question.question, len(images), spec.placeholder, spec.image_token, spec.tokens_per_image)
+    text = expand_prompt(
+        template, question.question, len(images), spec.placeholder, spec.image_token, spec.tokens_per_image
+    )
     ids = tokenizer(text, add_special_tokens=True)["input_ids"]
     answer = tokenizer.convert_tokens_to_ids(question.answer)
-    return {"ids": ids, "answer": answer, "images": images, "kind": question.kind, "negative": negative,
-            "qtype": question.qtype}
+    return {
+        "ids": ids,
+        "answer": answer,
+        "images": images,
+        "kind": question.kind,
+        "negative": negative,
+        "qtype": question.qtype,
+    }
 
 
 def collate(examples: list[dict], spec: BatchSpec, pad_id: int, eos_id: int) -> dict:
@@ -171,8 +188,17 @@ class BatchStream(torch.utils.data.IterableDataset):
     `scene_reuse` > 1 asks up to that many questions about each rendered scene (rendering is most
     of a batch's cost; a GPU trainer would otherwise wait on it)."""
 
-    def __init__(self, spec: BatchSpec, tokenizer, batch_size: int, seed: int, curriculum, local_fraction: float,
-                 start: int = 0, scene_reuse: int = 1):
+    def __init__(
+        self,
+        spec: BatchSpec,
+        tokenizer,
+        batch_size: int,
+        seed: int,
+        curriculum,
+        local_fraction: float,
+        start: int = 0,
+        scene_reuse: int = 1,
+    ):
         super().__init__()
         if scene_reuse < 1:
             raise ValueError(f"scene_reuse must be >= 1, got {scene_reuse}")

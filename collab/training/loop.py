@@ -42,7 +42,11 @@ def worker_shard() -> tuple[int, int]:
 
 def make_loader(stream, workers: int, device: torch.device):
     return torch.utils.data.DataLoader(
-        stream, batch_size=None, num_workers=workers, persistent_workers=False, prefetch_factor=2 if workers else None,
+        stream,
+        batch_size=None,
+        num_workers=workers,
+        persistent_workers=False,
+        prefetch_factor=2 if workers else None,
         pin_memory=device.type == "cuda",
     )
 

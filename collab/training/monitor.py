@@ -30,7 +30,6 @@ from collab.training.data import BatchSpec, answer_loss, collate, make_example
 from collab.training.loop import autocast, to_device
 from collab.training.recipe import Recipe
 
-
 SMALL_TARGET = 0.25  # target side / image long side below which a target counts as small (generator: 0.23-0.27)
 
 
@@ -41,7 +40,9 @@ def shuffled_pixels(batch: dict) -> torch.Tensor:
     return pv.roll(1, dims=0).reshape(batch["pixel_values"].shape)
 
 
-def eval_batch(rng: np.random.Generator, spec: BatchSpec, kind: str, size: int, tokenizer, device: torch.device) -> dict:
+def eval_batch(
+    rng: np.random.Generator, spec: BatchSpec, kind: str, size: int, tokenizer, device: torch.device
+) -> dict:
     """One fixed evaluation batch of `kind` examples (2-5 objects each, no hard negatives)."""
     examples = [make_example(rng, spec, int(rng.integers(2, MAX_OBJECTS + 1)), kind, tokenizer) for _ in range(size)]
     for ex in examples:
@@ -68,7 +69,9 @@ def answer_metrics(model, tokenizer, spec: BatchSpec, recipe: Recipe) -> dict:
     # fine questions on scenes whose digits are legible at the encoder's resolution (training only):
     # answerable from the global image by looking at the named object and reading it
     legible = replace(spec, legible_fraction=1.0, legible_fine_fraction=1.0)
-    batch = eval_batch(np.random.default_rng([recipe.monitor.seed, 0, 2]), legible, "global", recipe.vlm.batch, tokenizer, device)
+    batch = eval_batch(
+        np.random.default_rng([recipe.monitor.seed, 0, 2]), legible, "global", recipe.vlm.batch, tokenizer, device
+    )
     with autocast(device, recipe.runtime.amp_dtype):
         _, _, correct = answer_loss(model, batch, recipe.vlm.eos_weight)
     stats["global_legible_fine_acc"] = correct[batch["fine"]].float().tolist()
@@ -77,15 +80,22 @@ def answer_metrics(model, tokenizer, spec: BatchSpec, recipe: Recipe) -> dict:
 
 def monitor_items(recipe: Recipe) -> list:
     """Fixed fine items, objects per scene cycling 2..5 (seed: the monitor's, never a benchmark's)."""
-    return [generate_item(recipe.monitor.seed + 1, i, kind="fine", n_objects=2 + i % (MAX_OBJECTS - 1))
-            for i in range(recipe.monitor.attention_items)]
+    return [
+        generate_item(recipe.monitor.seed + 1, i, kind="fine", n_objects=2 + i % (MAX_OBJECTS - 1))
+        for i in range(recipe.monitor.attention_items)
+    ]
 
 
 def in_memory_backend(model, tokenizer, recipe: Recipe) -> LlavaBackend:
     from collab.models.tiny import build_image_processor
 
-    config = ModelConfig(path="<training>", attn_implementation="sdpa", prompt_template=recipe.prompt_template,
-                         refine_template=recipe.refine_template, max_new_tokens=2)
+    config = ModelConfig(
+        path="<training>",
+        attn_implementation="sdpa",
+        prompt_template=recipe.prompt_template,
+        refine_template=recipe.refine_template,
+        max_new_tokens=2,
+    )
     return LlavaBackend(model, tokenizer, build_image_processor(recipe.model.spec()), config, name="training")
 
 
@@ -116,7 +126,9 @@ def localisation_metrics(model, tokenizer, recipe: Recipe, items: list, plot_pat
                 key = f"L{layer}_{mode}"
                 hits.setdefault(f"{key}_hit", []).append(named)
                 hits.setdefault(f"{key}_some", []).append(some)
-                hits.setdefault(f"{key}_hit2" if n == 2 else f"{key}_hit45" if n >= 4 else f"{key}_hit3", []).append(named)
+                hits.setdefault(f"{key}_hit2" if n == 2 else f"{key}_hit45" if n >= 4 else f"{key}_hit3", []).append(
+                    named
+                )
                 hits.setdefault(f"{key}_hit_small" if small else f"{key}_hit_large", []).append(named)
         if len(shown) < recipe.monitor.maps:
             shown.append((image, item, plain, rel))
@@ -134,16 +146,20 @@ def plot_maps(shown: list, layers: list[int], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2 * len(shown), 1 + len(layers), figsize=(2.0 * (1 + len(layers)), 2.1 * 2 * len(shown)),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        2 * len(shown), 1 + len(layers), figsize=(2.0 * (1 + len(layers)), 2.1 * 2 * len(shown)), squeeze=False
+    )
     for i, (image, item, plain, rel) in enumerate(shown):
         top, bottom = axes[2 * i], axes[2 * i + 1]
         top[0].imshow(image)
         w, h = item.image.size
         b = item.target_box
         sx, sy = image.width / w, image.height / h
-        top[0].add_patch(matplotlib.patches.Rectangle((b[0] * sx, b[1] * sy), (b[2] - b[0]) * sx, (b[3] - b[1]) * sy,
-                                                      fill=False, color="white", lw=1.5))
+        top[0].add_patch(
+            matplotlib.patches.Rectangle(
+                (b[0] * sx, b[1] * sy), (b[2] - b[0]) * sx, (b[3] - b[1]) * sy, fill=False, color="white", lw=1.5
+            )
+        )
         top[0].set_title(item.question.replace("what number is in the ", ""), fontsize=7)
         for j, (layer, q, r) in enumerate(zip(layers, plain, rel)):
             top[j + 1].imshow(q, cmap="magma")

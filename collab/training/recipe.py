@@ -38,10 +38,14 @@ class ModelSizes(_Strict):
     max_positions: int = 512
 
     @model_validator(mode="after")
-    def _divisible(self) -> "ModelSizes":
+    def _divisible(self) -> ModelSizes:
         if self.image_size % self.patch_size:
             raise ValueError("image_size must be a multiple of patch_size")
-        if self.vision_hidden % self.vision_heads or self.text_hidden % self.text_heads or self.text_heads % self.text_kv_heads:
+        if (
+            self.vision_hidden % self.vision_heads
+            or self.text_hidden % self.text_heads
+            or self.text_heads % self.text_kv_heads
+        ):
             raise ValueError("hidden sizes must divide by their head counts, and text_heads by text_kv_heads")
         if self.max_positions < 2 * self.tokens_per_image + 32:
             raise ValueError(f"max_positions must hold two images and the text (>= {2 * self.tokens_per_image + 32})")
@@ -71,12 +75,17 @@ class TowerStage(_Strict):
     global_fraction: float = Field(0.5, ge=0, le=1, description="share of global images per batch (rest: crops)")
     dense_weight: float = Field(1.0, ge=0, description="weight of the per-patch colour/shape loss on global images")
     background_weight: float = Field(0.05, ge=0, description="class weight of 'no object' patches in that loss")
-    object_weight: float = Field(1.0, ge=0, description="weight of the colour/shape loss on each object's own tokens, pooled")
+    object_weight: float = Field(
+        1.0, ge=0, description="weight of the colour/shape loss on each object's own tokens, pooled"
+    )
     legible_fraction: float = Field(
-        0.0, ge=0, le=1,
+        0.0,
+        ge=0,
+        le=1,
         description="share of global images drawn with digits legible at the encoder's resolution; on them each "
         "object's pooled tokens also learn its digit, so that only the named object's own tokens answer "
-        "'what number is in the red circle?' there (a pooled bag of objects cannot bind digit to object)")
+        "'what number is in the red circle?' there (a pooled bag of objects cannot bind digit to object)",
+    )
     scale_start: float = Field(2.5, gt=0, description="crop side / glyph height at the start of the scale curriculum")
     scale_end: float = Field(16.0, gt=0, description="... and at its end (RoI-sized crops)")
 
@@ -89,25 +98,33 @@ class VLMStage(_Strict):
     lr: float = Field(1e-3, gt=0)
     budget_s: float | None = Field(None, gt=0)
     tower_lr_scale: float = Field(0.0, ge=0, description="tower learning rate / lr; 0 keeps the stage-1 tower frozen")
-    freeze_tower_steps: int = Field(0, ge=0, description="the tower stays frozen for these first steps (the decoder "
-                                    "learns to read its tokens before they move)")
+    freeze_tower_steps: int = Field(
+        0,
+        ge=0,
+        description="the tower stays frozen for these first steps (the decoder "
+        "learns to read its tokens before they move)",
+    )
     warmup: int = Field(100, ge=0)
     weight_decay: float = Field(0.01, ge=0)
     eos_weight: float = Field(0.2, ge=0)
     local_fraction: float = Field(0.3, ge=0, le=1, description="share of global + local batches")
     fine_fraction: float = Field(0.5, ge=0, le=1, description="share of fine (digit) questions")
     legible_fraction: float = Field(
-        0.3, ge=0, le=1,
+        0.3,
+        ge=0,
+        le=1,
         description="share of global-only scenes drawn with digits legible at the encoder's resolution "
-        "(scale augmentation: 'look at the named object, then read' is rewarded by plain answers)")
+        "(scale augmentation: 'look at the named object, then read' is rewarded by plain answers)",
+    )
     legible_fine_fraction: float = Field(0.8, ge=0, le=1, description="share of fine questions on those scenes")
     negative_fraction: float = Field(0.15, ge=0, le=1, description="crops of another object (hard negatives)")
     curriculum: list[tuple[int | None, int]] = Field(
         default_factory=lambda: [(200, 2), (800, 3), (None, 5)],
-        description="[until_step, max objects per scene]; the last entry's step is null")
+        description="[until_step, max objects per scene]; the last entry's step is null",
+    )
 
     @model_validator(mode="after")
-    def _curriculum(self) -> "VLMStage":
+    def _curriculum(self) -> VLMStage:
         from collab.data.synthetic import MAX_OBJECTS
 
         steps = [until for until, _ in self.curriculum]

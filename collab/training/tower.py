@@ -3,8 +3,9 @@
 Real VLMs start from a pre-trained encoder; ours learns from plain labels: for crops, the digit,
 colour and shape of the object the crop is about; for global images, which colours and shapes are
 present, how many objects there are, and the colour and shape of the object under each patch and of
-each object from its own tokens pooled (real towers come with local semantics; ours must learn them, and the first pass can only find
-"the red circle" if the tokens over it say red and circle). No attention or box is supervised.
+each object from its own tokens pooled, and on scenes drawn with legible digits each object's digit
+(real towers come with local semantics; ours must learn them, and the first pass can only find "the
+red circle" if the tokens over it say red and circle). No attention or box is supervised.
 """
 
 from __future__ import annotations
@@ -99,7 +100,9 @@ class ScaleCurriculum:
     RoI-sized crops. Shared with the data workers through a multiprocessing value.
     """
 
-    def __init__(self, start: float = 2.5, end: float = 16.0, step: float = 1.0, promote_at: float = 0.6, window: int = 20):
+    def __init__(
+        self, start: float = 2.5, end: float = 16.0, step: float = 1.0, promote_at: float = 0.6, window: int = 20
+    ):
         self.value = mp.Value("d", start)
         self.end, self.step, self.promote_at, self.window = end, step, promote_at, window
         self.recent: list[float] = []
@@ -115,8 +118,15 @@ class ScaleCurriculum:
             self.recent.clear()
 
 
-def tower_batch(rng: np.random.Generator, spec: BatchSpec, n: int, max_scale: float, global_fraction: float,
-                scene_reuse: int = 1, legible_fraction: float = 0.0) -> dict:
+def tower_batch(
+    rng: np.random.Generator,
+    spec: BatchSpec,
+    n: int,
+    max_scale: float,
+    global_fraction: float,
+    scene_reuse: int = 1,
+    legible_fraction: float = 0.0,
+) -> dict:
     """round(n * global_fraction) global images (presence, count, per-patch colour and shape; with
     probability legible_fraction drawn with legible digits, each object's digit), the rest crops
     (digit, colour, shape of the crop's object).
@@ -157,15 +167,23 @@ def tower_batch(rng: np.random.Generator, spec: BatchSpec, n: int, max_scale: fl
             global_labels.append((present, len(scene.objects) - 1))
             dense.append(patch_labels(scene, grid))
             for o in scene.objects:
-                objects.append((len(globals_) - 1, object_cells(o.box, scene.width, scene.height, grid),
-                                COLOR_NAMES.index(o.color), SHAPES.index(o.shape),
-                                int(o.digit) if scene.legible_glyphs else IGNORE))
+                objects.append(
+                    (
+                        len(globals_) - 1,
+                        object_cells(o.box, scene.width, scene.height, grid),
+                        COLOR_NAMES.index(o.color),
+                        SHAPES.index(o.shape),
+                        int(o.digit) if scene.legible_glyphs else IGNORE,
+                    )
+                )
     empty = torch.zeros(0, 3, spec.image_size, spec.image_size)
     return {
         "crops": to_pixels(crops, spec.image_mean, spec.image_std) if crops else empty,
         "crop_labels": torch.tensor(crop_labels, dtype=torch.long).reshape(-1, 3),
         "globals": to_pixels(globals_, spec.image_mean, spec.image_std) if globals_ else empty,
-        "present": torch.stack([p for p, _ in global_labels]) if global_labels else torch.zeros(0, len(COLOR_NAMES) + len(SHAPES)),
+        "present": torch.stack([p for p, _ in global_labels])
+        if global_labels
+        else torch.zeros(0, len(COLOR_NAMES) + len(SHAPES)),
         "count": torch.tensor([c for _, c in global_labels], dtype=torch.long),
         "patch_color": torch.tensor([c for c, _ in dense], dtype=torch.long).reshape(len(dense), grid * grid),
         "patch_shape": torch.tensor([s for _, s in dense], dtype=torch.long).reshape(len(dense), grid * grid),
@@ -181,8 +199,16 @@ def tower_batch(rng: np.random.Generator, spec: BatchSpec, n: int, max_scale: fl
 class TowerStream(torch.utils.data.IterableDataset):
     """Stage-1 batches, rendered in worker processes."""
 
-    def __init__(self, spec: BatchSpec, batch: int, seed: int, curriculum: ScaleCurriculum, global_fraction: float,
-                 scene_reuse: int = 1, legible_fraction: float = 0.0):
+    def __init__(
+        self,
+        spec: BatchSpec,
+        batch: int,
+        seed: int,
+        curriculum: ScaleCurriculum,
+        global_fraction: float,
+        scene_reuse: int = 1,
+        legible_fraction: float = 0.0,
+    ):
         super().__init__()
         self.spec, self.batch, self.seed, self.curriculum = spec, batch, seed, curriculum
         self.global_fraction, self.scene_reuse, self.legible_fraction = global_fraction, scene_reuse, legible_fraction
@@ -191,8 +217,15 @@ class TowerStream(torch.utils.data.IterableDataset):
         worker, workers = worker_shard()
         step = worker
         while True:
-            yield tower_batch(np.random.default_rng([self.seed, 1, step]), self.spec, self.batch, self.curriculum.get(),
-                              self.global_fraction, self.scene_reuse, self.legible_fraction)
+            yield tower_batch(
+                np.random.default_rng([self.seed, 1, step]),
+                self.spec,
+                self.batch,
+                self.curriculum.get(),
+                self.global_fraction,
+                self.scene_reuse,
+                self.legible_fraction,
+            )
             step += workers
 
 
@@ -206,8 +239,9 @@ def train_tower(model, spec: BatchSpec, recipe: Recipe, log) -> int:
     sched = CosineSchedule(opt, stage.warmup, stage.steps, stage.budget_s)
     model.train()
     curriculum = ScaleCurriculum(start=stage.scale_start, end=stage.scale_end)
-    stream = TowerStream(spec, stage.batch, recipe.seed, curriculum, stage.global_fraction, runtime.scene_reuse,
-                         stage.legible_fraction)
+    stream = TowerStream(
+        spec, stage.batch, recipe.seed, curriculum, stage.global_fraction, runtime.scene_reuse, stage.legible_fraction
+    )
     loader = TimedBatches(make_loader(stream, runtime.workers, device))
     bar = progress(total=stage.steps, desc="stage 1: vision tower")
     # objects cover a minority of the patches: down-weight background or it is all the tower learns
@@ -222,26 +256,37 @@ def train_tower(model, spec: BatchSpec, recipe: Recipe, log) -> int:
             if len(b["crops"]):
                 fc = patch_features(model, b["crops"]).float().mean(1)
                 digit, color, shape = b["crop_labels"].T
-                loss = loss + 2.0 * F.cross_entropy(heads.digit(fc), digit) + F.cross_entropy(heads.color(fc), color) \
-                    + F.cross_entropy(heads.shape(fc), shape)  # reading the glyph is the hard part: weight 2
+                loss = (
+                    loss
+                    + 2.0 * F.cross_entropy(heads.digit(fc), digit)
+                    + F.cross_entropy(heads.color(fc), color)
+                    + F.cross_entropy(heads.shape(fc), shape)
+                )  # reading the glyph is the hard part: weight 2
             if len(b["globals"]):
                 pg = patch_features(model, b["globals"]).float()
                 fg = pg.mean(1)
-                loss = loss + F.binary_cross_entropy_with_logits(heads.present(fg), b["present"]) \
+                loss = (
+                    loss
+                    + F.binary_cross_entropy_with_logits(heads.present(fg), b["present"])
                     + F.cross_entropy(heads.count(fg), b["count"])
-                dense = F.cross_entropy(heads.patch_color(pg).flatten(0, 1), b["patch_color"].flatten(), weight=color_w) \
-                    + F.cross_entropy(heads.patch_shape(pg).flatten(0, 1), b["patch_shape"].flatten(), weight=shape_w)
+                )
+                dense = F.cross_entropy(
+                    heads.patch_color(pg).flatten(0, 1), b["patch_color"].flatten(), weight=color_w
+                ) + F.cross_entropy(heads.patch_shape(pg).flatten(0, 1), b["patch_shape"].flatten(), weight=shape_w)
                 loss = loss + stage.dense_weight * dense
                 # each object's own tokens, pooled (what the decoder's attention to the object reads
                 # and what collab.eval.probe measures): colour and shape
                 cells = b["object_cells"]
                 pooled = (cells[:, :, None] * pg[b["object_image"]]).sum(1) / cells.sum(1, keepdim=True)
-                loss = loss + stage.object_weight * (F.cross_entropy(heads.object_color(pooled), b["object_color"])
-                                                     + F.cross_entropy(heads.object_shape(pooled), b["object_shape"]))
+                loss = loss + stage.object_weight * (
+                    F.cross_entropy(heads.object_color(pooled), b["object_color"])
+                    + F.cross_entropy(heads.object_shape(pooled), b["object_shape"])
+                )
                 legible = b["object_digit"] != IGNORE
                 if legible.any():  # digits legible in this global image: each object's own tokens read its digit
-                    loss = loss + stage.object_weight * F.cross_entropy(heads.object_digit(pooled[legible]),
-                                                                        b["object_digit"][legible])
+                    loss = loss + stage.object_weight * F.cross_entropy(
+                        heads.object_digit(pooled[legible]), b["object_digit"][legible]
+                    )
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -257,15 +302,34 @@ def train_tower(model, spec: BatchSpec, recipe: Recipe, log) -> int:
                 shape_acc = (heads.patch_shape(pg).argmax(-1) == b["patch_shape"])[on_object].float().mean().item()
                 object_shape_acc = (heads.object_shape(pooled).argmax(-1) == b["object_shape"]).float().mean().item()
                 if legible.any():
-                    object_digit_acc = (heads.object_digit(pooled[legible]).argmax(-1)
-                                        == b["object_digit"][legible]).float().mean().item()
-        bar.set_postfix(loss=f"{loss.item():.3f}", digit=f"{acc:.2f}", color=f"{color_acc:.2f}", shape=f"{shape_acc:.2f}",
-                        obj_shape=f"{object_shape_acc:.2f}", obj_digit=f"{object_digit_acc:.2f}",
-                        scale=f"{b['max_scale']:.1f}")
-        row = {"stage": 1, "step": step, "loss": loss.item(), "crop_digit_acc": acc, "object_patch_color_acc": color_acc,
-               "object_patch_shape_acc": shape_acc, "object_shape_acc": object_shape_acc,
-               "legible_object_digit_acc": object_digit_acc, "max_scale": b["max_scale"], "lr": opt.param_groups[0]["lr"],
-               "data_wait_s": round(loader.wait_s, 1)}
+                    object_digit_acc = (
+                        (heads.object_digit(pooled[legible]).argmax(-1) == b["object_digit"][legible])
+                        .float()
+                        .mean()
+                        .item()
+                    )
+        bar.set_postfix(
+            loss=f"{loss.item():.3f}",
+            digit=f"{acc:.2f}",
+            color=f"{color_acc:.2f}",
+            shape=f"{shape_acc:.2f}",
+            obj_shape=f"{object_shape_acc:.2f}",
+            obj_digit=f"{object_digit_acc:.2f}",
+            scale=f"{b['max_scale']:.1f}",
+        )
+        row = {
+            "stage": 1,
+            "step": step,
+            "loss": loss.item(),
+            "crop_digit_acc": acc,
+            "object_patch_color_acc": color_acc,
+            "object_patch_shape_acc": shape_acc,
+            "object_shape_acc": object_shape_acc,
+            "legible_object_digit_acc": object_digit_acc,
+            "max_scale": b["max_scale"],
+            "lr": opt.param_groups[0]["lr"],
+            "data_wait_s": round(loader.wait_s, 1),
+        }
         if step % 50 == 0:
             log(row)
             row = None

@@ -26,10 +26,15 @@ TOWER_CHECKPOINT = "vision_tower_stage1.pt"
 def batch_spec(recipe: Recipe) -> BatchSpec:
     m, v = recipe.model, recipe.vlm
     return BatchSpec(
-        image_size=m.image_size, tokens_per_image=m.tokens_per_image, patch_size=m.patch_size,
-        prompt_template=recipe.prompt_template, refine_template=recipe.refine_template,
-        fine_fraction=v.fine_fraction, negative_fraction=v.negative_fraction,
-        legible_fraction=v.legible_fraction, legible_fine_fraction=v.legible_fine_fraction,
+        image_size=m.image_size,
+        tokens_per_image=m.tokens_per_image,
+        patch_size=m.patch_size,
+        prompt_template=recipe.prompt_template,
+        refine_template=recipe.refine_template,
+        fine_fraction=v.fine_fraction,
+        negative_fraction=v.negative_fraction,
+        legible_fraction=v.legible_fraction,
+        legible_fine_fraction=v.legible_fine_fraction,
     )
 
 
@@ -37,7 +42,9 @@ def save_checkpoint(model, tokenizer, recipe: Recipe, out_dir: Path, step: int) 
     """save_pretrained with eager attention in the config (the served model reads attention maps)."""
     model.set_attn_implementation("eager")
     save_tiny_llava(out_dir, model, tokenizer, build_image_processor(recipe.model.spec()))
-    (Path(out_dir) / "training_recipe.json").write_text(json.dumps({**recipe.model_dump(mode="json"), "saved_at_step": step}, indent=2))
+    (Path(out_dir) / "training_recipe.json").write_text(
+        json.dumps({**recipe.model_dump(mode="json"), "saved_at_step": step}, indent=2)
+    )
     model.set_attn_implementation("sdpa")
 
 
@@ -83,8 +90,14 @@ def load_saved_weights(model, model_dir: Path, tokenizer) -> None:
     model.load_state_dict({k: saved[k] for k in mine})
 
 
-def train(recipe: Recipe, out_dir: Path, log_path: Path | None = None, stages: tuple[str, ...] = STAGES,
-          init_tower: Path | None = None, init_model: Path | None = None) -> Path:
+def train(
+    recipe: Recipe,
+    out_dir: Path,
+    log_path: Path | None = None,
+    stages: tuple[str, ...] = STAGES,
+    init_tower: Path | None = None,
+    init_model: Path | None = None,
+) -> Path:
     """Run the recipe's stages into out_dir. Without the tower stage, `init_tower` (a stage-1
     checkpoint or a saved model) provides the tower; the vlm stage then starts from it.
     `init_model` (a saved model directory) warm-starts every weight: a continuation of stage 2."""

@@ -27,8 +27,15 @@ def train_vlm(model, tokenizer, spec: BatchSpec, recipe: Recipe, out_dir: Path, 
 
     stage, runtime = recipe.vlm, recipe.runtime
     device = next(model.parameters()).device
-    stream = BatchStream(spec, tokenizer, stage.batch, recipe.seed, [list(c) for c in stage.curriculum], stage.local_fraction,
-                         scene_reuse=runtime.scene_reuse)
+    stream = BatchStream(
+        spec,
+        tokenizer,
+        stage.batch,
+        recipe.seed,
+        [list(c) for c in stage.curriculum],
+        stage.local_fraction,
+        scene_reuse=runtime.scene_reuse,
+    )
     loader = TimedBatches(make_loader(stream, runtime.workers, device))
     tower = list(model.model.vision_tower.parameters())
     tower_ids = {id(p) for p in tower}
@@ -51,12 +58,28 @@ def train_vlm(model, tokenizer, spec: BatchSpec, recipe: Recipe, out_dir: Path, 
         metrics = answer_metrics(model, tokenizer, spec, recipe)
         metrics |= localisation_metrics(model, tokenizer, recipe, items, out_dir / "monitor" / f"maps_{step:06d}.png")
         model.train()
-        log({"stage": 2, "step": step, "loss_ema": ema, "lr": opt.param_groups[0]["lr"], "data_wait_s": round(loader.wait_s, 1),
-             "eval_s": round(time.monotonic() - t, 1), **metrics})
+        log(
+            {
+                "stage": 2,
+                "step": step,
+                "loss_ema": ema,
+                "lr": opt.param_groups[0]["lr"],
+                "data_wait_s": round(loader.wait_s, 1),
+                "eval_s": round(time.monotonic() - t, 1),
+                **metrics,
+            }
+        )
         best = max((k for k in metrics if k.endswith("_hit")), key=metrics.get, default=None)
-        bar.write(f"step {step}: " + " ".join(f"{k}={metrics[k]:.2f}" for k in sorted(metrics) if "_acc" in k or "_gap" in k)
-                  + (f" | best RoI {best}={metrics[best]:.2f} (2 obj {metrics[best + '2']:.2f}, some {metrics[best[:-4] + '_some']:.2f})"
-                     if best else ""))
+        bar.write(
+            f"step {step}: "
+            + " ".join(f"{k}={metrics[k]:.2f}" for k in sorted(metrics) if "_acc" in k or "_gap" in k)
+            + (
+                f" | best RoI {best}={metrics[best]:.2f} (2 obj {metrics[best + '2']:.2f}, some "
+                f"{metrics[best[:-4] + '_some']:.2f})"
+                if best
+                else ""
+            )
+        )
         save_checkpoint(model, tokenizer, recipe, out_dir, step)
 
     model.train()
