@@ -327,8 +327,7 @@ def main(argv=None) -> int:
             report["parameters_b"] = sum(p.numel() for p in backend.model.parameters()) / 1e9
             report["weights_gib"] = sum(p.numel() * p.element_size() for p in backend.model.parameters()) / 2**30
         else:  # same weights, other kernels
-            backend.model.set_attn_implementation(attn)
-            backend.config.attn_implementation = attn
+            backend.set_attn_implementation(attn)
         print(f"[{attn}] measuring {args.warmup}+{args.repeats} queries ...", file=sys.stderr, flush=True)
         report["variants"][attn] = measure(backend, layer, items, args.warmup, args.max_new_tokens, dev)
     if args.encoder_batch:

@@ -104,14 +104,16 @@ class ReferencePipeline:
         with timer("encode_global"):
             global_features = self.backend.encode_images([decode_image(sent.data)])[0]
         with timer("first_pass"):
-            first = stages.first_pass(self.backend, global_features, question, spec, key)
+            capture = stages.capture_layers(cfg.attention, [cfg.attention.layer])
+            first = stages.first_pass(self.backend, global_features, question, spec, key, capture)
 
         gen = first.generation
         refined_answer, box, ratio, local_bytes = None, None, None, 0
         if first.refine:
             with timer("attention"):
+                answer_ids = gen.token_ids[: gen.n_answer_tokens]
                 att = stages.attention_map(
-                    self.backend, global_features, question, gen.token_ids[: gen.n_answer_tokens], cfg.attention
+                    self.backend, global_features, question, answer_ids, cfg.attention, gen.attention
                 )
             with timer("roi_search"):
                 roi = stages.locate(att, original.size, info.encoder_size, cfg.imaging.global_mode, cfg.roi)

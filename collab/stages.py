@@ -1,18 +1,20 @@
 """The server's steps of the protocol, as plain functions over a backend.
 
 The in-process reference pipeline and the Serve deployments call these same functions, which is
-what makes the pipeline a correctness oracle for the distributed DAG.
+what makes the pipeline a correctness oracle for the distributed DAG. Each step takes a batch of
+requests (one model pass for all of them); the single-request forms are batches of one.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from collab.attention import relative_attention
-from collab.backends.base import Generation, VLMBackend
+from collab.backends.base import AttentionRequest, DecodeRequest, Generation, VLMBackend
 from collab.config import AttentionConfig, RoIConfig
 from collab.geometry import CanvasGeometry, GlobalMode
 from collab.policies import PolicySpec, should_refine
@@ -58,44 +60,111 @@ class Located:
     timings_ms: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass
+class FirstPassRequest:
+    """One query's first pass: its global tokens, question, gate and key (the random policy's)."""
+
+    features: torch.Tensor
+    question: str
+    spec: PolicySpec
+    key: str
+
+
+@dataclass
+class MapRequest:
+    """One attention read: the query's global tokens, question, first-pass answer ids, and the
+    question maps its first pass captured, by layer (empty: none)."""
+
+    features: torch.Tensor
+    question: str
+    answer_ids: Sequence[int]
+    captured: dict[int, np.ndarray] = field(default_factory=dict)
+
+
+def capture_layers(cfg: AttentionConfig, layers: Sequence[int]) -> list[int]:
+    """Layers whose question map a first pass's prefill can provide: ViCrop's `last_input` row is
+    the prefill's last row. The `answer` and `all` rows need the answer, hence a pass of their own."""
+    return list(layers) if cfg.query_rows == "last_input" else []
+
+
+def first_passes(
+    backend: VLMBackend, requests: Sequence[FirstPassRequest], capture: Sequence[int] = ()
+) -> list[FirstPass]:
+    """Decode several first passes in one batch and gate each on its aggregated uncertainty.
+    `capture`: layers whose question maps each generation also carries (Generation.attention)."""
+    generations = backend.generate_batch([DecodeRequest([r.features], r.question, capture) for r in requests])
+    out = []
+    for r, generation in zip(requests, generations):
+        scores = answer_uncertainties(generation.scores, generation.n_answer_tokens, r.spec.aggregation_length)
+        value = scores[r.spec.score]
+        out.append(FirstPass(generation, scores, value, should_refine(r.spec, value, r.key)))
+    return out
+
+
 def first_pass(
-    backend: VLMBackend, global_features: torch.Tensor, question: str, spec: PolicySpec, key: str
-) -> FirstPass:
-    """Decode from the global tokens and gate on the aggregated uncertainty."""
-    generation = backend.generate([global_features], question)
-    scores = answer_uncertainties(generation.scores, generation.n_answer_tokens, spec.aggregation_length)
-    value = scores[spec.score]
-    return FirstPass(generation, scores, value, should_refine(spec, value, key))
-
-
-def attention_map(
     backend: VLMBackend,
     global_features: torch.Tensor,
     question: str,
-    answer_ids: list[int],
-    cfg: AttentionConfig,
-) -> np.ndarray:
-    """The (relative) attention grid that the RoI search reads, at the configured layer."""
-    return attention_maps(backend, global_features, question, answer_ids, cfg, [cfg.layer])[0]
+    spec: PolicySpec,
+    key: str,
+    capture: Sequence[int] = (),
+) -> FirstPass:
+    """Decode from the global tokens and gate on the aggregated uncertainty."""
+    return first_passes(backend, [FirstPassRequest(global_features, question, spec, key)], capture)[0]
+
+
+def attention_maps_batch(
+    backend: VLMBackend, requests: Sequence[MapRequest], cfg: AttentionConfig, layers: Sequence[int]
+) -> list[list[np.ndarray]]:
+    """(Relative) attention grids at several layers for several queries: one batched pass for the
+    questions whose maps were not captured, one for the generic prompt (which depends only on the image)."""
+    rows_need_answer = cfg.query_rows != "last_input"
+    missing = [
+        i for i, r in enumerate(requests) if rows_need_answer or not all(layer in r.captured for layer in layers)
+    ]
+    computed = backend.attention_grids_batch(
+        [
+            AttentionRequest(r.features, r.question, r.answer_ids if rows_need_answer else [])
+            for r in (requests[i] for i in missing)
+        ],
+        layers,
+        cfg.query_rows,
+    )
+    question_maps = {i: maps for i, maps in zip(missing, computed)}
+    question_maps = [question_maps.get(i) or [r.captured[layer] for layer in layers] for i, r in enumerate(requests)]
+    if not cfg.relative:
+        return question_maps
+    generic = backend.attention_grids_batch(
+        [AttentionRequest(r.features, cfg.generic_prompt) for r in requests], layers, "last_input"
+    )
+    return [[relative_attention(q, g, cfg.epsilon) for q, g in zip(qs, gs)] for qs, gs in zip(question_maps, generic)]
 
 
 def attention_maps(
     backend: VLMBackend,
     global_features: torch.Tensor,
     question: str,
-    answer_ids: list[int],
+    answer_ids: Sequence[int],
     cfg: AttentionConfig,
-    layers: list[int],
+    layers: Sequence[int],
+    captured: dict[int, np.ndarray] | None = None,
 ) -> list[np.ndarray]:
-    """(Relative) attention grids at several layers from two forward passes (question, generic)."""
-    rows_need_answer = cfg.query_rows != "last_input"
-    question_maps = backend.attention_grids(
-        global_features, question, answer_ids if rows_need_answer else [], layers, cfg.query_rows
-    )
-    if not cfg.relative:
-        return question_maps
-    generic_maps = backend.attention_grids(global_features, cfg.generic_prompt, [], layers, "last_input")
-    return [relative_attention(q, g, cfg.epsilon) for q, g in zip(question_maps, generic_maps)]
+    """(Relative) attention grids at several layers: a pass for the question unless its first pass
+    captured them, and one for the generic prompt."""
+    request = MapRequest(global_features, question, answer_ids, dict(captured or {}))
+    return attention_maps_batch(backend, [request], cfg, list(layers))[0]
+
+
+def attention_map(
+    backend: VLMBackend,
+    global_features: torch.Tensor,
+    question: str,
+    answer_ids: Sequence[int],
+    cfg: AttentionConfig,
+    captured: dict[int, np.ndarray] | None = None,
+) -> np.ndarray:
+    """The (relative) attention grid that the RoI search reads, at the configured layer."""
+    return attention_maps(backend, global_features, question, answer_ids, cfg, [cfg.layer], captured)[0]
 
 
 def locate(
@@ -110,8 +179,13 @@ def locate(
     return search_roi(attention, geometry, cfg.side_for(encoder_size), cfg.ratios)
 
 
+def refined_passes(backend: VLMBackend, requests: Sequence[tuple[torch.Tensor, torch.Tensor, str]]) -> list[Generation]:
+    """Answer several queries again, each from its (global, local) visual tokens and question, in one batch."""
+    return backend.generate_batch([DecodeRequest([g, local], q) for g, local, q in requests])
+
+
 def refined_pass(
     backend: VLMBackend, global_features: torch.Tensor, local_features: torch.Tensor, question: str
 ) -> Generation:
     """Answer again from global and local visual tokens together."""
-    return backend.generate([global_features, local_features], question)
+    return refined_passes(backend, [(global_features, local_features, question)])[0]

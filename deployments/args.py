@@ -20,6 +20,8 @@ class SessionArgs(BaseModel):
 
 
 class BatchArgs(BaseModel):
+    """`@serve.batch` of a stage: requests that arrive within the wait share one model pass."""
+
     model_config = ConfigDict(extra="forbid")
 
     max_batch_size: int = Field(8, ge=1)
@@ -37,6 +39,9 @@ class AppArgs(BaseModel):
     dtype: str | None = Field(None, description="Override model.dtype.")
     sessions: SessionArgs = Field(default_factory=SessionArgs)
     encoder_batch: BatchArgs = Field(default_factory=BatchArgs)
+    decoder_batch: BatchArgs = Field(
+        default_factory=BatchArgs, description="Batching of concurrent first and refined passes (each decoder)."
+    )
     request_timeout_s: float = Field(30.0, gt=0, description="Gateway deadline for one request's downstream calls.")
     max_image_bytes: int = Field(8 * 2**20, ge=1, description="Largest accepted image upload (bytes).")
     max_image_pixels: int = Field(

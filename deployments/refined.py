@@ -1,8 +1,10 @@
-"""RefinedDecoder: answer again from global + local visual tokens."""
+"""RefinedDecoder: answer again from global + local visual tokens, concurrent requests decoded
+together (`@serve.batch`: one batched decode per batch)."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 
 import torch
 from ray import serve
@@ -17,14 +19,26 @@ from deployments.common import load_model
 class RefinedDecoder:
     def __init__(self, args: AppArgs):
         self.config, self.backend = load_model(args)
+        self._batched.set_max_batch_size(args.decoder_batch.max_batch_size)
+        self._batched.set_batch_wait_timeout_s(args.decoder_batch.batch_wait_timeout_s)
 
-    def _run(self, global_features: torch.Tensor, local_features: torch.Tensor, question: str) -> stages.StageAnswer:
-        timings: dict[str, float] = {}
-        with metrics.timed("refine", timings):
-            gen = stages.refined_pass(self.backend, global_features, local_features, question)
-        return stages.StageAnswer(gen.answer, gen.token_ids, timings)
+    def _run_batch(
+        self, global_features: list[torch.Tensor], local_features: list[torch.Tensor], questions: list[str]
+    ) -> list[stages.StageAnswer]:
+        started = time.perf_counter()
+        generations = stages.refined_passes(self.backend, list(zip(global_features, local_features, questions)))
+        out = []
+        for gen in generations:
+            timings: dict[str, float] = {}
+            metrics.record("refine", started, timings)
+            out.append(stages.StageAnswer(gen.answer, gen.token_ids, timings))
+        return out
+
+    @serve.batch  # size and wait: AppArgs.decoder_batch, set in __init__
+    async def _batched(self, global_features, local_features, questions) -> list[stages.StageAnswer]:
+        return await asyncio.to_thread(self._run_batch, global_features, local_features, questions)
 
     async def run(
         self, global_features: torch.Tensor, local_features: torch.Tensor, question: str
     ) -> stages.StageAnswer:
-        return await asyncio.to_thread(self._run, global_features, local_features, question)
+        return await self._batched(global_features, local_features, question)

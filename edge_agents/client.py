@@ -81,6 +81,12 @@ class EdgeClient:
     def close(self) -> None:
         self.http.close()
 
+    def __enter__(self) -> EdgeClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def models(self) -> dict:
         if self._info is None:
             self._info = self._json(self.http.get("/v1/models"))

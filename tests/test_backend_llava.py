@@ -6,6 +6,7 @@ import torch
 from PIL import Image
 
 from collab.attention import query_rows
+from collab.backends import capture
 from collab.backends import ModelLoadError, load_backend
 from collab.config import ModelConfig
 
@@ -160,8 +161,11 @@ def test_sdpa_backend_reads_the_same_maps_and_answers_as_eager(tiny_backend, tin
     got = sdpa.attention_grids(features, QUESTION, [5, 6], layers, "all")
     for a, b in zip(want, got):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
-    cfg = sdpa.model.config  # switched back after the read; the vision tower never switched
-    assert (cfg.text_config._attn_implementation, cfg.vision_config._attn_implementation) == ("sdpa", "sdpa")
+    cfg = sdpa.model.config  # switched back after the read (to sdpa behind the capture wrapper); the tower never switched
+    assert (cfg.text_config._attn_implementation, cfg.vision_config._attn_implementation) == (
+        capture.capturing_name("sdpa"),
+        "sdpa",
+    )
     with torch.inference_mode():  # and the switch really matters: sdpa itself returns no maps
         ids = sdpa.prompt_ids(sdpa.config.prompt_template, QUESTION, 1)
         out = sdpa.model(inputs_embeds=sdpa.merge_embeddings(ids, [features]), output_attentions=True)
@@ -202,7 +206,7 @@ def test_concurrent_decodes_and_attention_reads_on_sdpa_match_sequential(tiny_co
         got = list(pool.map(run, jobs))
     for a, b in zip(want, got):
         np.testing.assert_allclose(np.asarray(a, dtype=float), np.asarray(b, dtype=float), rtol=1e-5, atol=1e-7)
-    assert sdpa.model.config.text_config._attn_implementation == "sdpa"
+    assert sdpa.model.config.text_config._attn_implementation == capture.capturing_name("sdpa")
 
 
 def test_the_kernel_switch_never_happens_while_a_decode_runs(tiny_config):

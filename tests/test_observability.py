@@ -181,6 +181,9 @@ def test_every_panel_gets_data_from_a_live_run(served, prometheus):
         if empty:
             time.sleep(3)
     assert not empty, "panel queries with no data:\n" + "\n".join(f"{t}: {e}" for t, e in empty)
+    batch_panel = next(expr for title, expr in targets if title == "Batch size")
+    batched = {r["metric"].get("deployment") for r in prom_query(prom, batch_panel)}
+    assert {"VisionEncoder", "FirstPassDecoder", "RefinedDecoder"} <= batched, batched
 
     names = httpx.get(f"{prom}/api/v1/label/__name__/values", timeout=10).json()["data"]
     ours = sorted(n for n in names if n.startswith(("ray_collab_", "collab_edge_")))

@@ -66,6 +66,34 @@ def test_dag_matches_reference_pipeline(client, tiny_backend, tiny_config):
             assert got.global_bytes == ref.global_bytes and got.local_bytes == ref.local_bytes
 
 
+def test_concurrent_queries_are_batched_and_each_equals_its_sequential_reply(served):
+    """16 edges at once: the decoders batch them (Serve's batch-size metric is the proof of that in
+    tests/test_observability.py); each reply equals the one the same query gets alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    batch = items(16, seed=406)
+    policies = ["always", "never", "entropy", "random"]
+
+    def ask(i):
+        with EdgeClient(served, client_id=f"edge-{i}") as c:
+            it = batch[i]
+            return c.ask(it.image, it.question, policy=policies[i % 4], threshold=0.5, question_id=it.question_id)
+
+    sequential = [ask(i) for i in range(16)]
+    with ThreadPoolExecutor(16) as pool:
+        concurrent = list(pool.map(ask, range(16)))
+    assert any(r.stage == 2 for r in sequential) and any(r.stage == 1 for r in sequential)
+    for alone, together in zip(sequential, concurrent):
+        assert (together.answer, together.first_answer, together.stage, together.box) == (
+            alone.answer,
+            alone.first_answer,
+            alone.stage,
+            alone.box,
+        )
+        assert together.score == pytest.approx(alone.score, abs=1e-4)
+        assert (together.global_bytes, together.local_bytes) == (alone.global_bytes, alone.local_bytes)
+
+
 def _need_roi(served, item, client_id="owner"):
     c = EdgeClient(served, client_id=client_id)
     from edge_agents.client import global_upload

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -63,6 +63,30 @@ class Generation:
     n_answer_tokens: int  # ids before the first EOS
     logits: torch.Tensor  # (steps, vocab) float32, raw (unprocessed) logits of each step, on CPU
     scores: TokenScores
+    # Attention grids of the prompt's last token (the `last_input` row) by decoder layer, read from
+    # the decode's own prefill for the layers the request asked to capture.
+    attention: dict[int, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass
+class DecodeRequest:
+    """One greedy decode of a batch: 1 image (first pass) or 2 (global, local: refined pass).
+
+    capture_layers: decoder layers whose `last_input` attention to the (first) image is read
+    during the prefill and returned in Generation.attention (no extra pass)."""
+
+    features: Sequence[torch.Tensor]
+    question: str
+    capture_layers: Sequence[int] = ()
+
+
+@dataclass
+class AttentionRequest:
+    """One attention read of a batch: the prompt for `question` over one image, the answer ids appended."""
+
+    features: torch.Tensor
+    question: str
+    answer_ids: Sequence[int] = ()
 
 
 class VLMBackend(ABC):
@@ -83,13 +107,25 @@ class VLMBackend(ABC):
         """Raise InvalidQuestion if the question cannot go into a prompt (called by every pass)."""
 
     @abstractmethod
-    def generate(self, features: Sequence[torch.Tensor], question: str) -> Generation:
+    def generate_batch(self, requests: Sequence[DecodeRequest]) -> list[Generation]:
+        """Greedy answers for several requests in one batched decode; each equals its own
+        unbatched decode (tokens; logits and scores within float tolerance)."""
+
+    def generate(
+        self, features: Sequence[torch.Tensor], question: str, capture_layers: Sequence[int] = ()
+    ) -> Generation:
         """Greedy answer from 1 image (first pass) or 2 images (global, local: refined pass).
 
         features: one (tokens_per_image, hidden) tensor per image, in prompt order.
         """
+        return self.generate_batch([DecodeRequest(features, question, capture_layers)])[0]
 
     @abstractmethod
+    def attention_grids_batch(
+        self, requests: Sequence[AttentionRequest], layers: Sequence[int], query_rows: str
+    ) -> list[list[np.ndarray]]:
+        """attention_grids for several requests in one forward pass (one list of grids per request)."""
+
     def attention_grids(
         self,
         features: torch.Tensor,
@@ -104,6 +140,8 @@ class VLMBackend(ABC):
         features: (tokens_per_image, hidden) of the global image. answer_ids: the first-pass
         answer tokens appended after the prompt (empty for the generic prompt).
         """
+        request = AttentionRequest(features, prompt_question, answer_ids)
+        return self.attention_grids_batch([request], layers, query_rows)[0]
 
     def attention_grid(
         self, features: torch.Tensor, prompt_question: str, answer_ids: Sequence[int], layer: int, query_rows: str

@@ -20,8 +20,17 @@ import torch
 from PIL import Image
 
 from collab.attention import query_rows as select_query_rows
-from collab.attention import to_grid, visual_attention
-from collab.backends.base import UNICODE_WHITESPACE, BackendInfo, Generation, InvalidQuestion, VLMBackend
+from collab.attention import resolve_layer, to_grid, visual_attention
+from collab.backends import capture
+from collab.backends.base import (
+    UNICODE_WHITESPACE,
+    AttentionRequest,
+    BackendInfo,
+    DecodeRequest,
+    Generation,
+    InvalidQuestion,
+    VLMBackend,
+)
 from collab.config import ModelConfig
 from collab.uncertainty import answer_length, token_scores
 
@@ -127,6 +136,7 @@ class LlavaBackend(VLMBackend):
         # to eager for its own pass. The switch is model-wide: decoding passes hold the model
         # shared, the switched pass holds it alone.
         self._kernels = SharedExclusiveLock()
+        self.set_attn_implementation(config.attn_implementation)
         # Texts the tokenizer turns into control tokens (BOS/EOS/PAD/UNK and added special tokens).
         self._control_tokens = sorted(
             {t for t in tokenizer.all_special_tokens if t and len(t) > 1}, key=len, reverse=True
@@ -140,6 +150,15 @@ class LlavaBackend(VLMBackend):
             hidden_size=int(cfg.text_config.hidden_size),
             device=str(self.device),
             dtype=str(self.dtype).replace("torch.", ""),
+        )
+
+    def set_attn_implementation(self, implementation: str) -> None:
+        """Decode with `implementation` ("eager" or "sdpa"). The decoder runs it through a wrapper
+        that can read the prompt's last-row attention during a decode's prefill
+        (collab.backends.capture); the vision tower runs it as it is."""
+        self.config.attn_implementation = implementation
+        self.model.set_attn_implementation(
+            {"text_config": capture.capturing_name(implementation), "vision_config": implementation}
         )
 
     # ------------------------------------------------------------------ loading
@@ -268,25 +287,60 @@ class LlavaBackend(VLMBackend):
     def _configured_kernels(self):
         return self._kernels.shared() if self._switch_for_maps else nullcontext()
 
-    @torch.inference_mode()
-    def generate(self, features: Sequence[torch.Tensor], question: str) -> Generation:
-        if len(features) not in (1, 2):
-            raise ValueError(f"expected 1 (global) or 2 (global, local) images, got {len(features)}")
-        template = self.config.prompt_template if len(features) == 1 else self.config.refine_template
-        ids = self.prompt_ids(template, question, len(features))
-        embeds = self.merge_embeddings(ids, features)
-        with self._configured_kernels():
-            out = self._generate(ids, embeds)
-        token_ids = out.sequences[0].tolist()
-        logits = torch.cat(out.logits, dim=0).float().cpu()
-        n_answer = answer_length(token_ids, self.eos_ids)
-        answer = self.tokenizer.decode(token_ids[:n_answer], skip_special_tokens=True).strip()
-        return Generation(answer, token_ids, n_answer, logits, token_scores(logits))
+    def _left_padded(self, prompts: Sequence[tuple[torch.Tensor, torch.Tensor]]):
+        """(ids, embeds) per request -> left-padded batch: embeds, attention mask, position ids,
+        and each row's pad count. Padded rows see the same positions and keys as alone."""
+        width = max(ids.shape[1] for ids, _ in prompts)
+        pad = self.model.get_input_embeddings()(torch.tensor([[self.pad_token_id]], device=self.device))
+        rows, masks, offsets = [], [], []
+        for ids, embeds in prompts:
+            n = width - ids.shape[1]
+            rows.append(torch.cat([pad.expand(1, n, -1).to(embeds.dtype), embeds], dim=1))
+            masks.append(torch.tensor([[0] * n + [1] * ids.shape[1]], dtype=torch.long))
+            offsets.append(n)
+        mask = torch.cat(masks).to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        return torch.cat(rows), mask, positions, offsets
 
-    def _generate(self, ids: torch.Tensor, embeds: torch.Tensor):
+    @torch.inference_mode()
+    def generate_batch(self, requests: Sequence[DecodeRequest]) -> list[Generation]:
+        if not requests:
+            return []
+        prompts = []
+        for r in requests:
+            if len(r.features) not in (1, 2):
+                raise ValueError(f"expected 1 (global) or 2 (global, local) images, got {len(r.features)}")
+            template = self.config.prompt_template if len(r.features) == 1 else self.config.refine_template
+            ids = self.prompt_ids(template, r.question, len(r.features))
+            prompts.append((ids, self.merge_embeddings(ids, r.features)))
+        embeds, mask, _, offsets = self._left_padded(prompts)
+        n_layers = self.info.num_layers
+        layers = sorted({resolve_layer(layer, n_layers) for r in requests for layer in r.capture_layers})
+        with self._configured_kernels(), capture.capture(layers) as captured:
+            out = self._generate(mask, embeds)
+        out_logits = torch.stack(out.logits, dim=1).float().cpu()  # (batch, steps, vocab)
+        results = []
+        for i, (r, (ids, _)) in enumerate(zip(requests, prompts)):
+            sequence = out.sequences[i].tolist()
+            n_answer = answer_length(sequence, self.eos_ids)
+            kept = sequence[: n_answer + 1]  # through the first EOS, as an unbatched decode stops there
+            logits = out_logits[i, : len(kept)]
+            answer = self.tokenizer.decode(kept[:n_answer], skip_special_tokens=True).strip()
+            maps = {}
+            if r.capture_layers:
+                positions = (ids[0] == self.image_token_id).nonzero().flatten()[self.cls_tokens :]
+                visual = positions[: self.info.tokens_per_image - self.cls_tokens] + offsets[i]
+                for layer in r.capture_layers:
+                    got = captured.maps.get(resolve_layer(layer, n_layers))
+                    if got is not None:  # absent if the decoder bypassed the wrapper: a caller then reads it in a pass
+                        maps[layer] = to_grid(got[i][visual.to(got.device)].cpu(), self.info.grid)
+            results.append(Generation(answer, kept, n_answer, logits, token_scores(logits), maps))
+        return results
+
+    def _generate(self, mask: torch.Tensor, embeds: torch.Tensor):
         return self.model.generate(
             inputs_embeds=embeds,
-            attention_mask=torch.ones_like(ids),
+            attention_mask=mask,
             max_new_tokens=self.config.max_new_tokens,
             do_sample=False,
             num_beams=1,
@@ -296,22 +350,24 @@ class LlavaBackend(VLMBackend):
         )
 
     @torch.inference_mode()
-    def attention_grids(
-        self,
-        features: torch.Tensor,
-        prompt_question: str,
-        answer_ids: Sequence[int],
-        layers: Sequence[int],
-        query_rows: str,
-    ) -> list[np.ndarray]:
-        prompt = self.prompt_ids(self.config.prompt_template, prompt_question, 1)
-        answer = torch.as_tensor(list(answer_ids), dtype=torch.long, device=self.device).reshape(1, -1)
-        ids = torch.cat([prompt, answer], dim=1)
-        embeds = self.merge_embeddings(ids, [features], prompt_len=prompt.shape[1])
+    def attention_grids_batch(
+        self, requests: Sequence[AttentionRequest], layers: Sequence[int], query_rows: str
+    ) -> list[list[np.ndarray]]:
+        if not requests:
+            return []
+        prompts, shapes = [], []
+        for r in requests:
+            prompt = self.prompt_ids(self.config.prompt_template, r.question, 1)
+            answer = torch.as_tensor(list(r.answer_ids), dtype=torch.long, device=self.device).reshape(1, -1)
+            ids = torch.cat([prompt, answer], dim=1)
+            prompts.append((ids, self.merge_embeddings(ids, [r.features], prompt_len=prompt.shape[1])))
+            shapes.append((prompt, answer.shape[1]))
+        embeds, mask, positions, offsets = self._left_padded(prompts)
         with self._eager_attention():
             out = self.model(
                 inputs_embeds=embeds,
-                attention_mask=torch.ones_like(ids),
+                attention_mask=mask,
+                position_ids=positions,
                 output_attentions=True,
                 use_cache=False,
                 logits_to_keep=1,
@@ -320,6 +376,12 @@ class LlavaBackend(VLMBackend):
             raise RuntimeError(
                 f"the model returned no attention maps (configured attention: {self.config.attn_implementation!r})"
             )
-        positions = (prompt[0] == self.image_token_id).nonzero().flatten()[self.cls_tokens :]
-        rows = select_query_rows(prompt.shape[1], answer.shape[1], query_rows)
-        return [to_grid(visual_attention(out.attentions, layer, rows, positions), self.info.grid) for layer in layers]
+        grids = []
+        for i, ((prompt, n_answer), offset) in enumerate(zip(shapes, offsets)):
+            visual = (prompt[0] == self.image_token_id).nonzero().flatten()[self.cls_tokens :] + offset
+            rows = [offset + row for row in select_query_rows(prompt.shape[1], n_answer, query_rows)]
+            attentions = [a[i : i + 1] for a in out.attentions]
+            grids.append(
+                [to_grid(visual_attention(attentions, layer, rows, visual), self.info.grid) for layer in layers]
+            )
+        return grids

@@ -133,14 +133,16 @@ class Evaluator:
         )
         full_bytes = full_resolution_bytes(original, cfg.imaging.format, cfg.imaging.jpeg_quality)
 
-        gen = backend.generate([global_features], item.question)
+        layers = sorted(set(self.layers) | {cfg.attention.layer % info.num_layers})
+        gen = backend.generate([global_features], item.question, stages.capture_layers(cfg.attention, layers))
         lengths = {**AGGREGATIONS, length_key(cfg.gate.aggregation_length): cfg.gate.aggregation_length}
         uncertainties = {
             name: answer_uncertainties(gen.scores, gen.n_answer_tokens, length) for name, length in lengths.items()
         }
         answer_ids = gen.token_ids[: gen.n_answer_tokens]
-        layers = sorted(set(self.layers) | {cfg.attention.layer % info.num_layers})
-        maps = stages.attention_maps(backend, global_features, item.question, answer_ids, cfg.attention, layers)
+        maps = stages.attention_maps(
+            backend, global_features, item.question, answer_ids, cfg.attention, layers, gen.attention
+        )
         by_layer = dict(zip(layers, maps))
         chosen = by_layer[cfg.attention.layer % info.num_layers]
         roi = stages.locate(chosen, original.size, size, cfg.imaging.global_mode, cfg.roi)

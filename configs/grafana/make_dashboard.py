@@ -230,8 +230,9 @@ ROWS: list[tuple[str, list[tuple[str, str, str, list[dict], str]]]] = [
                 "timeseries",
             ),
             (
-                "Encoder batch size",
-                "Images per vision-tower pass (dynamic batching).",
+                "Batch size",
+                "Requests per model pass (`@serve.batch`): images per vision-tower pass, queries per first-pass "
+                "and refined decode.",
                 "none",
                 [
                     q(
