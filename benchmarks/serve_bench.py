@@ -8,7 +8,13 @@ Prints (and writes to --out as JSON):
 - saturated throughput, DAG with --clients concurrent edges vs the pipeline with as many threads
   as cores (target >= 0.8x);
 - VisionEncoder batched vs unbatched throughput with 16 concurrent callers (target >= 2x);
-- per-hop overhead: DAG latency minus the stages' own compute time, per query, divided by hops;
+- the decoders batched (`decoder_batch` as configured) vs unbatched (max_batch_size 1), 16
+  concurrent edges, same CPUs: saturated throughput and p50/p95 latency;
+- the attention stage in process: the question's map from a separate pass vs captured in the
+  first pass's prefill (then only the generic prompt's pass runs);
+- per-hop overhead: DAG latency minus the in-process pipeline's latency (which includes every
+  stage's compute and the edge's work) for the same query, divided by the Serve calls it makes
+  (a one-stage query 2, a two-stage one 9: see CALLS);
 - the same 16 callers against a deployment that does nothing: the ceiling that Serve's own
   per-request cost puts on any stage here, and the tower's in-process speed-up from 8 images per
   pass over 1 (the most dynamic batching can buy): what the encoder figures should be read against.
@@ -28,6 +34,11 @@ from pathlib import Path
 
 from collab.config import POLICIES
 from collab.paths import DEFAULT_CONFIG, REPO_ROOT
+
+# Serve calls a query makes beyond the HTTP request itself. Stage 1: encoder, first pass.
+# Stage 2 adds RoI search and session create (query), then encoder, session open, session
+# features, refined decoder and session complete (refine).
+CALLS = {1: 2, 2: 9}
 
 
 def percentile(values, q):
@@ -79,6 +90,60 @@ def noop_app():
     return Echo.bind()
 
 
+def app_with(args, decoder_batch: dict | None = None):
+    """The app as serve_config.yaml sizes it, on --config/--model, optionally other decoder batching."""
+    from deployments.app import compose
+    from deployments.args import AppArgs
+
+    extra = {"decoder_batch": decoder_batch} if decoder_batch else {}
+    return compose(AppArgs(config=args.config, model_path=args.model, **extra))
+
+
+def saturated(url: str, items, edges: int, policy: str) -> tuple[float, list[float]]:
+    """Queries per second and per-query latencies (ms) with `edges` concurrent edges."""
+    from edge_agents.client import EdgeClient
+
+    clients = [EdgeClient(url, client_id=f"bench-{i}") for i in range(edges)]
+    jobs = [(x, clients[i % edges]) for i, x in enumerate(items)]
+
+    def one(job):
+        (image, q, qid), client = job
+        t = time.perf_counter()
+        client.ask(image, q, policy=policy, question_id=qid)
+        return (time.perf_counter() - t) * 1000
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(edges) as pool:
+        latencies = list(pool.map(one, jobs))
+    qps = len(jobs) / (time.perf_counter() - start)
+    for c in clients:
+        c.close()
+    return qps, latencies
+
+
+def attention_stage_ms(backend, config, items) -> dict:
+    """Median in-process time of the attention stage: the question map from its own pass, or
+    captured in the first pass's prefill (only the generic prompt's pass left)."""
+    from collab import stages
+    from collab.imaging import global_payload, load_image
+    from collab.policies import PolicySpec
+
+    cfg, spec = config.attention, PolicySpec(name="always")
+    size, im = backend.info.encoder_size, config.imaging
+    separate, captured = [], []
+    for image, q, qid in items[:20]:
+        payload = global_payload(load_image(image), size, im.global_mode, im.format, im.jpeg_quality, im.pad_color)
+        features = backend.encode_images([load_image(payload.data)])[0]
+        first = stages.first_pass(backend, features, q, spec, qid, stages.capture_layers(cfg, [cfg.layer]))
+        gen = first.generation
+        answer = gen.token_ids[: gen.n_answer_tokens]
+        for sink, maps in ((separate, None), (captured, gen.attention)):
+            t = time.perf_counter()
+            stages.attention_map(backend, features, q, answer, cfg, maps)
+            sink.append((time.perf_counter() - t) * 1000)
+    return {"separate_question_pass": statistics.median(separate), "captured_in_prefill": statistics.median(captured)}
+
+
 def tower_batching_ceiling(backend, payload: bytes, batch: int = 8, rounds: int = 20) -> float:
     """In-process images/s of the vision tower, `batch` per pass vs one per pass: the most that
     dynamic batching can buy for this model on this machine (no Serve involved)."""
@@ -122,8 +187,6 @@ def main(argv=None) -> int:
     from collab.backends import load_backend
     from collab.config import load_config
     from collab.pipeline import ReferencePipeline
-    from deployments.app import compose
-    from deployments.args import AppArgs
     from edge_agents.client import EdgeClient, global_upload
 
     config = load_config(args.config, {"model": {"path": args.model}} if args.model else None)
@@ -131,7 +194,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": 8011})
-    serve.run(compose(AppArgs(config=args.config, model_path=args.model)), name="bench", route_prefix="/")
+    serve.run(app_with(args), name="bench", route_prefix="/")
     url = "http://127.0.0.1:8011"
     items = queries(args.requests)
 
@@ -148,23 +211,20 @@ def main(argv=None) -> int:
 
     timed(via_dag, items[:5]), timed(in_process, items[:5])  # warm-up
     dag_lat, ref_lat = timed(via_dag, items), timed(in_process, items)
-    results = [via_dag(*x) for x in items[:10]]
-    compute = [sum(v for k, v in r.server_ms.items() if "total" not in k) for r in results]
-    stage_lat = [sum(v for k, v in r.server_ms.items() if k in ("total", "refine_total")) for r in results]
-    hops = [4 if r.stage == 2 else 2 for r in results]  # gateway->encoder->first pass (+ roi, sessions, refined)
-    overhead = statistics.median((s - c) / h for s, c, h in zip(stage_lat, compute, hops))
+    stages_of = [via_dag(*x).stage for x in items]
+    overhead = statistics.median((d - r) / CALLS[s] for d, r, s in zip(dag_lat, ref_lat, stages_of))
 
-    clients = [EdgeClient(url, client_id=f"bench-{i}") for i in range(args.clients)]
-    pool_items = [(x, clients[i % len(clients)]) for i, x in enumerate(items * 2)]
-
-    def dag_any(x, c):
-        return c.ask(x[0], x[1], policy=args.policy, question_id=x[2])
-
-    start = time.perf_counter()
-    with ThreadPoolExecutor(args.clients) as pool:
-        list(pool.map(lambda a: dag_any(*a), pool_items))
-    dag_tput = len(pool_items) / (time.perf_counter() - start)
+    dag_tput, _ = saturated(url, items * 2, args.clients, args.policy)
     ref_tput = throughput(in_process, items * 2, os.cpu_count() or 2)
+    attention_ms = attention_stage_ms(backend, config, items)
+
+    batching = {}  # the decoders batched as configured, then the same app with batches of one
+    for name, decoder_batch in (("batched", None), ("unbatched", {"max_batch_size": 1, "batch_wait_timeout_s": 0})):
+        if decoder_batch:
+            serve.run(app_with(args, decoder_batch), name="bench", route_prefix="/")
+        timed(via_dag, items[:3])  # warm-up after a redeploy
+        qps, lat = saturated(url, items * 2, 16, args.policy)
+        batching[name] = {"qps": qps, "p50_ms": percentile(lat, 50), "p95_ms": percentile(lat, 95)}
 
     serve.run(noop_app(), name="noop", route_prefix="/noop")
     noop = serve.get_deployment_handle("Echo", app_name="noop")
@@ -193,6 +253,9 @@ def main(argv=None) -> int:
         "p50_latency_ratio": percentile(dag_lat, 50) / percentile(ref_lat, 50),
         "throughput_qps": {"dag": dag_tput, "in_process": ref_tput, "dag_clients": args.clients},
         "throughput_ratio": dag_tput / ref_tput,
+        "decoders_16_edges": batching,
+        "decoder_batching_speedup": batching["batched"]["qps"] / batching["unbatched"]["qps"],
+        "attention_stage_ms_in_process": attention_ms,
         "encoder_qps_16_callers": {"batched": batched, "unbatched": unbatched},
         "encoder_batching_speedup": batched / unbatched,
         "noop_deployment_qps_16_callers": echo,  # Serve's per-request ceiling on this machine

@@ -7,6 +7,8 @@ the offending field (pydantic's own error paths).
 
 from __future__ import annotations
 
+import copy
+import re
 from pathlib import Path
 from typing import Literal, TypeVar, get_args
 
@@ -141,6 +143,38 @@ class CollabConfig(_Strict):
     imaging: ImagingConfig = Field(default_factory=ImagingConfig)
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML as people write configs: `77:16` (a SEED:N split) stays a string. PyYAML follows YAML
+    1.1, where it would be the base-60 integer 4636."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [
+        (tag, regexp) for tag, regexp in resolvers if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
+    ]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+for _tag, _pattern, _first in (
+    (
+        "tag:yaml.org,2002:int",
+        r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$",
+        "-+0123456789",
+    ),
+    (
+        "tag:yaml.org,2002:float",
+        r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?|\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
+        r"|[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$",
+        "-+0123456789.",
+    ),
+):
+    _Loader.add_implicit_resolver(_tag, re.compile(_pattern), list(_first))
+
+
+def yaml_load(text: str):
+    """yaml.safe_load without YAML 1.1's base-60 numbers (every config and `--set` value)."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 class ConfigError(ValueError):
     """A configuration file that cannot be used; the message names the file and field."""
 
@@ -156,9 +190,10 @@ def nested(flat: dict) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"{key!r}: {part!r} was already set to a value, not a section")
-        node[leaf] = (
-            deep_merge(node[leaf], value) if isinstance(node.get(leaf), dict) and isinstance(value, dict) else value
-        )
+        if isinstance(value, dict):  # a copy: later dotted keys descend into it, not into the caller's dict
+            value = copy.deepcopy(value)
+            value = deep_merge(node[leaf], value) if isinstance(node.get(leaf), dict) else value
+        node[leaf] = value
     return out
 
 
@@ -172,7 +207,7 @@ def parse_sets(items: list[str], model_path: str | None = None) -> dict:
         if not sep or not key:
             raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
         try:
-            flat[key] = yaml.safe_load(value)
+            flat[key] = yaml_load(value)
         except yaml.YAMLError as exc:
             raise ConfigError(f"--set {item!r}: the value is not YAML ({exc})") from None
     try:
@@ -191,7 +226,7 @@ def read_yaml_mapping(path: str | Path, what: str = "config") -> dict:
     """A YAML file whose top level is a mapping; ConfigError (naming the file) otherwise."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml_load(path.read_text()) or {}
     except FileNotFoundError:
         raise ConfigError(f"{what} file not found: {path}") from None
     except yaml.YAMLError as exc:

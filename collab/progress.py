@@ -11,30 +11,41 @@ from tqdm import tqdm
 
 
 class _LogLines(tqdm):
-    """tqdm that writes its state as a line of its own: first, every `every_s` seconds, last."""
+    """tqdm that writes its state as a line of its own: first, then every `every_s` seconds while
+    it is refreshed, and last; nothing that only a terminal understands (carriage returns, cursor moves)."""
 
     def __init__(self, *args, every_s: float = 30.0, **kwargs):
-        self._every_s, self._last_line, self._last_n = every_s, float("-inf"), None
+        self._every_s, self._last_line, self._last_text = every_s, float("-inf"), None
         super().__init__(*args, **kwargs)
 
     def display(self, msg: str | None = None, pos: int | None = None, final: bool = False) -> bool:
         now = time.monotonic()
-        if self._last_n == self.n or (not final and now - self._last_line < self._every_s):
+        text = msg or self.__str__()
+        if (final and text == self._last_text) or (not final and now - self._last_line < self._every_s):
             return True
-        self._last_line, self._last_n = now, self.n
-        self.fp.write((msg or self.__str__()) + "\n")
+        self._last_line, self._last_text = now, text
+        self.fp.write(text + "\n")
         self.fp.flush()
         return True
+
+    def clear(self, nolock: bool = False) -> None:  # tqdm.write clears bars first: not in a log
+        pass
+
+    def moveto(self, n: int) -> None:
+        pass
 
     def close(self) -> None:
         if self.disable:
             return
         self.display(final=True)
         self.disable = True  # tqdm's own close would redraw and end with a blank line
+        self._decr_instances(self)
 
     @classmethod
     def write(cls, s: str, file=None, end: str = "\n", nolock: bool = False) -> None:
-        tqdm.write(s, file=file or sys.stderr, end=end, nolock=nolock)
+        fp = file or sys.stderr
+        fp.write(s + end)
+        fp.flush()
 
 
 def progress(

@@ -27,8 +27,9 @@ from deployments.sessions import SessionStore
 
 
 def build_app(args: dict) -> Application:
-    """The builder `serve run serve_config.yaml` calls with the config's `args:` (typed by AppArgs)."""
-    return compose(AppArgs.model_validate(args or {}))
+    """The builder `serve run CONFIG` calls with the config's `args:` (typed by AppArgs). Serve then
+    applies that file's own `deployments:` options, so none are set here."""
+    return compose(AppArgs.model_validate(args or {}), serve_config=None)
 
 
 SERVE_CONFIG = REPO_ROOT / "serve_config.yaml"

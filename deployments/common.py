@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import torch
 
@@ -26,3 +28,29 @@ def load_model(args: AppArgs):
     backend = load_backend(config.model, search_roots=[REPO_ROOT])
     log.info("loaded %s on %s (%s)", backend.info.model_name, backend.info.device, backend.info.dtype)
     return config, backend
+
+
+Request, Result = TypeVar("Request"), TypeVar("Result")
+
+
+def each_on_failure(
+    run: Callable[[list[Request]], list[Result]], requests: Sequence[Request]
+) -> list[Result | Exception]:
+    """`run` over the batch; if the batch fails, each request alone, so that one request's failure
+    (an input the model cannot take, memory) is its own error and not its batch-mates'. The
+    failures are returned in place, for the caller of each request to raise."""
+    try:
+        return run(list(requests))
+    except Exception as exc:  # noqa: BLE001 - returned to the request it belongs to
+        if len(requests) == 1:
+            return [exc]
+        log.warning(
+            "a batch of %d failed (%s: %s); running its requests one by one", len(requests), type(exc).__name__, exc
+        )
+    out: list[Result | Exception] = []
+    for request in requests:
+        try:
+            out.extend(run([request]))
+        except Exception as exc:  # noqa: BLE001
+            out.append(exc)
+    return out

@@ -18,7 +18,7 @@ from collab.backends.base import InvalidQuestion
 from collab.policies import PolicySpec
 from deployments import metrics
 from deployments.args import AppArgs
-from deployments.common import load_model
+from deployments.common import each_on_failure, load_model
 
 
 @serve.deployment  # options: serve_config.yaml `deployments:`
@@ -29,8 +29,9 @@ class FirstPassDecoder:
         self._batched.set_batch_wait_timeout_s(args.decoder_batch.batch_wait_timeout_s)
 
     def _run_batch(
-        self, features: list[torch.Tensor], questions: list[str], policies: list[PolicySpec], keys: list[str]
+        self, batch: list[tuple[torch.Tensor, str, PolicySpec, str]]
     ) -> list[stages.GatedAnswer | InvalidQuestion]:
+        features, questions, policies, keys = (list(column) for column in zip(*batch))
         results: list[stages.GatedAnswer | InvalidQuestion] = []
         valid = []
         for i, question in enumerate(questions):  # one bad question must not fail its batch-mates
@@ -50,10 +51,6 @@ class FirstPassDecoder:
             metrics.record("first_pass", started, out.timings_ms)
             out.answer, out.token_ids = gen.answer, gen.token_ids
             out.uncertainty, out.uncertainties, out.refine = first.uncertainty, first.uncertainties, first.refine
-            gate = metrics.gate()
-            gate.decisions.inc(tags={"policy": policies[i].name, "decision": "refine" if first.refine else "answer"})
-            if first.uncertainty is not None:
-                gate.score.observe(first.uncertainty, tags={"policy": policies[i].name})
         unsure = [(i, first.generation) for i, first in zip(valid, firsts) if first.refine]
         if unsure:  # attention only when the gate fires; the question's map came with the decode
             started = time.perf_counter()
@@ -69,11 +66,17 @@ class FirstPassDecoder:
             for (i, _), grids in zip(unsure, maps):
                 results[i].attention = grids[0]
                 metrics.record("attention", started, results[i].timings_ms)
+        gate = metrics.gate()  # counted once the whole batch has succeeded (a failed one is rerun request by request)
+        for i in valid:
+            out = results[i]
+            gate.decisions.inc(tags={"policy": policies[i].name, "decision": "refine" if out.refine else "answer"})
+            if out.uncertainty is not None:
+                gate.score.observe(out.uncertainty, tags={"policy": policies[i].name})
         return results
 
     @serve.batch  # size and wait: AppArgs.decoder_batch, set in __init__
     async def _batched(self, features, questions, policies, keys) -> list[stages.GatedAnswer | InvalidQuestion]:
-        return await asyncio.to_thread(self._run_batch, features, questions, policies, keys)
+        return await asyncio.to_thread(each_on_failure, self._run_batch, list(zip(features, questions, policies, keys)))
 
     async def run(self, features: torch.Tensor, question: str, policy: PolicySpec, key: str) -> stages.GatedAnswer:
         result = await self._batched(features, question, policy, key)

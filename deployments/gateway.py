@@ -553,7 +553,7 @@ class Gateway:
         except KeyError:  # features gone: the session expired or was evicted meanwhile
             raise error(410, "the session expired during the refine: keep the first-pass answer") from None
         timings = dict(refined.timings_ms)
-        metrics.record("refine_total", started, timings, "total")
+        timings["total"] = (time.perf_counter() - started) * 1000  # observed once the session holds the reply
         reply = Answered(
             answer=refined.answer,
             stage=2,
@@ -577,4 +577,5 @@ class Gateway:
         m = metrics.gateway()
         m.uplink_bytes.inc(len(data), tags={"stage": "local"})
         m.requests.inc(tags={"endpoint": "refine", "policy": meta["policy"], "outcome": "refined"})
+        metrics.stage_latency().observe(timings["total"], tags={"stage": "refine_total"})
         return reply

@@ -12,7 +12,7 @@ from ray import serve
 from collab import stages
 from deployments import metrics
 from deployments.args import AppArgs
-from deployments.common import load_model
+from deployments.common import each_on_failure, load_model
 
 
 @serve.deployment  # options: serve_config.yaml `deployments:`
@@ -22,11 +22,9 @@ class RefinedDecoder:
         self._batched.set_max_batch_size(args.decoder_batch.max_batch_size)
         self._batched.set_batch_wait_timeout_s(args.decoder_batch.batch_wait_timeout_s)
 
-    def _run_batch(
-        self, global_features: list[torch.Tensor], local_features: list[torch.Tensor], questions: list[str]
-    ) -> list[stages.StageAnswer]:
+    def _run_batch(self, batch: list[tuple[torch.Tensor, torch.Tensor, str]]) -> list[stages.StageAnswer]:
         started = time.perf_counter()
-        generations = stages.refined_passes(self.backend, list(zip(global_features, local_features, questions)))
+        generations = stages.refined_passes(self.backend, batch)
         out = []
         for gen in generations:
             timings: dict[str, float] = {}
@@ -35,10 +33,14 @@ class RefinedDecoder:
         return out
 
     @serve.batch  # size and wait: AppArgs.decoder_batch, set in __init__
-    async def _batched(self, global_features, local_features, questions) -> list[stages.StageAnswer]:
-        return await asyncio.to_thread(self._run_batch, global_features, local_features, questions)
+    async def _batched(self, global_features, local_features, questions) -> list[stages.StageAnswer | Exception]:
+        batch = list(zip(global_features, local_features, questions))
+        return await asyncio.to_thread(each_on_failure, self._run_batch, batch)
 
     async def run(
         self, global_features: torch.Tensor, local_features: torch.Tensor, question: str
     ) -> stages.StageAnswer:
-        return await self._batched(global_features, local_features, question)
+        result = await self._batched(global_features, local_features, question)
+        if isinstance(result, Exception):
+            raise result
+        return result

@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         help="Serve config file (default: the repository's serve_config.yaml)",
     )
     args = p.parse_args(argv)
-    config = Path(args.config)
+    config = Path(args.config).resolve()  # before the chdir below: relative to where the user is
     if not config.is_file():
         print(f"error: Serve config not found: {config}", file=sys.stderr)
         return 2

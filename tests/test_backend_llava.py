@@ -6,8 +6,7 @@ import torch
 from PIL import Image
 
 from collab.attention import query_rows
-from collab.backends import capture
-from collab.backends import ModelLoadError, load_backend
+from collab.backends import ModelLoadError, capture, load_backend
 from collab.config import ModelConfig
 
 QUESTION = "what number is in the red circle ?"
@@ -161,7 +160,9 @@ def test_sdpa_backend_reads_the_same_maps_and_answers_as_eager(tiny_backend, tin
     got = sdpa.attention_grids(features, QUESTION, [5, 6], layers, "all")
     for a, b in zip(want, got):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
-    cfg = sdpa.model.config  # switched back after the read (to sdpa behind the capture wrapper); the tower never switched
+    cfg = (
+        sdpa.model.config
+    )  # switched back after the read (to sdpa behind the capture wrapper); the tower never switched
     assert (cfg.text_config._attn_implementation, cfg.vision_config._attn_implementation) == (
         capture.capturing_name("sdpa"),
         "sdpa",
@@ -237,13 +238,14 @@ def test_the_kernel_switch_never_happens_while_a_decode_runs(tiny_config):
 
     sdpa._generate, sdpa.model.set_attn_implementation = slow_generate, watched_switch
     jobs = [lambda i=i: sdpa.generate([feats[i % 2]], QUESTION) for i in range(8)]
-    jobs += [
-        lambda i=i: sdpa.attention_grid(feats[i % 2], QUESTION, [], layer=-1, query_rows="last_input") for i in range(4)
-    ]
+    jobs += [lambda i=i: sdpa.attention_grid(feats[i % 2], QUESTION, [5], layer=-1, query_rows="all") for i in range(4)]
     with ThreadPoolExecutor(6) as pool:
         for future in [pool.submit(job) for job in jobs[::2] + jobs[1::2]]:
             future.result()
     assert len(seen_at_switch) == 8 and set(seen_at_switch) == {0}
+    # the last_input row is read by the capture wrapper in the configured kernel: no switch at all
+    sdpa.attention_grid(feats[0], QUESTION, [], layer=-1, query_rows="last_input")
+    assert len(seen_at_switch) == 8
 
 
 def test_shared_exclusive_lock_excludes_and_prefers_waiting_exclusive():

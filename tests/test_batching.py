@@ -140,3 +140,21 @@ def test_captured_maps_leave_only_the_generic_pass(tiny_backend, tiny_config, fe
         np.testing.assert_allclose(got[0], want, rtol=1e-4, atol=1e-6)
     answer_rows = cfg.model_copy(update={"query_rows": "answer"})
     assert stages.capture_layers(answer_rows, [1]) == []  # answer rows need the answer: their own pass
+
+
+def test_a_failing_batch_is_rerun_request_by_request():
+    """One request that breaks a batch (here: a negative number) fails alone; the others answer."""
+    from deployments.common import each_on_failure
+
+    calls = []
+
+    def run(batch):
+        calls.append(list(batch))
+        if any(x < 0 for x in batch):
+            raise ValueError("negative")
+        return [2 * x for x in batch]
+
+    out = each_on_failure(run, [1, -1, 3])
+    assert out[0] == 2 and out[2] == 6 and isinstance(out[1], ValueError)
+    assert calls == [[1, -1, 3], [1], [-1], [3]]
+    assert each_on_failure(run, [4, 5]) == [8, 10]

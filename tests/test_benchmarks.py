@@ -37,6 +37,10 @@ def test_serve_bench_writes_every_figure(tmp_path):
         "per_hop_overhead_ms",
         "noop_deployment_qps_16_callers",
         "tower_batch8_speedup_in_process",
+        "decoder_batching_speedup",
     ):
         assert report[key] > 0, key
+    assert set(report["decoders_16_edges"]) == {"batched", "unbatched"}
+    attention = report["attention_stage_ms_in_process"]
+    assert attention["captured_in_prefill"] > 0 and attention["separate_question_pass"] > 0
     assert report["p50_latency_ms"]["dag"] > 0 and report["throughput_qps"]["in_process"] > 0

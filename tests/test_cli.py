@@ -40,7 +40,7 @@ def test_cli_passes_arguments_through(capsys):
 
 def test_parse_split():
     assert parse_split("4242:500") == (4242, 500)
-    for bad in ("12", "a:b", "1:0", "1:-3", ""):
+    for bad in ("12", "a:b", "1:0", "1:-3", "-1:5", ""):
         with pytest.raises(ValueError):
             parse_split(bad)
 
@@ -50,6 +50,18 @@ def test_nested_and_parse_sets_share_one_shape():
     assert parse_sets(["a.b=1", "a.c=[1, 2]", "d=x"]) == {"a": {"b": 1, "c": [1, 2]}, "d": "x"}
     with pytest.raises(ConfigError, match="already set"):
         nested({"a": 1, "a.b": 2})
+    given = {"a": {"b": {"c": 1}}}
+    assert nested({**given, "a.b.d": 2}) == {"a": {"b": {"c": 1, "d": 2}}} and given == {"a": {"b": {"c": 1}}}
+    # YAML 1.1 would read 77:16 as the base-60 integer 4636: a split stays a string
+    assert parse_sets(["source.synthetic=77:16", "x=1e-3"]) == {"source": {"synthetic": "77:16"}, "x": 0.001}
+
+
+def test_a_split_written_unquoted_in_yaml_loads(tmp_path):
+    from edge_agents.config import load_loadtest_config
+
+    path = tmp_path / "load.yaml"
+    path.write_text("agents: 2\nsource:\n  synthetic: 77:16\n")
+    assert load_loadtest_config(path).source.synthetic == "77:16"
 
 
 def test_load_typed_names_every_bad_field():

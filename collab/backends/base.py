@@ -109,7 +109,9 @@ class VLMBackend(ABC):
     @abstractmethod
     def generate_batch(self, requests: Sequence[DecodeRequest]) -> list[Generation]:
         """Greedy answers for several requests in one batched decode; each equals its own
-        unbatched decode (tokens; logits and scores within float tolerance)."""
+        unbatched decode (tokens; logits and scores within float tolerance). Tested in float32 on
+        CPU; in float16/bfloat16 on a GPU a padded batch runs other kernels than a batch of one
+        (an explicit mask rules out the flash path), so a near-tie greedy token may differ."""
 
     def generate(
         self, features: Sequence[torch.Tensor], question: str, capture_layers: Sequence[int] = ()

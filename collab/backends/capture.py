@@ -36,8 +36,8 @@ _active: contextvars.ContextVar[Capture | None] = contextvars.ContextVar("collab
 
 @contextmanager
 def capture(layers: Sequence[int]):
-    """Within the block, the first multi-token pass (the prefill) of this thread records the
-    listed layers' last-row attention in the yielded Capture."""
+    """Within the block, multi-token passes of this thread (a decode's prefill, or a forward over a
+    prompt) record the listed layers' last-row attention in the yielded Capture."""
     cap = Capture(layers)
     token = _active.set(cap if cap.layers else None)
     try:
@@ -70,7 +70,9 @@ def _wrapping(base_name: str):
         out = base(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
         cap = _active.get()
         layer = getattr(module, "layer_idx", None)
-        if cap is not None and layer in cap.layers and layer not in cap.maps and query.shape[2] > 1:
+        # every multi-token pass overwrites: the last one holds the prompt's last row (a chunked
+        # prefill's last chunk); decode steps (one query token) never record
+        if cap is not None and layer in cap.layers and query.shape[2] > 1:
             with torch.no_grad():
                 cap.maps[layer] = _last_row(query, key, attention_mask, scaling or query.shape[-1] ** -0.5)
         return out

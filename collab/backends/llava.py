@@ -328,8 +328,7 @@ class LlavaBackend(VLMBackend):
             answer = self.tokenizer.decode(kept[:n_answer], skip_special_tokens=True).strip()
             maps = {}
             if r.capture_layers:
-                positions = (ids[0] == self.image_token_id).nonzero().flatten()[self.cls_tokens :]
-                visual = positions[: self.info.tokens_per_image - self.cls_tokens] + offsets[i]
+                visual = self._visual_positions(ids, offsets[i])
                 for layer in r.capture_layers:
                     got = captured.maps.get(resolve_layer(layer, n_layers))
                     if got is not None:  # absent if the decoder bypassed the wrapper: a caller then reads it in a pass
@@ -349,25 +348,62 @@ class LlavaBackend(VLMBackend):
             pad_token_id=self.pad_token_id,
         )
 
+    def _visual_positions(self, prompt_ids: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """Sequence positions of the first image's patch tokens (CLS excluded), shifted by `offset` pads."""
+        positions = (prompt_ids[0] == self.image_token_id).nonzero().flatten()[self.cls_tokens :]
+        return positions[: self.info.tokens_per_image - self.cls_tokens] + offset
+
     @torch.inference_mode()
     def attention_grids_batch(
         self, requests: Sequence[AttentionRequest], layers: Sequence[int], query_rows: str
     ) -> list[list[np.ndarray]]:
+        """`last_input` rows: one batched forward with the configured kernel, the row read by the
+        capture wrapper (no attention matrices are materialised). `answer`/`all` rows need every
+        answer row's full map: eager passes with output_attentions, one request at a time (at
+        LLaVA-7B size those maps are ~0.8 GB a request)."""
         if not requests:
             return []
-        prompts, shapes = [], []
+        if query_rows == "last_input":
+            return self._last_input_grids(requests, layers)
+        return [self._eager_grids(r, layers, query_rows) for r in requests]
+
+    def _last_input_grids(self, requests: Sequence[AttentionRequest], layers: Sequence[int]) -> list[list[np.ndarray]]:
+        # answer ids come after the last input row: causally they cannot change it, so they are left out
+        prompts = []
         for r in requests:
-            prompt = self.prompt_ids(self.config.prompt_template, r.question, 1)
-            answer = torch.as_tensor(list(r.answer_ids), dtype=torch.long, device=self.device).reshape(1, -1)
-            ids = torch.cat([prompt, answer], dim=1)
-            prompts.append((ids, self.merge_embeddings(ids, [r.features], prompt_len=prompt.shape[1])))
-            shapes.append((prompt, answer.shape[1]))
+            ids = self.prompt_ids(self.config.prompt_template, r.question, 1)
+            prompts.append((ids, self.merge_embeddings(ids, [r.features])))
         embeds, mask, positions, offsets = self._left_padded(prompts)
+        resolved = [resolve_layer(layer, self.info.num_layers) for layer in layers]
+        with self._configured_kernels(), capture.capture(resolved) as captured:
+            self.model(
+                inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False, logits_to_keep=1
+            )
+        missing = set(resolved) - set(captured.maps)
+        if missing:
+            raise RuntimeError(
+                f"no attention captured at layers {sorted(missing)}: the decoder bypassed the capture wrapper"
+            )
+        grids = []
+        for i, ((ids, _), offset) in enumerate(zip(prompts, offsets)):
+            visual = self._visual_positions(ids, offset)
+            grids.append(
+                [
+                    to_grid(captured.maps[layer][i][visual.to(captured.maps[layer].device)].cpu(), self.info.grid)
+                    for layer in resolved
+                ]
+            )
+        return grids
+
+    def _eager_grids(self, r: AttentionRequest, layers: Sequence[int], query_rows: str) -> list[np.ndarray]:
+        prompt = self.prompt_ids(self.config.prompt_template, r.question, 1)
+        answer = torch.as_tensor(list(r.answer_ids), dtype=torch.long, device=self.device).reshape(1, -1)
+        ids = torch.cat([prompt, answer], dim=1)
+        embeds = self.merge_embeddings(ids, [r.features], prompt_len=prompt.shape[1])
         with self._eager_attention():
             out = self.model(
                 inputs_embeds=embeds,
-                attention_mask=mask,
-                position_ids=positions,
+                attention_mask=torch.ones_like(ids),
                 output_attentions=True,
                 use_cache=False,
                 logits_to_keep=1,
@@ -376,12 +412,6 @@ class LlavaBackend(VLMBackend):
             raise RuntimeError(
                 f"the model returned no attention maps (configured attention: {self.config.attn_implementation!r})"
             )
-        grids = []
-        for i, ((prompt, n_answer), offset) in enumerate(zip(shapes, offsets)):
-            visual = (prompt[0] == self.image_token_id).nonzero().flatten()[self.cls_tokens :] + offset
-            rows = [offset + row for row in select_query_rows(prompt.shape[1], n_answer, query_rows)]
-            attentions = [a[i : i + 1] for a in out.attentions]
-            grids.append(
-                [to_grid(visual_attention(attentions, layer, rows, visual), self.info.grid) for layer in layers]
-            )
-        return grids
+        rows = select_query_rows(prompt.shape[1], answer.shape[1], query_rows)
+        visual = self._visual_positions(prompt)
+        return [to_grid(visual_attention(out.attentions, layer, rows, visual), self.info.grid) for layer in layers]

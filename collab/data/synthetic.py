@@ -513,8 +513,8 @@ def parse_split(text: str) -> tuple[int, int]:
         seed_i, n_i = int(seed), int(n)
     except ValueError:
         raise ValueError(f"expected SEED:N (e.g. 4242:500), got {text!r}") from None
-    if n_i < 1:
-        raise ValueError(f"N must be >= 1 in SEED:N, got {text!r}")
+    if n_i < 1 or seed_i < 0:
+        raise ValueError(f"SEED must be >= 0 and N >= 1 in SEED:N, got {text!r}")
     return seed_i, n_i
 
 
