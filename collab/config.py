@@ -37,7 +37,15 @@ class ModelConfig(_Strict):
     """Which VLM to load and where to run it."""
 
     path: str = Field("models/collab-tiny-llava", description="Hub id or local directory for from_pretrained.")
-    family: Literal["llava"] = "llava"
+    family: Literal["llava", "qwen_vl"] = Field(
+        "llava", description="llava (LLaVA-1.5 and the embedded model) or qwen_vl (Qwen2.5-VL)"
+    )
+    encoder_size: int | None = Field(
+        None,
+        ge=28,
+        description="qwen_vl: side of the square global and local images (a multiple of 28; default "
+        "448); llava: set by the vision tower",
+    )
     device: str = Field("cpu", description="torch device string: cpu, cuda, cuda:1, mps.")
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     attn_implementation: Literal["eager", "sdpa"] = Field(

@@ -46,7 +46,11 @@ def test_two_stage_query_over_http(client):
 
 
 def test_dag_matches_reference_pipeline(client, tiny_backend, tiny_config):
-    pipeline = ReferencePipeline(tiny_backend, tiny_config)
+    assert_dag_matches_pipeline(client, ReferencePipeline(tiny_backend, tiny_config))
+
+
+def assert_dag_matches_pipeline(client, pipeline):
+    """Every policy: the app over HTTP gives the in-process pipeline's stage, answers, score, box, bytes."""
     batch = items(4, seed=405)
     threshold = sorted(
         pipeline.run(
@@ -64,6 +68,50 @@ def test_dag_matches_reference_pipeline(client, tiny_backend, tiny_config):
             assert got.score == pytest.approx(ref.uncertainty, abs=1e-5)
             assert got.box == ref.box
             assert got.global_bytes == ref.global_bytes and got.local_bytes == ref.local_bytes
+
+
+def test_qwen_vl_app_answers_both_stages_and_matches_its_pipeline(served, tmp_path):
+    """The whole DAG on a second family: a tiny random Qwen2.5-VL saved to a temp dir, served as a
+    second app beside the LLaVA one, answers both stages over HTTP as the in-process pipeline does."""
+    from ray import serve
+    from serve_helpers import wait_for, write_collab_config
+
+    from collab.backends import load_backend
+    from collab.config import CollabConfig
+    from collab.models.tiny_qwen import QWEN_PROMPT, QWEN_REFINE_PROMPT, make_random_tiny_qwen_vl
+    from deployments.app import compose
+    from deployments.args import AppArgs
+
+    model_dir = make_random_tiny_qwen_vl(tmp_path / "qwen", seed=1)
+    config = CollabConfig.model_validate(
+        {
+            "model": {
+                "path": str(model_dir),
+                "family": "qwen_vl",
+                "encoder_size": 112,
+                "prompt_template": QWEN_PROMPT,
+                "refine_template": QWEN_REFINE_PROMPT,
+                "max_new_tokens": 4,
+            },
+            "attention": {"layer": -1},
+        }
+    )
+    small = {"ray_actor_options": {"num_cpus": 0.01}}  # one replica each (Serve's defaults otherwise)
+    names = ("Gateway", "VisionEncoder", "FirstPassDecoder", "RoISearch", "RefinedDecoder", "SessionStore")
+    app = compose(
+        AppArgs(config=str(write_collab_config(config, tmp_path / "qwen.yaml"))),
+        {n: small for n in names},
+        serve_config=None,
+    )
+    serve.run(app, name="qwenapp", route_prefix="/qwen")
+    url = served + "/qwen"
+    try:
+        assert wait_for(lambda: httpx.get(f"{url}/healthz", timeout=5).status_code == 200, timeout=120)
+        with EdgeClient(url, client_id="qwen-edge") as c:
+            assert c.models()["encoder_size"] == [112, 112] and c.models()["grid"] == [4, 4]
+            assert_dag_matches_pipeline(c, ReferencePipeline(load_backend(config.model), config))
+    finally:
+        serve.delete("qwenapp")
 
 
 def test_concurrent_queries_are_batched_and_each_equals_its_sequential_reply(served):

@@ -8,6 +8,10 @@ def load_backend(model_config, search_roots=()) -> VLMBackend:
     """The backend for `model_config.family`, loaded with from_pretrained."""
     if model_config.family == "llava":
         return LlavaBackend.from_pretrained(model_config, search_roots)
+    if model_config.family == "qwen_vl":
+        from collab.backends.qwen_vl import QwenVLBackend
+
+        return QwenVLBackend.from_pretrained(model_config, search_roots)
     raise ValueError(f"unknown model family {model_config.family!r}")
 
 

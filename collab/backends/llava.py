@@ -395,6 +395,7 @@ class LlavaBackend(VLMBackend):
             )
         return grids
 
+    @torch.inference_mode()
     def _eager_grids(self, r: AttentionRequest, layers: Sequence[int], query_rows: str) -> list[np.ndarray]:
         prompt = self.prompt_ids(self.config.prompt_template, r.question, 1)
         answer = torch.as_tensor(list(r.answer_ids), dtype=torch.long, device=self.device).reshape(1, -1)

@@ -1,0 +1,286 @@
+"""Qwen2.5-VL backend on Hugging Face transformers (`Qwen2_5_VLForConditionalGeneration`).
+
+The split path is transformers' own: the vision tower and merger run once (`get_image_features`),
+and generation takes those features back through `mm_encoder_outputs`, with the prompt's image
+pads, `image_grid_thw` and `mm_token_type_ids`, so the multimodal rotary positions are the
+model's own (`get_rope_index`), for one image or two. Images are square at `model.encoder_size`
+(a multiple of 28: 14 px patches, 2 x 2 merged), so every image has the same token grid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from collab.attention import query_rows as select_query_rows
+from collab.attention import resolve_layer, to_grid, visual_attention
+from collab.backends import capture
+from collab.backends.base import (
+    UNICODE_WHITESPACE,
+    AttentionRequest,
+    BackendInfo,
+    DecodeRequest,
+    Generation,
+    InvalidQuestion,
+    VLMBackend,
+)
+from collab.backends.llava import _DTYPES, ModelLoadError, SharedExclusiveLock, resolve_model_path
+from collab.config import ModelConfig
+from collab.uncertainty import answer_length, token_scores
+
+VISION_START, VISION_END, IMAGE_PAD = "<|vision_start|>", "<|vision_end|>", "<|image_pad|>"
+
+
+@dataclass
+class QwenPixels:
+    """What the image processor makes of a list of images: flattened patches and each image's grid."""
+
+    pixel_values: torch.Tensor  # (sum of patches, channels * temporal * patch * patch)
+    grid_thw: torch.Tensor  # (images, 3): temporal, height and width in patches
+
+
+class QwenVLBackend(VLMBackend):
+    """A loaded Qwen2.5-VL model, tokenizer and image processor, split for the two-stage protocol."""
+
+    def __init__(self, model, tokenizer, image_processor, config: ModelConfig, name: str = "qwen2.5-vl"):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.config = config
+        cfg = model.config
+        self.image_token_id = int(cfg.image_token_id)
+        vision = cfg.vision_config
+        self.patch, self.merge = int(vision.patch_size), int(vision.spatial_merge_size)
+        side = config.encoder_size or 448
+        unit = self.patch * self.merge
+        if side % unit:
+            raise ModelLoadError(
+                f"model.encoder_size {side} must be a multiple of {unit} (patch x merge) for this model"
+            )
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.eos_ids = frozenset(self._eos_ids())
+        pad = tokenizer.pad_token_id
+        self.pad_token_id = pad if pad is not None else min(self.eos_ids, default=0)
+        self._kernels = SharedExclusiveLock()
+        self._control_tokens = sorted(
+            {t for t in tokenizer.all_special_tokens if t and len(t) > 1}, key=len, reverse=True
+        )
+        rows = side // unit
+        self.grid_thw = (1, side // self.patch, side // self.patch)
+        self.info = BackendInfo(
+            model_name=name,
+            encoder_size=(side, side),
+            grid=(rows, rows),
+            tokens_per_image=rows * rows,
+            num_layers=int(cfg.text_config.num_hidden_layers),
+            hidden_size=int(cfg.text_config.hidden_size),
+            device=str(self.device),
+            dtype=str(self.dtype).replace("torch.", ""),
+        )
+        self.set_attn_implementation(config.attn_implementation)
+
+    def set_attn_implementation(self, implementation: str) -> None:
+        """As LlavaBackend: the decoder through the capture wrapper, the vision tower as it is."""
+        self.config.attn_implementation = implementation
+        self.model.set_attn_implementation(
+            {"text_config": capture.capturing_name(implementation), "vision_config": implementation}
+        )
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, config: ModelConfig, search_roots: Sequence[Path] = ()) -> QwenVLBackend:
+        """Load with transformers' from_pretrained from a local directory or a hub id (cached only,
+        unless `local_files_only` is off)."""
+        from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        path = resolve_model_path(config.path, search_roots)
+        kwargs = {"local_files_only": config.local_files_only}
+        try:
+            model = AutoModelForImageTextToText.from_pretrained(
+                path, dtype=_DTYPES[config.dtype], attn_implementation=config.attn_implementation, **kwargs
+            )
+            tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+            image_processor = AutoImageProcessor.from_pretrained(path, **kwargs)
+        except (OSError, ValueError) as exc:
+            where = f"directory {path}" if Path(path).is_dir() else f"hub id or path {path!r} (no such directory)"
+            raise ModelLoadError(f"cannot load a Qwen-VL model from {where}: {exc}") from exc
+        if model.config.model_type != "qwen2_5_vl":
+            raise ModelLoadError(f"{path}: model type {model.config.model_type!r}; this backend runs qwen2_5_vl")
+        model.to(config.device)
+        return cls(model, tokenizer, image_processor, config, name=Path(path).name or path)
+
+    def _eos_ids(self) -> list[int]:
+        eos = self.model.generation_config.eos_token_id
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        if eos is None:
+            return []
+        return list(eos) if isinstance(eos, (list, tuple)) else [int(eos)]
+
+    # ------------------------------------------------------------------ prompts
+    def check_question(self, question: str) -> None:
+        if not question.strip(UNICODE_WHITESPACE):
+            raise InvalidQuestion("empty", "the question is empty")
+        for token in (self.config.image_placeholder, IMAGE_PAD, VISION_START, VISION_END):
+            if token in question:
+                raise InvalidQuestion("placeholder", f"the question must not contain the image token {token!r}")
+        for token in self._control_tokens:
+            if token in question:
+                raise InvalidQuestion("special_token", f"the question must not contain the control token {token!r}")
+        n = len(self.tokenizer(question, add_special_tokens=False)["input_ids"])
+        if n > self.config.max_question_tokens:
+            raise InvalidQuestion(
+                "too_long", f"the question is {n} tokens; at most {self.config.max_question_tokens} are accepted"
+            )
+
+    def prompt_ids(self, template: str, question: str, n_images: int) -> torch.Tensor:
+        """The filled template, each image placeholder expanded as the Qwen processor does it:
+        <|vision_start|>, one <|image_pad|> per merged visual token, <|vision_end|>."""
+        self.check_question(question)
+        placeholder = self.config.image_placeholder
+        if template.count(placeholder) != n_images:
+            raise ValueError(f"template has {template.count(placeholder)} image placeholders, expected {n_images}")
+        image = VISION_START + IMAGE_PAD * self.info.tokens_per_image + VISION_END
+        text = template.replace(placeholder, image).replace("{question}", question)
+        ids = self.tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        found = int((ids == self.image_token_id).sum())
+        if found != n_images * self.info.tokens_per_image:
+            raise ValueError(f"prompt has {found} image tokens, expected {n_images * self.info.tokens_per_image}")
+        return ids.to(self.device)
+
+    # ------------------------------------------------------------------ stages
+    def preprocess(self, images: Sequence[Image.Image]) -> QwenPixels:
+        if not images:
+            raise ValueError("no images to preprocess")
+        size = self.info.encoder_size
+        images = [im if im.size == size else im.resize(size, Image.BICUBIC) for im in images]
+        out = self.image_processor(images=list(images), return_tensors="pt")
+        grid = out["image_grid_thw"]
+        if not all(tuple(g) == self.grid_thw for g in grid.tolist()):
+            raise ValueError(f"image processor made grids {grid.tolist()}, expected {self.grid_thw} for every image")
+        return QwenPixels(out["pixel_values"].to(self.device, self.dtype), grid.to(self.device))
+
+    @torch.inference_mode()
+    def encode(self, pixel_values: QwenPixels) -> torch.Tensor:
+        out = self.model.model.get_image_features(pixel_values.pixel_values, pixel_values.grid_thw, return_dict=True)
+        return torch.stack(list(out.pooler_output))  # (images, tokens_per_image, hidden)
+
+    def _configured_kernels(self):
+        return self._kernels.shared()
+
+    def _batch(self, prompts: Sequence[torch.Tensor], features: Sequence[torch.Tensor]) -> dict:
+        """Left-padded ids, mask, and the multimodal inputs transformers takes instead of pixels."""
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        width = max(ids.shape[1] for ids in prompts)
+        offsets = [width - ids.shape[1] for ids in prompts]
+        input_ids = torch.cat(
+            [
+                torch.cat([torch.full((1, n), self.pad_token_id, device=self.device), ids], 1)
+                for ids, n in zip(prompts, offsets)
+            ]
+        )
+        mask = torch.cat([torch.tensor([[0] * n + [1] * ids.shape[1]]) for ids, n in zip(prompts, offsets)]).to(
+            self.device
+        )
+        visual = [f.to(self.device, self.dtype).reshape(-1, f.shape[-1]) for f in features]
+        return {
+            "input_ids": input_ids,
+            "attention_mask": mask,
+            "image_grid_thw": torch.tensor([self.grid_thw] * len(visual), device=self.device),
+            "mm_token_type_ids": (input_ids == self.image_token_id).int(),
+            "mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=visual)},
+            "offsets": offsets,
+        }
+
+    def _visual_positions(self, prompt_ids: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """Positions of the first image's visual tokens, shifted by `offset` pads."""
+        positions = (prompt_ids[0] == self.image_token_id).nonzero().flatten()
+        return positions[: self.info.tokens_per_image] + offset
+
+    @torch.inference_mode()
+    def generate_batch(self, requests: Sequence[DecodeRequest]) -> list[Generation]:
+        if not requests:
+            return []
+        prompts, features = [], []
+        for r in requests:
+            if len(r.features) not in (1, 2):
+                raise ValueError(f"expected 1 (global) or 2 (global, local) images, got {len(r.features)}")
+            template = self.config.prompt_template if len(r.features) == 1 else self.config.refine_template
+            prompts.append(self.prompt_ids(template, r.question, len(r.features)))
+            features.extend(r.features)
+        batch = self._batch(prompts, features)
+        offsets, width = batch.pop("offsets"), batch["input_ids"].shape[1]
+        layers = sorted({resolve_layer(layer, self.info.num_layers) for r in requests for layer in r.capture_layers})
+        with self._configured_kernels(), capture.capture(layers) as captured:
+            out = self.model.generate(
+                **batch,
+                max_new_tokens=self.config.max_new_tokens,
+                do_sample=False,
+                num_beams=1,
+                output_logits=True,
+                return_dict_in_generate=True,
+                pad_token_id=self.pad_token_id,
+            )
+        out_logits = torch.stack(out.logits, dim=1).float().cpu()
+        results = []
+        for i, (r, ids) in enumerate(zip(requests, prompts)):
+            sequence = out.sequences[i, width:].tolist()
+            n_answer = answer_length(sequence, self.eos_ids)
+            kept = sequence[: n_answer + 1]
+            logits = out_logits[i, : len(kept)]
+            answer = self.tokenizer.decode(kept[:n_answer], skip_special_tokens=True).strip()
+            maps = {}
+            if r.capture_layers:
+                visual = self._visual_positions(ids, offsets[i])
+                for layer in r.capture_layers:
+                    got = captured.maps.get(resolve_layer(layer, self.info.num_layers))
+                    if got is not None:
+                        maps[layer] = to_grid(got[i][visual.to(got.device)].cpu(), self.info.grid)
+            results.append(Generation(answer, kept, n_answer, logits, token_scores(logits), maps))
+        return results
+
+    @torch.inference_mode()
+    def attention_grids_batch(
+        self, requests: Sequence[AttentionRequest], layers: Sequence[int], query_rows: str
+    ) -> list[list[np.ndarray]]:
+        if not requests:
+            return []
+        if query_rows == "last_input":
+            prompts = [self.prompt_ids(self.config.prompt_template, r.question, 1) for r in requests]
+            batch = self._batch(prompts, [r.features for r in requests])
+            offsets = batch.pop("offsets")
+            resolved = [resolve_layer(layer, self.info.num_layers) for layer in layers]
+            with self._configured_kernels(), capture.capture(resolved) as captured:
+                self.model(**batch, use_cache=False, logits_to_keep=1)
+            grids = []
+            for i, (ids, offset) in enumerate(zip(prompts, offsets)):
+                visual = self._visual_positions(ids, offset)
+                grids.append([to_grid(captured.maps[layer][i][visual].cpu(), self.info.grid) for layer in resolved])
+            return grids
+        return [self._eager_grids(r, layers, query_rows) for r in requests]
+
+    @torch.inference_mode()
+    def _eager_grids(self, r: AttentionRequest, layers: Sequence[int], query_rows: str) -> list[np.ndarray]:
+        prompt = self.prompt_ids(self.config.prompt_template, r.question, 1)
+        answer = torch.as_tensor(list(r.answer_ids), dtype=torch.long, device=self.device).reshape(1, -1)
+        batch = self._batch([torch.cat([prompt, answer], dim=1)], [r.features])
+        batch.pop("offsets")
+        with self._kernels.exclusive():
+            previous = self.model.config.text_config._attn_implementation
+            try:
+                self.model.set_attn_implementation({"text_config": "eager"})
+                out = self.model(**batch, output_attentions=True, use_cache=False, logits_to_keep=1)
+            finally:
+                self.model.set_attn_implementation({"text_config": previous})
+        rows = select_query_rows(prompt.shape[1], answer.shape[1], query_rows)
+        visual = self._visual_positions(prompt)
+        return [to_grid(visual_attention(out.attentions, layer, rows, visual), self.info.grid) for layer in layers]

@@ -1,0 +1,132 @@
+"""Qwen2.5-VL behind the same backend interface: the split path computes the model's own function
+(transformers' generate from pixels), batched == one by one, captured maps == the attention pass.
+A tiny random model built from a config and saved locally; nothing is downloaded."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from collab.backends import load_backend
+from collab.backends.base import AttentionRequest, DecodeRequest
+from collab.config import ModelConfig
+from collab.models.tiny_qwen import QWEN_PROMPT, QWEN_REFINE_PROMPT, make_random_tiny_qwen_vl
+
+QUESTIONS = ["what number is in the red circle ?", "how many objects ?", "what color is the square ?"]
+SIDE = 112  # 8 x 8 patches of 14 px, 4 x 4 visual tokens after the 2 x 2 merge
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory):
+    path = make_random_tiny_qwen_vl(tmp_path_factory.mktemp("tiny-qwen"), seed=0)
+    config = ModelConfig(
+        path=str(path),
+        family="qwen_vl",
+        encoder_size=SIDE,
+        prompt_template=QWEN_PROMPT,
+        refine_template=QWEN_REFINE_PROMPT,
+        max_new_tokens=4,
+    )
+    return load_backend(config)
+
+
+def images(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 255, (SIDE, SIDE, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def reference_generate(backend, pics, question):
+    """What a plain transformers user runs: pixels and the chat prompt into model.generate."""
+    template = backend.config.prompt_template if len(pics) == 1 else backend.config.refine_template
+    ids = backend.prompt_ids(template, question, len(pics))
+    pixels = backend.preprocess(pics)
+    with torch.inference_mode():
+        out = backend.model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            pixel_values=pixels.pixel_values,
+            image_grid_thw=pixels.grid_thw,
+            mm_token_type_ids=(ids == backend.image_token_id).int(),
+            max_new_tokens=backend.config.max_new_tokens,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            pad_token_id=backend.pad_token_id,
+        )
+    return out.sequences[0, ids.shape[1] :].tolist(), torch.stack(out.logits, 1)[0].float()
+
+
+def test_backend_info(qwen):
+    assert qwen.info.encoder_size == (SIDE, SIDE) and qwen.info.grid == (4, 4) and qwen.info.tokens_per_image == 16
+    assert qwen.encode_images(images(2)).shape == (2, 16, qwen.info.hidden_size)
+
+
+@pytest.mark.parametrize("n_images", [1, 2])
+def test_split_path_equals_model_generate(qwen, n_images):
+    pics = images(n_images, seed=n_images)
+    feats = list(qwen.encode_images(pics))
+    for question in QUESTIONS:
+        tokens, logits = reference_generate(qwen, pics, question)
+        ours = qwen.generate(feats, question)
+        n = len(ours.token_ids)
+        assert ours.token_ids == tokens[:n] and (n == len(tokens) or tokens[n - 1] in qwen.eos_ids)
+        torch.testing.assert_close(ours.logits, logits[:n], atol=1e-5, rtol=0)
+
+
+def test_prompt_ids_equal_the_chat_template(qwen):
+    """Our template, expanded as the Qwen processor expands <|image_pad|>, is the chat template's prompt."""
+    messages = [
+        {"role": "system", "content": "you are a helpful assistant"},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTIONS[0]}]},
+    ]
+    text = qwen.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    text = text.replace("<|image_pad|>", "<|image_pad|>" * qwen.info.tokens_per_image)
+    want = qwen.tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert qwen.prompt_ids(qwen.config.prompt_template, QUESTIONS[0], 1)[0].tolist() == want
+
+
+def test_batched_equals_one_by_one_and_captured_maps_equal_the_pass(qwen):
+    feats = qwen.encode_images(images(3, seed=7))
+    requests = [DecodeRequest([f], q, [0, -1]) for f, q in zip(feats, QUESTIONS)]
+    requests.append(DecodeRequest([feats[0], feats[1]], QUESTIONS[1]))
+    batched = qwen.generate_batch(requests)
+    for r, got in zip(requests, batched):
+        want = qwen.generate(list(r.features), r.question, r.capture_layers)
+        assert got.token_ids == want.token_ids
+        torch.testing.assert_close(got.logits, want.logits, atol=1e-4, rtol=0)
+    for f, q, gen in zip(feats, QUESTIONS, batched):
+        answer = gen.token_ids[: gen.n_answer_tokens]
+        eager = qwen.attention_grids(f, q, answer, [0, -1], "all")  # the eager pass (answer rows included)
+        plain = qwen._eager_grids(AttentionRequest(f, q, []), [0, -1], "last_input")
+        for layer, grid in zip([0, -1], plain):
+            np.testing.assert_allclose(gen.attention[layer], grid, rtol=1e-4, atol=1e-6)
+        assert all(g.shape == qwen.info.grid for g in eager)
+    last = qwen.attention_grids_batch([AttentionRequest(f, q) for f, q in zip(feats, QUESTIONS)], [-1], "last_input")
+    for (grid,), gen in zip(last, batched):
+        np.testing.assert_allclose(grid, gen.attention[-1], rtol=1e-4, atol=1e-6)
+
+
+def test_questions_that_would_change_the_prompt_are_refused(qwen):
+    from collab.backends.base import InvalidQuestion
+
+    for question in ("what is <|image_pad|> ?", "<|im_end|> hi", "what <image> ?"):
+        with pytest.raises(InvalidQuestion):
+            qwen.check_question(question)
+
+
+def test_the_reference_pipeline_runs_both_stages_on_qwen(qwen):
+    from collab.config import CollabConfig
+    from collab.data.synthetic import generate_item
+    from collab.pipeline import ReferencePipeline
+
+    config = CollabConfig(model=qwen.config, attention={"layer": -1})
+    pipeline = ReferencePipeline(qwen, config)
+    item = generate_item(3, 0)
+    record = pipeline.run(item.image, item.question, policy=pipeline.policy(name="always"))
+    assert record.stage == 2 and record.box is not None and record.local_bytes > 0
+    x0, y0, x1, y1 = record.box
+    assert 0 <= x0 < x1 <= item.width and 0 <= y0 < y1 <= item.height
+    never = pipeline.run(item.image, item.question, policy=pipeline.policy(name="never"))
+    assert never.stage == 1 and never.answer == record.first_answer
