@@ -15,16 +15,17 @@ from collab.config import ModelConfig
 from collab.models.tiny_qwen import QWEN_PROMPT, QWEN_REFINE_PROMPT, make_random_tiny_qwen_vl
 
 QUESTIONS = ["what number is in the red circle ?", "how many objects ?", "what color is the square ?"]
-SIDE = 112  # 8 x 8 patches of 14 px, 4 x 4 visual tokens after the 2 x 2 merge
+# 8 x 8 patches (14 px for Qwen2.5-VL, 16 px for Qwen3-VL), 4 x 4 visual tokens after the 2 x 2 merge
+SIDES = {"qwen2_5_vl": 112, "qwen3_vl": 128}
 
 
-@pytest.fixture(scope="module")
-def qwen(tmp_path_factory):
-    path = make_random_tiny_qwen_vl(tmp_path_factory.mktemp("tiny-qwen"), seed=0)
+@pytest.fixture(scope="module", params=list(SIDES))
+def qwen(request, tmp_path_factory):
+    path = make_random_tiny_qwen_vl(tmp_path_factory.mktemp(request.param), seed=0, kind=request.param)
     config = ModelConfig(
         path=str(path),
         family="qwen_vl",
-        encoder_size=SIDE,
+        encoder_size=SIDES[request.param],
         prompt_template=QWEN_PROMPT,
         refine_template=QWEN_REFINE_PROMPT,
         max_new_tokens=4,
@@ -32,9 +33,9 @@ def qwen(tmp_path_factory):
     return load_backend(config)
 
 
-def images(n, seed=0):
+def images(n, seed=0, side=112):
     rng = np.random.default_rng(seed)
-    return [Image.fromarray(rng.integers(0, 255, (SIDE, SIDE, 3), dtype=np.uint8)) for _ in range(n)]
+    return [Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8)) for _ in range(n)]
 
 
 def reference_generate(backend, pics, question):
@@ -59,13 +60,18 @@ def reference_generate(backend, pics, question):
 
 
 def test_backend_info(qwen):
-    assert qwen.info.encoder_size == (SIDE, SIDE) and qwen.info.grid == (4, 4) and qwen.info.tokens_per_image == 16
-    assert qwen.encode_images(images(2)).shape == (2, 16, qwen.info.hidden_size)
+    side = qwen.info.encoder_size[0]
+    assert qwen.info.encoder_size == (side, side) and qwen.info.grid == (4, 4) and qwen.info.tokens_per_image == 16
+    feats = qwen.encode_images(images(2))  # any size: resized to the encoder's
+    if qwen.model.config.model_type == "qwen3_vl":  # merged tokens and one deepstack layer
+        assert feats.shape == (2, 2, 16, qwen.info.hidden_size)
+    else:
+        assert feats.shape == (2, 16, qwen.info.hidden_size)
 
 
 @pytest.mark.parametrize("n_images", [1, 2])
 def test_split_path_equals_model_generate(qwen, n_images):
-    pics = images(n_images, seed=n_images)
+    pics = images(n_images, seed=n_images, side=qwen.info.encoder_size[0])
     feats = list(qwen.encode_images(pics))
     for question in QUESTIONS:
         tokens, logits = reference_generate(qwen, pics, question)

@@ -24,7 +24,11 @@ def test_serve_configs_name_real_deployments_and_valid_args():
     from deployments.args import AppArgs
 
     names = {"Gateway", "VisionEncoder", "FirstPassDecoder", "RoISearch", "RefinedDecoder", "SessionStore"}
-    for path in (REPO / "serve_config.yaml", REPO / "configs" / "serve_gpu.yaml"):
+    for path in (
+        REPO / "serve_config.yaml",
+        REPO / "configs" / "serve_gpu.yaml",
+        REPO / "configs" / "serve_gpu_qwen.yaml",
+    ):
         app = yaml.safe_load(path.read_text())["applications"][0]
         assert app["import_path"] == "deployments.app:build_app"
         args = AppArgs.model_validate(app["args"])

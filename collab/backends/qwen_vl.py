@@ -1,10 +1,14 @@
-"""Qwen2.5-VL backend on Hugging Face transformers (`Qwen2_5_VLForConditionalGeneration`).
+"""Qwen-VL backend on Hugging Face transformers: Qwen2.5-VL and Qwen3-VL, one class.
 
 The split path is transformers' own: the vision tower and merger run once (`get_image_features`),
 and generation takes those features back through `mm_encoder_outputs`, with the prompt's image
 pads, `image_grid_thw` and `mm_token_type_ids`, so the multimodal rotary positions are the
 model's own (`get_rope_index`), for one image or two. Images are square at `model.encoder_size`
-(a multiple of 28: 14 px patches, 2 x 2 merged), so every image has the same token grid.
+(a multiple of patch x merge: 28 for Qwen2.5-VL, 32 for Qwen3-VL), so every image has the same
+token grid. The two differ in what the tower hands the decoder: Qwen3-VL adds "deepstack"
+features (early tower layers, added to the first decoder layers' visual positions); an image's
+features are then one tensor (1 + deepstack layers, tokens, hidden), so they travel and are
+stored like Qwen2.5-VL's (tokens, hidden).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from collab.config import ModelConfig
 from collab.uncertainty import answer_length, token_scores
 
 VISION_START, VISION_END, IMAGE_PAD = "<|vision_start|>", "<|vision_end|>", "<|image_pad|>"
+FAMILIES = ("qwen2_5_vl", "qwen3_vl")
 
 
 @dataclass
@@ -45,7 +50,7 @@ class QwenPixels:
 
 
 class QwenVLBackend(VLMBackend):
-    """A loaded Qwen2.5-VL model, tokenizer and image processor, split for the two-stage protocol."""
+    """A loaded Qwen2.5-VL or Qwen3-VL model, tokenizer and image processor, split for the two-stage protocol."""
 
     def __init__(self, model, tokenizer, image_processor, config: ModelConfig, name: str = "qwen2.5-vl"):
         self.model = model.eval()
@@ -112,8 +117,8 @@ class QwenVLBackend(VLMBackend):
         except (OSError, ValueError) as exc:
             where = f"directory {path}" if Path(path).is_dir() else f"hub id or path {path!r} (no such directory)"
             raise ModelLoadError(f"cannot load a Qwen-VL model from {where}: {exc}") from exc
-        if model.config.model_type != "qwen2_5_vl":
-            raise ModelLoadError(f"{path}: model type {model.config.model_type!r}; this backend runs qwen2_5_vl")
+        if model.config.model_type not in FAMILIES:
+            raise ModelLoadError(f"{path}: model type {model.config.model_type!r}; this backend runs {FAMILIES}")
         model.to(config.device)
         return cls(model, tokenizer, image_processor, config, name=Path(path).name or path)
 
@@ -171,7 +176,12 @@ class QwenVLBackend(VLMBackend):
     @torch.inference_mode()
     def encode(self, pixel_values: QwenPixels) -> torch.Tensor:
         out = self.model.model.get_image_features(pixel_values.pixel_values, pixel_values.grid_thw, return_dict=True)
-        return torch.stack(list(out.pooler_output))  # (images, tokens_per_image, hidden)
+        merged = torch.stack(list(out.pooler_output))  # (images, tokens_per_image, hidden)
+        deepstack = getattr(out, "deepstack_features", None)
+        if not deepstack:
+            return merged
+        layers = [torch.stack(list(per_image)) for per_image in deepstack]  # each (images, tokens, hidden)
+        return torch.stack([merged, *layers], dim=1)  # (images, 1 + deepstack layers, tokens, hidden)
 
     def _configured_kernels(self):
         return self._kernels.shared()
@@ -179,6 +189,7 @@ class QwenVLBackend(VLMBackend):
     def _batch(self, prompts: Sequence[torch.Tensor], features: Sequence[torch.Tensor]) -> dict:
         """Left-padded ids, mask, and the multimodal inputs transformers takes instead of pixels."""
         from transformers.modeling_outputs import BaseModelOutputWithPooling
+        from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
 
         width = max(ids.shape[1] for ids in prompts)
         offsets = [width - ids.shape[1] for ids in prompts]
@@ -191,13 +202,21 @@ class QwenVLBackend(VLMBackend):
         mask = torch.cat([torch.tensor([[0] * n + [1] * ids.shape[1]]) for ids, n in zip(prompts, offsets)]).to(
             self.device
         )
-        visual = [f.to(self.device, self.dtype).reshape(-1, f.shape[-1]) for f in features]
+        features = [f.to(self.device, self.dtype) for f in features]
+        if features[0].ndim == 3:  # Qwen3-VL: (1 + deepstack layers, tokens, hidden) per image
+            outputs = BaseModelOutputWithDeepstackFeatures(
+                pooler_output=[f[0] for f in features],
+                deepstack_features=[[f[k] for f in features] for k in range(1, features[0].shape[0])],
+            )
+        else:
+            outputs = BaseModelOutputWithPooling(pooler_output=[f.reshape(-1, f.shape[-1]) for f in features])
+        visual = features
         return {
             "input_ids": input_ids,
             "attention_mask": mask,
             "image_grid_thw": torch.tensor([self.grid_thw] * len(visual), device=self.device),
             "mm_token_type_ids": (input_ids == self.image_token_id).int(),
-            "mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=visual)},
+            "mm_encoder_outputs": {"image": outputs},
             "offsets": offsets,
         }
 

@@ -1,4 +1,4 @@
-"""Tiny random Qwen2.5-VL models built from configs (no download), saved with save_pretrained:
+"""Tiny random Qwen2.5-VL and Qwen3-VL models built from configs (no download), saved with save_pretrained:
 what the Qwen-VL backend's tests load through the same from_pretrained path as a real checkpoint."""
 
 from __future__ import annotations
@@ -53,52 +53,74 @@ def build_qwen_tokenizer(words: Sequence[str]):
     return tokenizer
 
 
-def build_tiny_qwen_vl(tokenizer, seed: int = 0, hidden: int = 64, layers: int = 2, vision_hidden: int = 32):
-    import torch
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+FAMILIES = ("qwen2_5_vl", "qwen3_vl")
 
+
+def build_tiny_qwen_vl(
+    tokenizer, seed: int = 0, hidden: int = 64, layers: int = 2, vision_hidden: int = 32, kind: str = "qwen2_5_vl"
+):
+    """Random weights from a config: Qwen2.5-VL (14 px patches) or Qwen3-VL (16 px, deepstack features)."""
+    import torch
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen3VLConfig,
+        Qwen3VLForConditionalGeneration,
+    )
+
+    if kind not in FAMILIES:
+        raise ValueError(f"kind must be one of {FAMILIES}, got {kind!r}")
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
     head_dim = 16
-    config = Qwen2_5_VLConfig(
-        text_config={
+    rope = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
+    if kind == "qwen3_vl":
+        rope["mrope_interleaved"] = True
+    text = {
             "vocab_size": len(tokenizer),
             "hidden_size": hidden,
             "intermediate_size": 2 * hidden,
             "num_hidden_layers": layers,
             "num_attention_heads": hidden // head_dim,
             "num_key_value_heads": max(1, hidden // head_dim // 2),
-            "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
+            "rope_parameters": rope,
             "max_position_embeddings": 4096,
             "bos_token_id": ids["<|endoftext|>"],
             "eos_token_id": ids["<|im_end|>"],
             "pad_token_id": ids["<|endoftext|>"],
-        },
-        vision_config={
-            "depth": 2,
-            "hidden_size": vision_hidden,
-            "intermediate_size": 2 * vision_hidden,
-            "num_heads": 2,
-            "out_hidden_size": hidden,
-            "patch_size": 14,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-            "window_size": 56,
-            "fullatt_block_indexes": [1],
-        },
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-    )
+    }
+    vision = {
+        "depth": 2,
+        "hidden_size": vision_hidden,
+        "intermediate_size": 2 * vision_hidden,
+        "num_heads": 2,
+        "out_hidden_size": hidden,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+    }
+    tokens = {
+        "image_token_id": ids["<|image_pad|>"],
+        "video_token_id": ids["<|video_pad|>"],
+        "vision_start_token_id": ids["<|vision_start|>"],
+        "vision_end_token_id": ids["<|vision_end|>"],
+    }
+    if kind == "qwen2_5_vl":
+        vision |= {"patch_size": 14, "window_size": 56, "fullatt_block_indexes": [1]}
+        config, cls = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **tokens), Qwen2_5_VLForConditionalGeneration
+    else:
+        text |= {"head_dim": head_dim}
+        vision |= {"patch_size": 16, "num_position_embeddings": 64, "deepstack_visual_indexes": [0]}
+        config, cls = Qwen3VLConfig(text_config=text, vision_config=vision, **tokens), Qwen3VLForConditionalGeneration
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    model = cls(config).eval()
     model.generation_config.eos_token_id = ids["<|im_end|>"]
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
     return model
 
 
-def make_random_tiny_qwen_vl(out_dir: str | Path, words: Sequence[str] = (), seed: int = 0, max_side: int = 448) -> Path:
-    """Build and save a random tiny Qwen2.5-VL (model, tokenizer with chat template, image processor)."""
+def make_random_tiny_qwen_vl(
+    out_dir: str | Path, words: Sequence[str] = (), seed: int = 0, max_side: int = 448, kind: str = "qwen2_5_vl"
+) -> Path:
+    """Build and save a random tiny Qwen2.5-VL or Qwen3-VL (model, tokenizer with chat template, image processor)."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     from collab.models.tiny import default_words
@@ -106,9 +128,11 @@ def make_random_tiny_qwen_vl(out_dir: str | Path, words: Sequence[str] = (), see
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_qwen_tokenizer(list(words) or default_words())
-    build_tiny_qwen_vl(tokenizer, seed).save_pretrained(out)
+    model = build_tiny_qwen_vl(tokenizer, seed, kind=kind)
+    model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    patch = int(model.config.vision_config.patch_size)
     Qwen2VLImageProcessorPil(
-        min_pixels=28 * 28, max_pixels=max_side * max_side, patch_size=14, merge_size=2, temporal_patch_size=2
+        min_pixels=(2 * patch) ** 2, max_pixels=max_side * max_side, patch_size=patch, merge_size=2, temporal_patch_size=2
     ).save_pretrained(out)
     return out
