@@ -109,7 +109,8 @@ def build_tokenizer(vocab_size: int):
 def build_backend(shape: str, device: str, dtype: str, attn: str, max_new_tokens: int, seed: int):
     from transformers import CLIPImageProcessor, GenerationConfig, LlavaForConditionalGeneration
 
-    from collab.backends.llava import _DTYPES, LlavaBackend
+    from collab.backends.hf import _DTYPES
+    from collab.backends.llava import LlavaBackend
     from collab.config import ModelConfig
 
     probe = build_config(shape, 0, 0, 0, 0)[0]

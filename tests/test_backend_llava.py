@@ -252,7 +252,7 @@ def test_shared_exclusive_lock_excludes_and_prefers_waiting_exclusive():
     import threading
     import time as _time
 
-    from collab.backends.llava import SharedExclusiveLock
+    from collab.backends.hf import SharedExclusiveLock
 
     lock, events = SharedExclusiveLock(), []
     first_shared_in = threading.Event()

@@ -1,7 +1,8 @@
 """VLM backends behind one interface (`VLMBackend`); LLaVA on transformers first."""
 
 from collab.backends.base import BackendInfo, Generation, VLMBackend
-from collab.backends.llava import LlavaBackend, ModelLoadError
+from collab.backends.hf import ModelLoadError
+from collab.backends.llava import LlavaBackend
 
 
 def load_backend(model_config, search_roots=()) -> VLMBackend:

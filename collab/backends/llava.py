@@ -10,7 +10,6 @@ features and reuse them for the attention read and the refined pass without re-e
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Sequence
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -23,80 +22,25 @@ from collab.attention import query_rows as select_query_rows
 from collab.attention import resolve_layer, to_grid, visual_attention
 from collab.backends import capture
 from collab.backends.base import (
-    UNICODE_WHITESPACE,
     AttentionRequest,
     BackendInfo,
     DecodeRequest,
     Generation,
-    InvalidQuestion,
     VLMBackend,
+)
+from collab.backends.hf import (
+    ModelLoadError,
+    SharedExclusiveLock,
+    control_tokens,
+    eos_ids,
+    load_pretrained,
+    refuse_question,
+    set_capturing_attention,
 )
 from collab.config import ModelConfig
 from collab.uncertainty import answer_length, token_scores
 
 log = logging.getLogger(__name__)
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-class SharedExclusiveLock:
-    """Many holders in shared mode, or one in exclusive mode; waiting exclusive holders go first.
-
-    Decoding passes share the model; the attention read's kernel switch needs it alone (so a read
-    waits for the decodes in flight, and decodes arriving meanwhile wait for the read). Not
-    re-entrant: a holder must not ask again.
-    """
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._shared = 0
-        self._exclusive = False
-        self._waiting = 0
-
-    @contextmanager
-    def shared(self):
-        with self._cond:
-            while self._exclusive or self._waiting:
-                self._cond.wait()
-            self._shared += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._shared -= 1
-                if not self._shared:
-                    self._cond.notify_all()
-
-    @contextmanager
-    def exclusive(self):
-        with self._cond:
-            self._waiting += 1
-            while self._exclusive or self._shared:
-                self._cond.wait()
-            self._waiting -= 1
-            self._exclusive = True
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._exclusive = False
-                self._cond.notify_all()
-
-
-class ModelLoadError(RuntimeError):
-    """The configured model could not be loaded; the message says where it looked."""
-
-
-def resolve_model_path(path: str, search_roots: Sequence[Path] = ()) -> str:
-    """A local directory (absolute, cwd-relative, or relative to one of `search_roots`) or a hub id."""
-    candidate = Path(path).expanduser()
-    if candidate.is_dir():
-        return str(candidate.resolve())
-    if not candidate.is_absolute():
-        for root in search_roots:
-            if (root / candidate).is_dir():
-                return str((root / candidate).resolve())
-    return path
 
 
 def expand_prompt(
@@ -129,7 +73,7 @@ class LlavaBackend(VLMBackend):
         self.cls_tokens = 1 if cfg.vision_feature_select_strategy == "full" else 0
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
-        self.eos_ids = frozenset(self._eos_ids())
+        self.eos_ids = frozenset(eos_ids(model, tokenizer))
         pad = tokenizer.pad_token_id
         self.pad_token_id = pad if pad is not None else min(self.eos_ids, default=0)
         # Fast kernels (sdpa) return no attention maps: the attention read then switches the model
@@ -138,9 +82,7 @@ class LlavaBackend(VLMBackend):
         self._kernels = SharedExclusiveLock()
         self.set_attn_implementation(config.attn_implementation)
         # Texts the tokenizer turns into control tokens (BOS/EOS/PAD/UNK and added special tokens).
-        self._control_tokens = sorted(
-            {t for t in tokenizer.all_special_tokens if t and len(t) > 1}, key=len, reverse=True
-        )
+        self._control_tokens = control_tokens(tokenizer)
         self.info = BackendInfo(
             model_name=name,
             encoder_size=(int(vision.image_size), int(vision.image_size)),
@@ -156,10 +98,7 @@ class LlavaBackend(VLMBackend):
         """Decode with `implementation` ("eager" or "sdpa"). The decoder runs it through a wrapper
         that can read the prompt's last-row attention during a decode's prefill
         (collab.backends.capture); the vision tower runs it as it is."""
-        self.config.attn_implementation = implementation
-        self.model.set_attn_implementation(
-            {"text_config": capture.capturing_name(implementation), "vision_config": implementation}
-        )
+        set_capturing_attention(self.model, self.config, implementation)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -169,49 +108,24 @@ class LlavaBackend(VLMBackend):
         `local_files_only` (default on) means nothing is downloaded at run time: a hub id works
         only if it is already in the local cache.
         """
-        from transformers import AutoImageProcessor, AutoTokenizer, LlavaForConditionalGeneration
+        from transformers import LlavaForConditionalGeneration
 
-        if config.num_threads:
-            torch.set_num_threads(config.num_threads)
-        path = resolve_model_path(config.path, search_roots)
-        kwargs = {"local_files_only": config.local_files_only}
-        try:
-            model = LlavaForConditionalGeneration.from_pretrained(
-                path, dtype=_DTYPES[config.dtype], attn_implementation=config.attn_implementation, **kwargs
-            )
-            tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-            image_processor = AutoImageProcessor.from_pretrained(path, **kwargs)
-        except (OSError, ValueError) as exc:
-            where = f"directory {path}" if Path(path).is_dir() else f"hub id or path {path!r} (no such directory)"
-            raise ModelLoadError(f"cannot load a LLaVA model from {where}: {exc}") from exc
-        model.to(config.device)
-        return cls(model, tokenizer, image_processor, config, name=Path(path).name or path)
-
-    def _eos_ids(self) -> list[int]:
-        eos = self.model.generation_config.eos_token_id
-        if eos is None:
-            eos = self.tokenizer.eos_token_id
-        if eos is None:
-            return []
-        return list(eos) if isinstance(eos, (list, tuple)) else [int(eos)]
+        model, tokenizer, image_processor, name = load_pretrained(
+            LlavaForConditionalGeneration, config, search_roots, "a LLaVA model"
+        )
+        return cls(model, tokenizer, image_processor, config, name=name)
 
     # ------------------------------------------------------------------ prompts
     def check_question(self, question: str) -> None:
         """Refuse what would change the prompt's structure rather than neutralise it: a client that
         sends "</s>" or "<image>" gets told, instead of an answer to a question it did not ask."""
-        if not question.strip(UNICODE_WHITESPACE):
-            raise InvalidQuestion("empty", "the question is empty")
-        for token in (self.config.image_placeholder, self.image_token):
-            if token in question:
-                raise InvalidQuestion("placeholder", f"the question must not contain the image token {token!r}")
-        for token in self._control_tokens:
-            if token in question:
-                raise InvalidQuestion("special_token", f"the question must not contain the control token {token!r}")
-        n = len(self.tokenizer(question, add_special_tokens=False)["input_ids"])
-        if n > self.config.max_question_tokens:
-            raise InvalidQuestion(
-                "too_long", f"the question is {n} tokens; at most {self.config.max_question_tokens} are accepted"
-            )
+        refuse_question(
+            question,
+            self.tokenizer,
+            self.config,
+            (self.config.image_placeholder, self.image_token),
+            self._control_tokens,
+        )
 
     def prompt_ids(self, template: str, question: str, n_images: int) -> torch.Tensor:
         """Token ids of the filled template, each image placeholder expanded to its visual tokens."""

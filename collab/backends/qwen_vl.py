@@ -25,15 +25,21 @@ from collab.attention import query_rows as select_query_rows
 from collab.attention import resolve_layer, to_grid, visual_attention
 from collab.backends import capture
 from collab.backends.base import (
-    UNICODE_WHITESPACE,
     AttentionRequest,
     BackendInfo,
     DecodeRequest,
     Generation,
-    InvalidQuestion,
     VLMBackend,
 )
-from collab.backends.llava import _DTYPES, ModelLoadError, SharedExclusiveLock, resolve_model_path
+from collab.backends.hf import (
+    ModelLoadError,
+    SharedExclusiveLock,
+    control_tokens,
+    eos_ids,
+    load_pretrained,
+    refuse_question,
+    set_capturing_attention,
+)
 from collab.config import ModelConfig
 from collab.uncertainty import answer_length, token_scores
 
@@ -69,13 +75,11 @@ class QwenVLBackend(VLMBackend):
             )
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
-        self.eos_ids = frozenset(self._eos_ids())
+        self.eos_ids = frozenset(eos_ids(model, tokenizer))
         pad = tokenizer.pad_token_id
         self.pad_token_id = pad if pad is not None else min(self.eos_ids, default=0)
         self._kernels = SharedExclusiveLock()
-        self._control_tokens = sorted(
-            {t for t in tokenizer.all_special_tokens if t and len(t) > 1}, key=len, reverse=True
-        )
+        self._control_tokens = control_tokens(tokenizer)
         rows = side // unit
         self.grid_thw = (1, side // self.patch, side // self.patch)
         self.info = BackendInfo(
@@ -92,59 +96,26 @@ class QwenVLBackend(VLMBackend):
 
     def set_attn_implementation(self, implementation: str) -> None:
         """As LlavaBackend: the decoder through the capture wrapper, the vision tower as it is."""
-        self.config.attn_implementation = implementation
-        self.model.set_attn_implementation(
-            {"text_config": capture.capturing_name(implementation), "vision_config": implementation}
-        )
+        set_capturing_attention(self.model, self.config, implementation)
 
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(cls, config: ModelConfig, search_roots: Sequence[Path] = ()) -> QwenVLBackend:
         """Load with transformers' from_pretrained from a local directory or a hub id (cached only,
         unless `local_files_only` is off)."""
-        from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+        from transformers import AutoModelForImageTextToText
 
-        if config.num_threads:
-            torch.set_num_threads(config.num_threads)
-        path = resolve_model_path(config.path, search_roots)
-        kwargs = {"local_files_only": config.local_files_only}
-        try:
-            model = AutoModelForImageTextToText.from_pretrained(
-                path, dtype=_DTYPES[config.dtype], attn_implementation=config.attn_implementation, **kwargs
-            )
-            tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-            image_processor = AutoImageProcessor.from_pretrained(path, **kwargs)
-        except (OSError, ValueError) as exc:
-            where = f"directory {path}" if Path(path).is_dir() else f"hub id or path {path!r} (no such directory)"
-            raise ModelLoadError(f"cannot load a Qwen-VL model from {where}: {exc}") from exc
+        model, tokenizer, image_processor, name = load_pretrained(
+            AutoModelForImageTextToText, config, search_roots, "a Qwen-VL model"
+        )
         if model.config.model_type not in FAMILIES:
-            raise ModelLoadError(f"{path}: model type {model.config.model_type!r}; this backend runs {FAMILIES}")
-        model.to(config.device)
-        return cls(model, tokenizer, image_processor, config, name=Path(path).name or path)
-
-    def _eos_ids(self) -> list[int]:
-        eos = self.model.generation_config.eos_token_id
-        if eos is None:
-            eos = self.tokenizer.eos_token_id
-        if eos is None:
-            return []
-        return list(eos) if isinstance(eos, (list, tuple)) else [int(eos)]
+            raise ModelLoadError(f"{config.path}: model type {model.config.model_type!r}; this backend runs {FAMILIES}")
+        return cls(model, tokenizer, image_processor, config, name=name)
 
     # ------------------------------------------------------------------ prompts
     def check_question(self, question: str) -> None:
-        if not question.strip(UNICODE_WHITESPACE):
-            raise InvalidQuestion("empty", "the question is empty")
-        for token in (self.config.image_placeholder, IMAGE_PAD, VISION_START, VISION_END):
-            if token in question:
-                raise InvalidQuestion("placeholder", f"the question must not contain the image token {token!r}")
-        for token in self._control_tokens:
-            if token in question:
-                raise InvalidQuestion("special_token", f"the question must not contain the control token {token!r}")
-        n = len(self.tokenizer(question, add_special_tokens=False)["input_ids"])
-        if n > self.config.max_question_tokens:
-            raise InvalidQuestion(
-                "too_long", f"the question is {n} tokens; at most {self.config.max_question_tokens} are accepted"
-            )
+        image_tokens = (self.config.image_placeholder, IMAGE_PAD, VISION_START, VISION_END)
+        refuse_question(question, self.tokenizer, self.config, image_tokens, self._control_tokens)
 
     def prompt_ids(self, template: str, question: str, n_images: int) -> torch.Tensor:
         """The filled template, each image placeholder expanded as the Qwen processor does it:
