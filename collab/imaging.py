@@ -8,6 +8,7 @@ included.
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -207,6 +208,27 @@ def decode_image(data: bytes) -> Image.Image:
 def round_trip(image: Image.Image, fmt: ImageFormat = "jpeg", quality: int = 90) -> Image.Image:
     """What the server sees of an image the edge sends: encoded as the edge would, then decoded."""
     return decode_image(encode_image(image, fmt, quality).data)
+
+
+def budget_size(original_size: tuple[int, int], unit: int, max_tokens: int, min_tokens: int = 4) -> tuple[int, int]:
+    """(width, height) of an image at a visual-token budget, as Qwen-VL's processor sizes it
+    (transformers' `smart_resize`): both sides multiples of `unit` (patch x merge), the aspect ratio
+    kept as closely as that allows, between min_tokens and max_tokens units of unit x unit pixels.
+    Pure arithmetic, so an edge computes the size the server expects without the model."""
+    width, height = (int(v) for v in original_size)
+    if width < 1 or height < 1 or unit < 1 or not 1 <= min_tokens <= max_tokens:
+        raise ValueError(f"bad budget: size {original_size}, unit {unit}, tokens {min_tokens}..{max_tokens}")
+    if max(width, height) / min(width, height) > 200:
+        raise ValueError(f"aspect ratio over 200: {width}x{height}")
+    max_pixels, min_pixels = max_tokens * unit * unit, min_tokens * unit * unit
+    h, w = round(height / unit) * unit, round(width / unit) * unit
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h, w = max(unit, math.floor(height / beta / unit) * unit), max(unit, math.floor(width / beta / unit) * unit)
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h, w = math.ceil(height * beta / unit) * unit, math.ceil(width * beta / unit) * unit
+    return w, h
 
 
 def global_payload(

@@ -129,3 +129,28 @@ def test_server_global_from_an_uploaded_original():
             server_global(Image.new("RGB", size), (96, 96), declared, "resize")
         assert info.value.reason == "size"
     assert upload_cap((96, 96), 8 * 2**20) == 3 * 96 * 96 + 256 * 1024 and upload_cap((96, 96), 1000) == 1000
+
+
+def test_budget_size_is_qwen_vls_own_resize():
+    """collab.imaging.budget_size == transformers' smart_resize (which the Qwen-VL processor applies),
+    on photo sizes from thumbnails to 48 MP and strong aspect ratios, at two budgets."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    from collab.imaging import budget_size
+
+    @settings(max_examples=300, deadline=None, derandomize=True, database=None)
+    @given(st.integers(8, 8000), st.integers(8, 8000), st.sampled_from([(28, 256), (32, 1024), (28, 1280)]))
+    def check(width, height, budget):
+        unit, tokens = budget
+        if max(width, height) / min(width, height) > 200:
+            return
+        want_h, want_w = smart_resize(
+            height, width, factor=unit, min_pixels=4 * unit * unit, max_pixels=tokens * unit * unit
+        )
+        w, h = budget_size((width, height), unit, tokens)
+        assert (w, h) == (want_w, want_h)
+        assert w % unit == 0 and h % unit == 0 and 4 <= (w // unit) * (h // unit) <= tokens
+
+    check()
