@@ -38,6 +38,7 @@ def plot_log(path: Path, out: Path, layer: int | None = None, mode: str = "rel")
         ("object_shape_acc", "object shape (pooled tokens)"),
         ("object_patch_shape_acc", "per-patch shape"),
         ("object_patch_color_acc", "per-patch colour"),
+        ("legible_object_digit_acc", "object digit, legible scenes (pooled tokens)"),
     ):
         pts = [(r["step"], r[key]) for r in tower if key in r and r[key] == r[key]]
         if pts:
