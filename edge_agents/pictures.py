@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from collab.imaging import decode_image
 from edge_agents.client import EdgeImaging, EdgeResult, global_upload, local_upload
@@ -84,9 +84,10 @@ def query_png(view: QueryView, info: dict, imaging: EdgeImaging, path: str | Pat
     for i, im in enumerate(side):
         canvas.paste(im, (boxed.width + 16, 8 + i * (thumb + 8)))
     draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default(size=13)  # Pillow's bundled TrueType font (its bitmap one squeezes spaces)
     y = max(boxed.height, len(side) * (thumb + 8)) + 12
     for text in caption:
-        draw.text((8, y), text, fill=(0, 0, 0))
+        draw.text((8, y), text, fill=(0, 0, 0), font=font)
         y += line_h
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
