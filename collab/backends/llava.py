@@ -11,34 +11,25 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from collab.attention import query_rows as select_query_rows
-from collab.attention import resolve_layer, to_grid, visual_attention
 from collab.backends import capture
 from collab.backends.base import (
     AttentionRequest,
-    BackendInfo,
     DecodeRequest,
     Generation,
-    VLMBackend,
 )
 from collab.backends.hf import (
     ModelLoadError,
-    SharedExclusiveLock,
-    control_tokens,
-    eos_ids,
+    TransformersBackend,
     load_pretrained,
     refuse_question,
-    set_capturing_attention,
 )
 from collab.config import ModelConfig
-from collab.uncertainty import answer_length, token_scores
 
 log = logging.getLogger(__name__)
 
@@ -55,50 +46,21 @@ def expand_prompt(
     return template.replace(placeholder, image_token * tokens_per_image).replace("{question}", question)
 
 
-class LlavaBackend(VLMBackend):
+class LlavaBackend(TransformersBackend):
     """A loaded LLaVA model, tokenizer and image processor, split for the two-stage protocol."""
 
     def __init__(self, model, tokenizer, image_processor, config: ModelConfig, name: str = "llava"):
-        self.model = model.eval()
-        self.tokenizer = tokenizer
-        self.image_processor = image_processor
-        self.config = config
+        super().__init__(model, tokenizer, image_processor, config)
         cfg = model.config
-        self.image_token_id = int(cfg.image_token_id)
         self.image_token = tokenizer.convert_ids_to_tokens(self.image_token_id)
         if self.image_token is None or self.image_token == tokenizer.unk_token:
             raise ModelLoadError(f"tokenizer has no token for image_token_id={self.image_token_id}")
         vision = cfg.vision_config
         side = int(vision.image_size) // int(vision.patch_size)
         self.cls_tokens = 1 if cfg.vision_feature_select_strategy == "full" else 0
-        self.device = next(model.parameters()).device
-        self.dtype = next(model.parameters()).dtype
-        self.eos_ids = frozenset(eos_ids(model, tokenizer))
-        pad = tokenizer.pad_token_id
-        self.pad_token_id = pad if pad is not None else min(self.eos_ids, default=0)
-        # Fast kernels (sdpa) return no attention maps: the attention read then switches the model
-        # to eager for its own pass. The switch is model-wide: decoding passes hold the model
-        # shared, the switched pass holds it alone.
-        self._kernels = SharedExclusiveLock()
+        size = (int(vision.image_size), int(vision.image_size))
+        self.info = self._info(name, size, (side, side), side * side + self.cls_tokens)
         self.set_attn_implementation(config.attn_implementation)
-        # Texts the tokenizer turns into control tokens (BOS/EOS/PAD/UNK and added special tokens).
-        self._control_tokens = control_tokens(tokenizer)
-        self.info = BackendInfo(
-            model_name=name,
-            encoder_size=(int(vision.image_size), int(vision.image_size)),
-            grid=(side, side),
-            tokens_per_image=side * side + self.cls_tokens,
-            num_layers=int(cfg.text_config.num_hidden_layers),
-            hidden_size=int(cfg.text_config.hidden_size),
-            device=str(self.device),
-            dtype=str(self.dtype).replace("torch.", ""),
-        )
-
-    def set_attn_implementation(self, implementation: str) -> None:
-        """Decode with `implementation` ("eager" or "sdpa"). The decoder runs it through a wrapper
-        that can read the prompt's last-row attention during a decode's prefill
-        (collab.backends.capture); the vision tower runs it as it is."""
-        set_capturing_attention(self.model, self.config, implementation)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -175,32 +137,6 @@ class LlavaBackend(VLMBackend):
         features = out.pooler_output if hasattr(out, "pooler_output") else out
         return torch.stack(list(features))
 
-    @property
-    def _switch_for_maps(self) -> bool:
-        return self.config.attn_implementation != "eager"
-
-    @contextmanager
-    def _eager_attention(self):
-        """Eager attention (which returns maps) in the decoder for the duration of one pass.
-
-        Only the decoder switches (the vision tower keeps its kernels), and the decoder's previous
-        setting is restored whatever happens. Not re-entrant: never decode inside this block.
-        """
-        if not self._switch_for_maps:
-            yield
-            return
-        text = self.model.config.text_config
-        with self._kernels.exclusive():
-            previous = text._attn_implementation
-            try:
-                self.model.set_attn_implementation({"text_config": "eager"})
-                yield
-            finally:
-                self.model.set_attn_implementation({"text_config": previous})
-
-    def _configured_kernels(self):
-        return self._kernels.shared() if self._switch_for_maps else nullcontext()
-
     def _left_padded(self, prompts: Sequence[tuple[torch.Tensor, torch.Tensor]]):
         """(ids, embeds) per request -> left-padded batch: embeds, attention mask, position ids,
         and each row's pad count. Padded rows see the same positions and keys as alone."""
@@ -222,33 +158,14 @@ class LlavaBackend(VLMBackend):
             return []
         prompts = []
         for r in requests:
-            if len(r.features) not in (1, 2):
-                raise ValueError(f"expected 1 (global) or 2 (global, local) images, got {len(r.features)}")
-            template = self.config.prompt_template if len(r.features) == 1 else self.config.refine_template
-            ids = self.prompt_ids(template, r.question, len(r.features))
+            ids = self.prompt_ids(self._template(len(r.features)), r.question, len(r.features))
             prompts.append((ids, self.merge_embeddings(ids, r.features)))
         embeds, mask, _, offsets = self._left_padded(prompts)
-        n_layers = self.info.num_layers
-        layers = sorted({resolve_layer(layer, n_layers) for r in requests for layer in r.capture_layers})
+        layers = self._capture_layers([layer for r in requests for layer in r.capture_layers])
         with self._configured_kernels(), capture.capture(layers) as captured:
             out = self._generate(mask, embeds)
-        out_logits = torch.stack(out.logits, dim=1).float().cpu()  # (batch, steps, vocab)
-        results = []
-        for i, (r, (ids, _)) in enumerate(zip(requests, prompts)):
-            sequence = out.sequences[i].tolist()
-            n_answer = answer_length(sequence, self.eos_ids)
-            kept = sequence[: n_answer + 1]  # through the first EOS, as an unbatched decode stops there
-            logits = out_logits[i, : len(kept)]
-            answer = self.tokenizer.decode(kept[:n_answer], skip_special_tokens=True).strip()
-            maps = {}
-            if r.capture_layers:
-                visual = self._visual_positions(ids, offsets[i])
-                for layer in r.capture_layers:
-                    got = captured.maps.get(resolve_layer(layer, n_layers))
-                    if got is not None:  # absent if the decoder bypassed the wrapper: a caller then reads it in a pass
-                        maps[layer] = to_grid(got[i][visual.to(got.device)].cpu(), self.info.grid)
-            results.append(Generation(answer, kept, n_answer, logits, token_scores(logits), maps))
-        return results
+        # from inputs_embeds, generate returns the new tokens only
+        return self._generations(out.sequences, out.logits, requests, [ids for ids, _ in prompts], offsets, captured)
 
     def _generate(self, mask: torch.Tensor, embeds: torch.Tensor):
         return self.model.generate(
@@ -267,20 +184,6 @@ class LlavaBackend(VLMBackend):
         positions = (prompt_ids[0] == self.image_token_id).nonzero().flatten()[self.cls_tokens :]
         return positions[: self.info.tokens_per_image - self.cls_tokens] + offset
 
-    @torch.inference_mode()
-    def attention_grids_batch(
-        self, requests: Sequence[AttentionRequest], layers: Sequence[int], query_rows: str
-    ) -> list[list[np.ndarray]]:
-        """`last_input` rows: one batched forward with the configured kernel, the row read by the
-        capture wrapper (no attention matrices are materialised). `answer`/`all` rows need every
-        answer row's full map: eager passes with output_attentions, one request at a time (at
-        LLaVA-7B size those maps are ~0.8 GB a request)."""
-        if not requests:
-            return []
-        if query_rows == "last_input":
-            return self._last_input_grids(requests, layers)
-        return [self._eager_grids(r, layers, query_rows) for r in requests]
-
     def _last_input_grids(self, requests: Sequence[AttentionRequest], layers: Sequence[int]) -> list[list[np.ndarray]]:
         # answer ids come after the last input row: causally they cannot change it, so they are left out
         prompts = []
@@ -288,45 +191,23 @@ class LlavaBackend(VLMBackend):
             ids = self.prompt_ids(self.config.prompt_template, r.question, 1)
             prompts.append((ids, self.merge_embeddings(ids, [r.features])))
         embeds, mask, positions, offsets = self._left_padded(prompts)
-        resolved = [resolve_layer(layer, self.info.num_layers) for layer in layers]
-        with self._configured_kernels(), capture.capture(resolved) as captured:
+        with self._configured_kernels(), capture.capture(self._capture_layers(layers)) as captured:
             self.model(
                 inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False, logits_to_keep=1
             )
-        missing = set(resolved) - set(captured.maps)
-        if missing:
-            raise RuntimeError(
-                f"no attention captured at layers {sorted(missing)}: the decoder bypassed the capture wrapper"
-            )
-        grids = []
-        for i, ((ids, _), offset) in enumerate(zip(prompts, offsets)):
-            visual = self._visual_positions(ids, offset)
-            grids.append(
-                [
-                    to_grid(captured.maps[layer][i][visual.to(captured.maps[layer].device)].cpu(), self.info.grid)
-                    for layer in resolved
-                ]
-            )
-        return grids
+        self._require_captured(captured, layers)
+        return [
+            self._grids_in_order(captured, layers, i, ids, offset)
+            for i, ((ids, _), offset) in enumerate(zip(prompts, offsets))
+        ]
 
-    @torch.inference_mode()
-    def _eager_grids(self, r: AttentionRequest, layers: Sequence[int], query_rows: str) -> list[np.ndarray]:
-        prompt = self.prompt_ids(self.config.prompt_template, r.question, 1)
-        answer = torch.as_tensor(list(r.answer_ids), dtype=torch.long, device=self.device).reshape(1, -1)
+    def _eager_pass(self, prompt: torch.Tensor, answer: torch.Tensor, features: torch.Tensor):
         ids = torch.cat([prompt, answer], dim=1)
-        embeds = self.merge_embeddings(ids, [r.features], prompt_len=prompt.shape[1])
-        with self._eager_attention():
-            out = self.model(
-                inputs_embeds=embeds,
-                attention_mask=torch.ones_like(ids),
-                output_attentions=True,
-                use_cache=False,
-                logits_to_keep=1,
-            )
-        if not out.attentions or out.attentions[0] is None:
-            raise RuntimeError(
-                f"the model returned no attention maps (configured attention: {self.config.attn_implementation!r})"
-            )
-        rows = select_query_rows(prompt.shape[1], answer.shape[1], query_rows)
-        visual = self._visual_positions(prompt)
-        return [to_grid(visual_attention(out.attentions, layer, rows, visual), self.info.grid) for layer in layers]
+        embeds = self.merge_embeddings(ids, [features], prompt_len=prompt.shape[1])
+        return self.model(
+            inputs_embeds=embeds,
+            attention_mask=torch.ones_like(ids),
+            output_attentions=True,
+            use_cache=False,
+            logits_to_keep=1,
+        )

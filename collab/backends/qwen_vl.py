@@ -21,27 +21,19 @@ import numpy as np
 import torch
 from PIL import Image
 
-from collab.attention import query_rows as select_query_rows
-from collab.attention import resolve_layer, to_grid, visual_attention
 from collab.backends import capture
 from collab.backends.base import (
     AttentionRequest,
-    BackendInfo,
     DecodeRequest,
     Generation,
-    VLMBackend,
 )
 from collab.backends.hf import (
     ModelLoadError,
-    SharedExclusiveLock,
-    control_tokens,
-    eos_ids,
+    TransformersBackend,
     load_pretrained,
     refuse_question,
-    set_capturing_attention,
 )
 from collab.config import ModelConfig
-from collab.uncertainty import answer_length, token_scores
 
 VISION_START, VISION_END, IMAGE_PAD = "<|vision_start|>", "<|vision_end|>", "<|image_pad|>"
 FAMILIES = ("qwen2_5_vl", "qwen3_vl")
@@ -55,17 +47,12 @@ class QwenPixels:
     grid_thw: torch.Tensor  # (images, 3): temporal, height and width in patches
 
 
-class QwenVLBackend(VLMBackend):
+class QwenVLBackend(TransformersBackend):
     """A loaded Qwen2.5-VL or Qwen3-VL model, tokenizer and image processor, split for the two-stage protocol."""
 
     def __init__(self, model, tokenizer, image_processor, config: ModelConfig, name: str = "qwen2.5-vl"):
-        self.model = model.eval()
-        self.tokenizer = tokenizer
-        self.image_processor = image_processor
-        self.config = config
-        cfg = model.config
-        self.image_token_id = int(cfg.image_token_id)
-        vision = cfg.vision_config
+        super().__init__(model, tokenizer, image_processor, config)
+        vision = model.config.vision_config
         self.patch, self.merge = int(vision.patch_size), int(vision.spatial_merge_size)
         side = config.encoder_size or 448
         unit = self.patch * self.merge
@@ -73,30 +60,10 @@ class QwenVLBackend(VLMBackend):
             raise ModelLoadError(
                 f"model.encoder_size {side} must be a multiple of {unit} (patch x merge) for this model"
             )
-        self.device = next(model.parameters()).device
-        self.dtype = next(model.parameters()).dtype
-        self.eos_ids = frozenset(eos_ids(model, tokenizer))
-        pad = tokenizer.pad_token_id
-        self.pad_token_id = pad if pad is not None else min(self.eos_ids, default=0)
-        self._kernels = SharedExclusiveLock()
-        self._control_tokens = control_tokens(tokenizer)
         rows = side // unit
         self.grid_thw = (1, side // self.patch, side // self.patch)
-        self.info = BackendInfo(
-            model_name=name,
-            encoder_size=(side, side),
-            grid=(rows, rows),
-            tokens_per_image=rows * rows,
-            num_layers=int(cfg.text_config.num_hidden_layers),
-            hidden_size=int(cfg.text_config.hidden_size),
-            device=str(self.device),
-            dtype=str(self.dtype).replace("torch.", ""),
-        )
+        self.info = self._info(name, (side, side), (rows, rows), rows * rows)
         self.set_attn_implementation(config.attn_implementation)
-
-    def set_attn_implementation(self, implementation: str) -> None:
-        """As LlavaBackend: the decoder through the capture wrapper, the vision tower as it is."""
-        set_capturing_attention(self.model, self.config, implementation)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -154,9 +121,6 @@ class QwenVLBackend(VLMBackend):
         layers = [torch.stack(list(per_image)) for per_image in deepstack]  # each (images, tokens, hidden)
         return torch.stack([merged, *layers], dim=1)  # (images, 1 + deepstack layers, tokens, hidden)
 
-    def _configured_kernels(self):
-        return self._kernels.shared()
-
     def _batch(self, prompts: Sequence[torch.Tensor], features: Sequence[torch.Tensor]) -> dict:
         """Left-padded ids, mask, and the multimodal inputs transformers takes instead of pixels."""
         from transformers.modeling_outputs import BaseModelOutputWithPooling
@@ -200,16 +164,10 @@ class QwenVLBackend(VLMBackend):
     def generate_batch(self, requests: Sequence[DecodeRequest]) -> list[Generation]:
         if not requests:
             return []
-        prompts, features = [], []
-        for r in requests:
-            if len(r.features) not in (1, 2):
-                raise ValueError(f"expected 1 (global) or 2 (global, local) images, got {len(r.features)}")
-            template = self.config.prompt_template if len(r.features) == 1 else self.config.refine_template
-            prompts.append(self.prompt_ids(template, r.question, len(r.features)))
-            features.extend(r.features)
-        batch = self._batch(prompts, features)
+        prompts = [self.prompt_ids(self._template(len(r.features)), r.question, len(r.features)) for r in requests]
+        batch = self._batch(prompts, [f for r in requests for f in r.features])
         offsets, width = batch.pop("offsets"), batch["input_ids"].shape[1]
-        layers = sorted({resolve_layer(layer, self.info.num_layers) for r in requests for layer in r.capture_layers})
+        layers = self._capture_layers([layer for r in requests for layer in r.capture_layers])
         with self._configured_kernels(), capture.capture(layers) as captured:
             out = self.model.generate(
                 **batch,
@@ -220,57 +178,22 @@ class QwenVLBackend(VLMBackend):
                 return_dict_in_generate=True,
                 pad_token_id=self.pad_token_id,
             )
-        out_logits = torch.stack(out.logits, dim=1).float().cpu()
-        results = []
-        for i, (r, ids) in enumerate(zip(requests, prompts)):
-            sequence = out.sequences[i, width:].tolist()
-            n_answer = answer_length(sequence, self.eos_ids)
-            kept = sequence[: n_answer + 1]
-            logits = out_logits[i, : len(kept)]
-            answer = self.tokenizer.decode(kept[:n_answer], skip_special_tokens=True).strip()
-            maps = {}
-            if r.capture_layers:
-                visual = self._visual_positions(ids, offsets[i])
-                for layer in r.capture_layers:
-                    got = captured.maps.get(resolve_layer(layer, self.info.num_layers))
-                    if got is not None:
-                        maps[layer] = to_grid(got[i][visual.to(got.device)].cpu(), self.info.grid)
-            results.append(Generation(answer, kept, n_answer, logits, token_scores(logits), maps))
-        return results
+        # from input_ids, generate returns the prompt too
+        return self._generations(out.sequences[:, width:], out.logits, requests, prompts, offsets, captured)
 
-    @torch.inference_mode()
-    def attention_grids_batch(
-        self, requests: Sequence[AttentionRequest], layers: Sequence[int], query_rows: str
-    ) -> list[list[np.ndarray]]:
-        if not requests:
-            return []
-        if query_rows == "last_input":
-            prompts = [self.prompt_ids(self.config.prompt_template, r.question, 1) for r in requests]
-            batch = self._batch(prompts, [r.features for r in requests])
-            offsets = batch.pop("offsets")
-            resolved = [resolve_layer(layer, self.info.num_layers) for layer in layers]
-            with self._configured_kernels(), capture.capture(resolved) as captured:
-                self.model(**batch, use_cache=False, logits_to_keep=1)
-            grids = []
-            for i, (ids, offset) in enumerate(zip(prompts, offsets)):
-                visual = self._visual_positions(ids, offset)
-                grids.append([to_grid(captured.maps[layer][i][visual].cpu(), self.info.grid) for layer in resolved])
-            return grids
-        return [self._eager_grids(r, layers, query_rows) for r in requests]
+    def _last_input_grids(self, requests: Sequence[AttentionRequest], layers: Sequence[int]) -> list[list[np.ndarray]]:
+        prompts = [self.prompt_ids(self.config.prompt_template, r.question, 1) for r in requests]
+        batch = self._batch(prompts, [r.features for r in requests])
+        offsets = batch.pop("offsets")
+        with self._configured_kernels(), capture.capture(self._capture_layers(layers)) as captured:
+            self.model(**batch, use_cache=False, logits_to_keep=1)
+        self._require_captured(captured, layers)
+        return [
+            self._grids_in_order(captured, layers, i, ids, offset)
+            for i, (ids, offset) in enumerate(zip(prompts, offsets))
+        ]
 
-    @torch.inference_mode()
-    def _eager_grids(self, r: AttentionRequest, layers: Sequence[int], query_rows: str) -> list[np.ndarray]:
-        prompt = self.prompt_ids(self.config.prompt_template, r.question, 1)
-        answer = torch.as_tensor(list(r.answer_ids), dtype=torch.long, device=self.device).reshape(1, -1)
-        batch = self._batch([torch.cat([prompt, answer], dim=1)], [r.features])
+    def _eager_pass(self, prompt: torch.Tensor, answer: torch.Tensor, features: torch.Tensor):
+        batch = self._batch([torch.cat([prompt, answer], dim=1)], [features])
         batch.pop("offsets")
-        with self._kernels.exclusive():
-            previous = self.model.config.text_config._attn_implementation
-            try:
-                self.model.set_attn_implementation({"text_config": "eager"})
-                out = self.model(**batch, output_attentions=True, use_cache=False, logits_to_keep=1)
-            finally:
-                self.model.set_attn_implementation({"text_config": previous})
-        rows = select_query_rows(prompt.shape[1], answer.shape[1], query_rows)
-        visual = self._visual_positions(prompt)
-        return [to_grid(visual_attention(out.attentions, layer, rows, visual), self.info.grid) for layer in layers]
+        return self.model(**batch, output_attentions=True, use_cache=False, logits_to_keep=1)
