@@ -157,8 +157,11 @@ def test_n_objects_and_clutter_controls():
     assert len(one.objects) == 1
     assert {q.qtype for q in syn.questions_for_scene(one)} == {"number", "color", "shape", "count"}
     assert len(syn.make_scene(0, 0, n_objects=5).objects) == 5
+    crowded = syn.make_scene(0, 0, n_objects=syn.TRAIN_MAX_OBJECTS)  # training only
+    assert len(crowded.objects) == syn.TRAIN_MAX_OBJECTS
+    assert min(o.box[2] - o.box[0] for o in crowded.objects) >= 0.2 * max(crowded.width, crowded.height)
     with pytest.raises(ValueError):
-        syn.make_scene(0, 0, n_objects=6)
+        syn.make_scene(0, 0, n_objects=syn.TRAIN_MAX_OBJECTS + 1)
 
 
 def test_all_digits_render_differently():

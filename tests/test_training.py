@@ -252,6 +252,25 @@ def test_streams_draw_two_or_more_objects_past_the_first_curriculum_step():
     assert all(2 <= n <= 5 for s in range(2, 6) for n in counts[s])
 
 
+def test_global_only_batches_can_be_crowded_while_crop_batches_follow_the_curriculum():
+    import collab.training.data as data
+
+    tok = build_tokenizer(VOCABULARY)
+    stream = BatchStream(toy_spec(), tok, 6, 1, [[None, 3]], 0.5, global_objects=(6, 8))
+    seen = {"global": [], "local": []}
+    original = data.draw_scene
+    data.draw_scene = lambda rng, spec, n, kind: seen[kind].append(n) or original(rng, spec, n, kind)
+    try:
+        for step in range(8):
+            stream.batch(step)
+    finally:
+        data.draw_scene = original
+    assert seen["global"] and seen["local"]
+    assert all(6 <= n <= 8 for n in seen["global"]) and all(2 <= n <= 3 for n in seen["local"])
+    with pytest.raises(ConfigError, match="global_objects"):
+        load_recipe(None, {"vlm": {"global_objects": [3, 9]}})
+
+
 def test_scale_curriculum_promotes_only_when_reading():
     c = ScaleCurriculum(start=2.5, end=4.5, promote_at=0.6, window=2)
     c.update(0.2), c.update(0.3)

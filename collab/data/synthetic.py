@@ -63,7 +63,8 @@ GLYPH_FRACTION = 0.12  # digit height as a fraction of the object side (+-0.01 j
 LEGIBLE_GLYPH_FRACTION = (0.40, 0.48)
 OBJECT_GAP = 12  # minimum free pixels between two object boxes
 BORDER = 8  # minimum free pixels between an object box and the image edge
-MAX_OBJECTS = 5
+MAX_OBJECTS = 5  # per benchmark scene
+TRAIN_MAX_OBJECTS = 8  # crowded training scenes (still ~3 x 3 patches an object at 96 px)
 CROSS_ARM = 0.46  # arm width of the cross as a fraction of its box side: wide enough for the digit
 
 INK_DARK = (20, 20, 20)
@@ -387,10 +388,11 @@ def render_scene(
     size: tuple[int, int] | None = None,
     legible_glyphs: bool = False,
 ) -> Scene:
-    """Draw one scene from `rng`. n_objects (1-5) defaults to 2-5 at random; clutter scales the marks;
-    legible_glyphs (training only) draws digits readable in the global image."""
-    if n_objects is not None and not 1 <= n_objects <= MAX_OBJECTS:
-        raise ValueError(f"n_objects must be in 1..{MAX_OBJECTS}, got {n_objects}")
+    """Draw one scene from `rng`. n_objects defaults to 2-5 at random (the benchmark's); training may
+    crowd up to TRAIN_MAX_OBJECTS; clutter scales the marks; legible_glyphs (training only) draws
+    digits readable in the global image."""
+    if n_objects is not None and not 1 <= n_objects <= TRAIN_MAX_OBJECTS:
+        raise ValueError(f"n_objects must be in 1..{TRAIN_MAX_OBJECTS}, got {n_objects}")
     width, height = size or IMAGE_SIZES[int(rng.integers(len(IMAGE_SIZES)))]
     n = n_objects or int(rng.integers(2, MAX_OBJECTS + 1))
     image, base = _background(rng, width, height)

@@ -183,7 +183,8 @@ def answer_loss(model, batch: dict, eos_weight: float, pixel_values: torch.Tenso
 
 
 class BatchStream(torch.utils.data.IterableDataset):
-    """Endless batches; the curriculum (objects per scene) follows the batch counter.
+    """Endless batches; the curriculum (objects per scene) follows the batch counter, except for
+    global-only batches when `global_objects` fixes their range.
 
     `scene_reuse` > 1 asks up to that many questions about each rendered scene (rendering is most
     of a batch's cost; a GPU trainer would otherwise wait on it)."""
@@ -198,6 +199,7 @@ class BatchStream(torch.utils.data.IterableDataset):
         local_fraction: float,
         start: int = 0,
         scene_reuse: int = 1,
+        global_objects: tuple[int, int] | None = None,
     ):
         super().__init__()
         if scene_reuse < 1:
@@ -205,6 +207,7 @@ class BatchStream(torch.utils.data.IterableDataset):
         self.spec, self.tokenizer, self.batch_size = spec, tokenizer, batch_size
         self.seed, self.curriculum, self.local_fraction, self.start = seed, curriculum, local_fraction, start
         self.scene_reuse = scene_reuse
+        self.global_objects = tuple(global_objects) if global_objects else None
 
     def max_objects(self, step: int) -> int:
         for until, n in self.curriculum:
@@ -219,6 +222,8 @@ class BatchStream(torch.utils.data.IterableDataset):
         top = self.max_objects(step)
         examples: list[dict] = []
         lo = 1 if top <= 2 else 2  # past the first curriculum step, scenes have 2+ objects like the benchmark's
+        if kind == "global" and self.global_objects:
+            lo, top = self.global_objects
         while len(examples) < self.batch_size:
             scene = draw_scene(rng, self.spec, int(rng.integers(lo, top + 1)), kind)
             image, asked = global_view(scene, self.spec), set()

@@ -122,10 +122,16 @@ class VLMStage(_Strict):
         default_factory=lambda: [(200, 2), (800, 3), (None, 5)],
         description="[until_step, max objects per scene]; the last entry's step is null",
     )
+    global_objects: tuple[int, int] | None = Field(
+        None,
+        description="[min, max] objects in global-only scenes from the first step, instead of the curriculum "
+        "(training only, up to 8): with many objects a bag of every object's tokens no longer tells which "
+        "shape the red one has, so answering needs the look at the named object",
+    )
 
     @model_validator(mode="after")
     def _curriculum(self) -> VLMStage:
-        from collab.data.synthetic import MAX_OBJECTS
+        from collab.data.synthetic import MAX_OBJECTS, TRAIN_MAX_OBJECTS
 
         steps = [until for until, _ in self.curriculum]
         if not steps or steps[-1] is not None or any(u is None for u in steps[:-1]):
@@ -134,6 +140,10 @@ class VLMStage(_Strict):
             raise ValueError("curriculum: until_steps must increase")
         if any(not 1 <= n <= MAX_OBJECTS for _, n in self.curriculum):
             raise ValueError(f"curriculum: objects per scene must be in 1..{MAX_OBJECTS}")
+        if self.global_objects is not None:
+            lo, hi = self.global_objects
+            if not 1 <= lo <= hi <= TRAIN_MAX_OBJECTS:
+                raise ValueError(f"global_objects: need 1 <= min <= max <= {TRAIN_MAX_OBJECTS}, got {[lo, hi]}")
         return self
 
 

@@ -35,6 +35,7 @@ def train_vlm(model, tokenizer, spec: BatchSpec, recipe: Recipe, out_dir: Path, 
         [list(c) for c in stage.curriculum],
         stage.local_fraction,
         scene_reuse=runtime.scene_reuse,
+        global_objects=stage.global_objects,
     )
     loader = TimedBatches(make_loader(stream, runtime.workers, device))
     tower = list(model.model.vision_tower.parameters())
