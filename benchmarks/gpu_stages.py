@@ -192,7 +192,7 @@ def measure(backend, layer, items, warmup, max_new_tokens, dev: Device) -> dict:
     base_ms, base_tokens, base_ids = [], [], []
     dev.reset_peak()
     for i, item in enumerate(items):
-        global_image, _ = make_global_image(item.image, backend.info.encoder_size, "resize")
+        global_image, _ = make_global_image(item.image, backend.info.global_size(item.image.size), "resize")
         global_image = round_trip(global_image, "jpeg", config.imaging.jpeg_quality)  # as ours sees it
         backend.synchronize()
         start = time.perf_counter()
@@ -265,7 +265,7 @@ def encoder_batching(backend, items, batch: int, rounds: int) -> dict:
     from benchmarks.tower import tower_rates
     from collab.imaging import make_global_image
 
-    images = [make_global_image(it.image, backend.info.encoder_size, "resize")[0] for it in items]
+    images = [make_global_image(it.image, backend.info.global_size(it.image.size), "resize")[0] for it in items]
     images = (images * (batch // len(images) + 1))[:batch]
     one, many = tower_rates(backend, backend.preprocess(images), batch, rounds)
     return {"batch": batch, "images_per_s_batch_1": one, f"images_per_s_batch_{batch}": many, "speedup": many / one}

@@ -129,10 +129,12 @@ def attention_stage_ms(backend, config, items) -> dict:
     from collab.policies import PolicySpec
 
     cfg, spec = config.attention, PolicySpec(name="always")
-    size, im = backend.info.encoder_size, config.imaging
+    im = config.imaging
     separate, captured = [], []
     for image, q, qid in items[:20]:
-        payload = global_payload(load_image(image), size, im.global_mode, im.format, im.jpeg_quality, im.pad_color)
+        original = load_image(image)
+        size = backend.info.global_size(original.size)
+        payload = global_payload(original, size, im.global_mode, im.format, im.jpeg_quality, im.pad_color)
         features = backend.encode_images([load_image(payload.data)])[0]
         first = stages.first_pass(backend, features, q, spec, qid, stages.capture_layers(cfg, [cfg.layer]))
         gen = first.generation

@@ -46,6 +46,13 @@ class ModelConfig(_Strict):
         description="qwen_vl: side of the square global and local images (a multiple of 28; default "
         "448); llava: set by the vision tower",
     )
+    max_visual_tokens: int | None = Field(
+        None,
+        ge=4,
+        description="qwen_vl: the global image's visual-token budget (after the 2x2 merge). Its size then keeps "
+        "the original's aspect ratio, both sides multiples of patch x merge (the processor's smart_resize), and "
+        "/v1/models tells the edge how to make it. None: square at encoder_size, like the local image",
+    )
     device: str = Field("cpu", description="torch device string: cpu, cuda, cuda:1, mps.")
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     attn_implementation: Literal["eager", "sdpa"] = Field(
@@ -78,6 +85,8 @@ class ModelConfig(_Strict):
         for name in ("prompt_template", "refine_template"):
             if "{question}" not in getattr(self, name):
                 raise ValueError(f"{name} must contain {{question}}")
+        if self.max_visual_tokens is not None and self.family != "qwen_vl":
+            raise ValueError("max_visual_tokens is for family qwen_vl (LLaVA's tower takes one fixed square size)")
         return self
 
 

@@ -177,26 +177,29 @@ def server_global(
     encoder_size: tuple[int, int],
     declared_original: tuple[int | None, int | None],
     mode: GlobalMode,
+    budget: GlobalBudget | None = None,
 ) -> tuple[Image.Image | None, tuple[int, int]]:
     """What a query's upload is: (None, original size) when it is already the global image, or
     (the global image the server makes, original size) when it is the original itself or a
     downscale of it (a plain client with a photo). Raises InvalidUpload("size") otherwise.
 
     The original's size defaults to the upload's; a declared original must have the upload's
-    aspect ratio (within 1 %, what rounding a downscale leaves)."""
+    aspect ratio (within 1 %, what rounding a downscale leaves). The global image is at
+    `encoder_size`, or at the budget's size for the original when the server has one."""
     width, height = upload.size
     ow, oh = declared_original
-    if upload.size == tuple(encoder_size):
-        return None, (ow or width, oh or height)
-    expected = f"send the global image at {encoder_size[0]}x{encoder_size[1]}, or the original image"
-    if width < encoder_size[0] or height < encoder_size[1]:
-        raise InvalidUpload("size", f"the image is {width}x{height}; {expected} (at least that size)")
     ow, oh = ow or width, oh or height
+    target = global_size(encoder_size, budget, (ow, oh))
+    if upload.size == target:
+        return None, (ow, oh)
+    expected = f"send the global image at {target[0]}x{target[1]} for a {ow}x{oh} original, or the original image"
+    if width < target[0] or height < target[1]:
+        raise InvalidUpload("size", f"the image is {width}x{height}; {expected} (at least that size)")
     if abs(width / height - ow / oh) > 0.01 * (ow / oh):
         raise InvalidUpload(
             "size", f"the image is {width}x{height}, not the {ow}x{oh} original's aspect ratio; {expected}"
         )
-    global_image, _ = make_global_image(upload, encoder_size, mode)
+    global_image, _ = make_global_image(upload, target, mode)
     return global_image, (ow, oh)
 
 
@@ -231,6 +234,47 @@ def budget_size(original_size: tuple[int, int], unit: int, max_tokens: int, min_
     return w, h
 
 
+@dataclass(frozen=True)
+class GlobalBudget:
+    """The global image at a visual-token budget, the original's aspect ratio kept (Qwen-VL's
+    native resolution) instead of stretched onto the encoder's square: what `budget_size` makes."""
+
+    unit: int  # patch x merge: pixels per visual token along each side
+    max_tokens: int
+    min_tokens: int = 4
+
+    def __post_init__(self) -> None:
+        if self.unit < 1 or not 1 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"bad global budget: unit {self.unit}, tokens {self.min_tokens}..{self.max_tokens}")
+
+    def size_for(self, original_size: tuple[int, int]) -> tuple[int, int]:
+        return budget_size(original_size, self.unit, self.max_tokens, self.min_tokens)
+
+
+def global_size(
+    encoder_size: tuple[int, int], budget: GlobalBudget | None, original_size: tuple[int, int]
+) -> tuple[int, int]:
+    """(width, height) of the global image for an original: the encoder's size, or the budget's."""
+    return budget.size_for(original_size) if budget else (int(encoder_size[0]), int(encoder_size[1]))
+
+
+def describe_global_image(encoder_size: tuple[int, int], budget: GlobalBudget | None) -> dict:
+    """How `/v1/models` tells the edge to size the global image (read back by `global_size_from`)."""
+    if budget is None:
+        return {"mode": "fixed", "size": [int(encoder_size[0]), int(encoder_size[1])]}
+    return {"mode": "budget", "unit": budget.unit, "max_tokens": budget.max_tokens, "min_tokens": budget.min_tokens}
+
+
+def global_size_from(models: dict, original_size: tuple[int, int]) -> tuple[int, int]:
+    """The edge's side: the global image's size for an original, from a `/v1/models` reply (a
+    server before API 1.1 has no `global_image` field: its global image is `encoder_size`)."""
+    described = models.get("global_image") or {"mode": "fixed", "size": models["encoder_size"]}
+    if described["mode"] == "budget":
+        budget = GlobalBudget(int(described["unit"]), int(described["max_tokens"]), int(described["min_tokens"]))
+        return budget.size_for(original_size)
+    return (int(described["size"][0]), int(described["size"][1]))
+
+
 def global_payload(
     original: Image.Image,
     encoder_size: tuple[int, int],
@@ -239,8 +283,9 @@ def global_payload(
     quality: int = 90,
     pad_color: tuple[int, int, int] = (0, 0, 0),
 ) -> Payload:
-    """What the edge uploads first: the global image at the encoder's size, encoded. The one
-    implementation for the pipeline, the evaluation and the HTTP edge client."""
+    """What the edge uploads first: the global image at `encoder_size` (the size `global_size`
+    gives for this original), encoded. The one implementation for the pipeline, the evaluation and
+    the HTTP edge client."""
     return encode_image(make_global_image(original, encoder_size, mode, pad_color)[0], fmt, quality)
 
 

@@ -100,7 +100,8 @@ class ReferencePipeline:
 
         with timer("edge_global"):
             im = cfg.imaging
-            sent = global_payload(original, info.encoder_size, im.global_mode, im.format, im.jpeg_quality, im.pad_color)
+            global_size = info.global_size(original.size)
+            sent = global_payload(original, global_size, im.global_mode, im.format, im.jpeg_quality, im.pad_color)
         with timer("encode_global"):
             global_features = self.backend.encode_images([decode_image(sent.data)])[0]
         with timer("first_pass"):
@@ -116,7 +117,9 @@ class ReferencePipeline:
                     self.backend, global_features, question, answer_ids, cfg.attention, gen.attention
                 )
             with timer("roi_search"):
-                roi = stages.locate(att, original.size, info.encoder_size, cfg.imaging.global_mode, cfg.roi)
+                roi = stages.locate(
+                    att, original.size, global_size, cfg.imaging.global_mode, cfg.roi, info.encoder_size
+                )
             with timer("edge_local"):
                 local = local_payload(original, roi.box, info.encoder_size, im.format, im.jpeg_quality)
             with timer("encode_local"):

@@ -170,13 +170,16 @@ def attention_map(
 def locate(
     attention: np.ndarray,
     original_size: tuple[int, int],
-    encoder_size: tuple[int, int],
+    global_size: tuple[int, int],
     global_mode: GlobalMode,
     cfg: RoIConfig,
+    local_size: tuple[int, int] | None = None,
 ) -> RoIResult:
-    """RoI box in original pixels from an attention grid (CPU only, no model needed)."""
-    geometry = CanvasGeometry.create(original_size, encoder_size, global_mode)
-    return search_roi(attention, geometry, cfg.side_for(encoder_size), cfg.ratios)
+    """RoI box in original pixels from an attention grid over the global image of `global_size`
+    (CPU only, no model needed). The smallest box is `cfg.base_side`, else the local image's side
+    (default: the global image's), so a ratio-1 crop reaches the encoder at native resolution."""
+    geometry = CanvasGeometry.create(original_size, global_size, global_mode)
+    return search_roi(attention, geometry, cfg.side_for(local_size or global_size), cfg.ratios)
 
 
 def refined_passes(backend: VLMBackend, requests: Sequence[tuple[torch.Tensor, torch.Tensor, str]]) -> list[Generation]:

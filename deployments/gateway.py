@@ -27,9 +27,16 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from collab.backends.base import UNICODE_WHITESPACE, InvalidQuestion
+from collab.backends.base import UNICODE_WHITESPACE, BackendInfo, InvalidQuestion
 from collab.config import PolicyName
-from collab.imaging import InvalidUpload, encode_image, inspect_upload, server_global, upload_cap
+from collab.imaging import (
+    InvalidUpload,
+    describe_global_image,
+    encode_image,
+    inspect_upload,
+    server_global,
+    upload_cap,
+)
 from collab.policies import POLICIES, PolicySpec
 from deployments import limits, metrics
 from deployments.args import AppArgs
@@ -37,7 +44,7 @@ from deployments.common import load_collab_config
 from deployments.forms import undecodable_text_field
 from deployments.sessions import SessionTooLarge, digest
 
-API_VERSION = "1.0"
+API_VERSION = "1.1"  # 1.1: /v1/models says how to size the global image (global_image, local_size)
 MAX_QUESTION_CHARS = 1000
 MAX_ORIGINAL_SIDE = 65_535
 ENDPOINTS = {"/v1/query": "query", "/v1/refine": "refine", "/v1/models": "models"}
@@ -116,8 +123,16 @@ class NeedRoI(BaseModel):
 
 class ModelInfo(BaseModel):
     model: str
-    encoder_size: list[int]
-    grid: list[int]
+    api_version: str = API_VERSION
+    encoder_size: list[int] = Field(description="[width, height] of the local image (and of a fixed-size global one)")
+    global_image: dict = Field(
+        description='how the edge sizes the global image: {"mode": "fixed", "size": [w, h]}, or {"mode": "budget", '
+        '"unit", "max_tokens", "min_tokens"}: the original\'s aspect ratio kept, both sides multiples of unit, '
+        "round(side / unit) tokens along each, scaled down to max_tokens (up to min_tokens) as Qwen-VL's smart_resize "
+        "does (collab.imaging.budget_size)"
+    )
+    local_size: list[int] = Field(description="[width, height] of the local image (need_roi replies repeat it)")
+    grid: list[int] = Field(description="[rows, cols] of the local image's visual tokens")
     tokens_per_image: int
     device: str
     dtype: str
@@ -315,11 +330,15 @@ class Gateway:
             raise error(UPLOAD_STATUS[exc.reason], str(exc)) from None
         return data, decoded
 
-    async def _global_image(self, data: bytes, decoded, encoder_size, original) -> tuple[bytes, tuple[int, int], str]:
+    async def _global_image(
+        self, data: bytes, decoded, backend: BackendInfo, original
+    ) -> tuple[bytes, tuple[int, int], str]:
         """The global image's bytes, the original's size, and who made the global image."""
         imaging = self.config.imaging
         try:
-            made, original_size = server_global(decoded, encoder_size, original, imaging.global_mode)
+            made, original_size = server_global(
+                decoded, backend.encoder_size, original, imaging.global_mode, backend.global_budget
+            )
         except InvalidUpload as exc:
             raise error(UPLOAD_STATUS[exc.reason], str(exc)) from None
         if made is None:
@@ -341,9 +360,12 @@ class Gateway:
     async def models(self) -> ModelInfo:
         info = await self._deadline(self.info())
         gate = self.config.gate
+        backend = BackendInfo.from_dict(info)
         return ModelInfo(
             model=info["model_name"],
             encoder_size=list(info["encoder_size"]),
+            global_image=describe_global_image(backend.encoder_size, backend.global_budget),
+            local_size=list(info["encoder_size"]),
             grid=list(info["grid"]),
             tokens_per_image=info["tokens_per_image"],
             device=info["device"],
@@ -377,7 +399,8 @@ class Gateway:
         ),
         image: UploadFile = File(
             ...,
-            description="the global image (JPEG or PNG) at the encoder resolution (GET /v1/models), "
+            description="the global image (JPEG or PNG) at the size GET /v1/models gives for the original "
+            "(global_image), "
             "or the original photo, which the server then makes into the global image",
         ),
         original_width: int = Form(
@@ -403,10 +426,10 @@ class Gateway:
                 422, "give both original_width and original_height, or neither (then the upload's size is used)"
             )
         info = await self._deadline(self.info())
-        encoder_size = tuple(info["encoder_size"])
+        backend = BackendInfo.from_dict(info)
         upload, decoded = await self._read_image(image, None, self.args.max_image_bytes)
         data, (original_width, original_height), made_by = await self._global_image(
-            upload, decoded, encoder_size, (original_width, original_height)
+            upload, decoded, backend, (original_width, original_height)
         )
         spec = PolicySpec.from_gate(self.config.gate, name=policy, threshold=threshold)
         key = question_id or digest(data + question.encode())
@@ -436,7 +459,12 @@ class Gateway:
             )
 
         located = await self._deadline(
-            self.roi_search.locate.remote(first.attention, (original_width, original_height), encoder_size)
+            self.roi_search.locate.remote(
+                first.attention,
+                (original_width, original_height),
+                backend.global_size((original_width, original_height)),
+                backend.encoder_size,
+            )
         )
         timings.update(located.timings_ms)
         box = located.roi.box.as_list()

@@ -17,12 +17,21 @@ class RoISearch:
         self.config = load_collab_config(args)
 
     def locate(
-        self, attention: np.ndarray, original_size: tuple[int, int], encoder_size: tuple[int, int]
+        self,
+        attention: np.ndarray,
+        original_size: tuple[int, int],
+        global_size: tuple[int, int],
+        local_size: tuple[int, int],
     ) -> stages.Located:
         timings: dict[str, float] = {}
         with metrics.timed("roi_search", timings):
             roi = stages.locate(
-                attention, tuple(original_size), tuple(encoder_size), self.config.imaging.global_mode, self.config.roi
+                attention,
+                tuple(original_size),
+                tuple(global_size),
+                self.config.imaging.global_mode,
+                self.config.roi,
+                tuple(local_size),
             )
         metrics.roi().area.observe(roi.box.area / max(1, original_size[0] * original_size[1]))
         return stages.Located(roi, timings)

@@ -1,7 +1,8 @@
 """The edge side of the public HTTP protocol: make the global image, send it, obey `need_roi`.
 
 Only the public API is used (`/v1/models`, `/v1/query`, `/v1/refine`); the edge never needs the
-server's config, only the encoder size and global-image mode that `/v1/models` reports.
+server's config, only how to size the images (`global_image`, `local_size`; API 1.1) and the
+global-image mode that `/v1/models` reports.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import httpx
 from PIL import Image
 
 from collab.geometry import Box
-from collab.imaging import ImageFormat, global_payload, load_image, local_payload
+from collab.imaging import ImageFormat, global_payload, global_size_from, load_image, local_payload
 
 MIME = {"jpeg": "image/jpeg", "png": "image/png"}
 
@@ -49,9 +50,10 @@ class EdgeImaging:
 
 
 def global_upload(original: Image.Image, info: dict, imaging: EdgeImaging):
-    """The global image as the server's /v1/models asks for it (size, global-image mode)."""
+    """The global image as the server's /v1/models asks for it (size for this original, global-image mode)."""
     mode = info.get("defaults", {}).get("global_mode", "resize")
-    return global_payload(original, tuple(info["encoder_size"]), mode, imaging.format, imaging.jpeg_quality)
+    size = global_size_from(info, original.size)
+    return global_payload(original, size, mode, imaging.format, imaging.jpeg_quality)
 
 
 def local_upload(original: Image.Image, box: list[int], local_size: list[int], imaging: EdgeImaging):

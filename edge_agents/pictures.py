@@ -58,7 +58,7 @@ def sent_images(view: QueryView, info: dict, imaging: EdgeImaging) -> tuple[Imag
     global_image = decode_image(global_upload(view.original, info, imaging).data)
     local = None
     if view.result.box:
-        size = tuple(info["encoder_size"])
+        size = tuple(info.get("local_size") or info["encoder_size"])
         local = decode_image(local_upload(view.original, view.result.box, list(size), imaging).data)
     return global_image, local
 

@@ -154,3 +154,34 @@ def test_budget_size_is_qwen_vls_own_resize():
         assert w % unit == 0 and h % unit == 0 and 4 <= (w // unit) * (h // unit) <= tokens
 
     check()
+
+
+def test_global_image_at_a_token_budget_server_and_edge_agree():
+    """API 1.1: with a budget the global image keeps the original's aspect ratio; the edge sizes it
+    from /v1/models alone, and the server accepts exactly that size, or makes it from the original."""
+    from collab.imaging import (
+        GlobalBudget,
+        InvalidUpload,
+        describe_global_image,
+        global_size_from,
+        server_global,
+    )
+
+    budget = GlobalBudget(28, 256)
+    described = describe_global_image((448, 448), budget)
+    assert described == {"mode": "budget", "unit": 28, "max_tokens": 256, "min_tokens": 4}
+    size = global_size_from({"global_image": described, "encoder_size": [448, 448]}, (1600, 1200))
+    assert size == budget.size_for((1600, 1200)) == (504, 364)  # 18 x 13 tokens (smart_resize floors both sides)
+    # an old (1.0) server: no global_image field, the global image is encoder_size
+    assert global_size_from({"encoder_size": [336, 336]}, (1600, 1200)) == (336, 336)
+    assert global_size_from({"global_image": describe_global_image((96, 96), None)}, (1600, 1200)) == (96, 96)
+
+    edge_made = Image.new("RGB", size)
+    assert server_global(edge_made, (448, 448), (1600, 1200), "resize", budget) == (None, (1600, 1200))
+    made, original = server_global(Image.new("RGB", (1600, 1200)), (448, 448), (None, None), "resize", budget)
+    assert made.size == size and original == (1600, 1200)
+    with pytest.raises(InvalidUpload, match="504x364 for a 1600x1200 original") as info:
+        server_global(Image.new("RGB", (448, 448)), (448, 448), (1600, 1200), "resize", budget)  # the square: refused
+    assert info.value.reason == "size"
+    with pytest.raises(ValueError):
+        GlobalBudget(28, 2, 4)

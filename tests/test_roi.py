@@ -261,3 +261,27 @@ def test_bad_inputs():
         search_roi(np.array([[np.nan, 1.0], [1.0, 1.0]]), geometry, 336)
     with pytest.raises(ValueError):
         search_roi(np.ones((4, 4)), geometry, 0)
+
+
+@pytest.mark.parametrize(
+    "original,budget", [((400, 300), 24), ((1920, 1080), 256), ((1080, 1920), 256), ((500, 500), 64)]
+)
+def test_budget_geometry_non_square_grids_agree_with_upstream(original, budget):
+    """Qwen-VL's native resolution: the global image keeps the photo's aspect ratio at a token
+    budget, so the grid after the 2 x 2 merge is non-square (e.g. 16:9 -> 12 x 21 at 256 tokens).
+    Cells are W / cols x H / rows original pixels exactly, and the box is upstream's."""
+    from collab.imaging import GlobalBudget
+
+    unit = 28
+    canvas = GlobalBudget(unit, budget).size_for(original)
+    rows, cols = canvas[1] // unit, canvas[0] // unit
+    geometry = CanvasGeometry.create(original, canvas, "resize")
+    assert geometry.grid_cell_size((rows, cols)) == pytest.approx((original[0] / cols, original[1] / rows), rel=1e-15)
+    assert geometry.to_original(*geometry.to_canvas(123.0, 77.0)) == pytest.approx((123.0, 77.0))
+    rng = np.random.default_rng(budget)
+    base = 4 * unit  # the local image's side: a 4 x 4-token crop
+    for _ in range(20):
+        grid = rng.random((rows, cols)) ** 4
+        result = search_roi(grid, geometry, base)
+        assert tuple(result.box.as_list()) == upstream_box(grid, original, base)
+        assert 0 <= result.box.x0 < result.box.x1 <= original[0] and 0 <= result.box.y0 < result.box.y1 <= original[1]

@@ -3,14 +3,17 @@ consistency with the in-process pipeline, session errors, replica restart, autos
 
 from __future__ import annotations
 
+import io
 import threading
 import time
 
 import httpx
 import pytest
+from PIL import Image
 from serve_helpers import APP, running_replicas, wait_for
 
 from collab.data.synthetic import generate_items
+from collab.imaging import global_size_from
 from collab.pipeline import ReferencePipeline
 from edge_agents.client import EdgeClient
 
@@ -72,7 +75,9 @@ def assert_dag_matches_pipeline(client, pipeline):
 
 def test_qwen_vl_app_answers_both_stages_and_matches_its_pipeline(served, tmp_path):
     """The whole DAG on a second family: a tiny random Qwen2.5-VL saved to a temp dir, served as a
-    second app beside the LLaVA one, answers both stages over HTTP as the in-process pipeline does."""
+    second app beside the LLaVA one, answers both stages over HTTP as the in-process pipeline does,
+    its global images at a token budget with each photo's aspect ratio (API 1.1: the edge sizes
+    them from /v1/models; the gateway refuses any other size with the one it expects)."""
     from ray import serve
     from serve_helpers import wait_for, write_collab_config
 
@@ -89,6 +94,7 @@ def test_qwen_vl_app_answers_both_stages_and_matches_its_pipeline(served, tmp_pa
                 "path": str(model_dir),
                 "family": "qwen_vl",
                 "encoder_size": 112,
+                "max_visual_tokens": 24,
                 "prompt_template": QWEN_PROMPT,
                 "refine_template": QWEN_REFINE_PROMPT,
                 "max_new_tokens": 4,
@@ -108,8 +114,17 @@ def test_qwen_vl_app_answers_both_stages_and_matches_its_pipeline(served, tmp_pa
     try:
         assert wait_for(lambda: httpx.get(f"{url}/healthz", timeout=5).status_code == 200, timeout=120)
         with EdgeClient(url, client_id="qwen-edge") as c:
-            assert c.models()["encoder_size"] == [112, 112] and c.models()["grid"] == [4, 4]
+            models = c.models()
+            assert models["api_version"] == "1.1" and models["local_size"] == [112, 112] and models["grid"] == [4, 4]
+            assert models["global_image"] == {"mode": "budget", "unit": 28, "max_tokens": 24, "min_tokens": 4}
+            sizes = {global_size_from(models, it.image.size) for it in items(4, seed=405)}
+            assert (112, 140) in sizes  # a 480 x 544 photo: 4 x 5 tokens, not a stretched square
             assert_dag_matches_pipeline(c, ReferencePipeline(load_backend(config.model), config))
+        square = io.BytesIO()
+        Image.new("RGB", (112, 112)).save(square, format="PNG")
+        fields = {"question": "what is it?", "original_width": "544", "original_height": "480"}
+        refused = httpx.post(f"{url}/v1/query", data=fields, files={"image": ("g.png", square.getvalue())}, timeout=30)
+        assert refused.status_code == 422 and "140x112 for a 544x480 original" in refused.json()["error"]
     finally:
         serve.delete("qwenapp")
 

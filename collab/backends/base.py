@@ -2,8 +2,10 @@
 
 Splitting lets the server encode once and reuse the global visual tokens: for the first pass,
 for the attention read when the gate fires, and again (beside the local tokens) for the refined
-pass. Visual features are plain tensors (n_images, tokens_per_image, hidden) so they can travel
-between processes.
+pass. Visual features are plain tensors, one per image, so they can travel between processes:
+(tokens_per_image, hidden) for LLaVA; for Qwen-VL (rows, cols, hidden), so that an image's token
+grid travels with it (its global image keeps the photo's aspect ratio), with a leading axis of
+deepstack layers for Qwen3-VL.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from collab.imaging import GlobalBudget, global_size
 from collab.uncertainty import TokenScores
 
 # Unicode's White_Space property: what JSON Schema's and pydantic's \s mean. Python's str.strip()
@@ -52,6 +55,27 @@ class BackendInfo:
     hidden_size: int
     device: str
     dtype: str
+    # Qwen-VL's native resolution: the global image at a token budget with the original's aspect
+    # ratio (then `grid` and `tokens_per_image` are the local image's). None: at encoder_size.
+    global_budget: GlobalBudget | None = None
+
+    def global_size(self, original_size: tuple[int, int]) -> tuple[int, int]:
+        """(width, height) of the global image the edge sends for an original of this size."""
+        return global_size(self.encoder_size, self.global_budget, original_size)
+
+    def global_grid(self, original_size: tuple[int, int]) -> tuple[int, int]:
+        """(rows, cols) of the global image's visual tokens for an original of this size."""
+        if self.global_budget is None:
+            return self.grid
+        width, height = self.global_size(original_size)
+        return (height // self.global_budget.unit, width // self.global_budget.unit)
+
+    @classmethod
+    def from_dict(cls, info: dict) -> BackendInfo:
+        """Back from `dataclasses.asdict` (how it crosses process boundaries)."""
+        budget = info.get("global_budget")
+        fields = {**info, "encoder_size": tuple(info["encoder_size"]), "grid": tuple(info["grid"])}
+        return cls(**{**fields, "global_budget": GlobalBudget(**budget) if budget else None})
 
 
 @dataclass
@@ -99,8 +123,8 @@ class VLMBackend(ABC):
         """Encoder-resolution RGB images -> pixel tensor (n, 3, H, W) on the model device."""
 
     @abstractmethod
-    def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Pixels -> visual tokens (n, tokens_per_image, hidden) in the decoder's embedding space."""
+    def encode(self, pixel_values) -> Sequence[torch.Tensor]:
+        """Pixels -> one visual-token tensor per image, in the decoder's embedding space."""
 
     @abstractmethod
     def check_question(self, question: str) -> None:
@@ -118,7 +142,7 @@ class VLMBackend(ABC):
     ) -> Generation:
         """Greedy answer from 1 image (first pass) or 2 images (global, local: refined pass).
 
-        features: one (tokens_per_image, hidden) tensor per image, in prompt order.
+        features: one tensor per image (as `encode` made it), in prompt order.
         """
         return self.generate_batch([DecodeRequest(features, question, capture_layers)])[0]
 
@@ -139,7 +163,7 @@ class VLMBackend(ABC):
         """Attention of decoder layers to the image's visual tokens, one (rows, cols) grid per layer.
 
         One forward pass serves every layer (a layer sweep costs no more than one layer).
-        features: (tokens_per_image, hidden) of the global image. answer_ids: the first-pass
+        features: the global image's (as `encode` made them). answer_ids: the first-pass
         answer tokens appended after the prompt (empty for the generic prompt).
         """
         request = AttentionRequest(features, prompt_question, answer_ids)
@@ -150,7 +174,11 @@ class VLMBackend(ABC):
     ) -> np.ndarray:
         return self.attention_grids(features, prompt_question, answer_ids, [layer], query_rows)[0]
 
-    def encode_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
+    def visual_tokens(self, features: torch.Tensor) -> torch.Tensor:
+        """One image's features as the (tokens, hidden) the decoder reads, in prompt order."""
+        return features
+
+    def encode_images(self, images: Sequence[Image.Image]) -> Sequence[torch.Tensor]:
         return self.encode(self.preprocess(images))
 
     def synchronize(self) -> None:

@@ -236,6 +236,14 @@ class TransformersBackend(VLMBackend):
         """Sequence positions of the first image's visual tokens, shifted by `offset` pads."""
         raise NotImplementedError
 
+    def _grid_of(self, features: torch.Tensor) -> tuple[int, int]:
+        """(rows, cols) of one image's visual tokens (fixed unless the features carry their grid)."""
+        return self.info.grid
+
+    def _prompt(self, template: str, question: str, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Prompt ids for these images' features (their token counts, where those vary)."""
+        return self.prompt_ids(template, question, len(features))
+
     @torch.inference_mode()
     def attention_grids_batch(
         self, requests: Sequence[AttentionRequest], layers: Sequence[int], query_rows: str
@@ -259,7 +267,7 @@ class TransformersBackend(VLMBackend):
 
     @torch.inference_mode()
     def _eager_grids(self, r: AttentionRequest, layers: Sequence[int], query_rows: str) -> list[np.ndarray]:
-        prompt = self.prompt_ids(self.config.prompt_template, r.question, 1)
+        prompt = self._prompt(self.config.prompt_template, r.question, [r.features])
         answer = torch.as_tensor(list(r.answer_ids), dtype=torch.long, device=self.device).reshape(1, -1)
         with self._eager_attention():
             out = self._eager_pass(prompt, answer, r.features)
@@ -269,13 +277,20 @@ class TransformersBackend(VLMBackend):
             )
         rows = select_query_rows(prompt.shape[1], answer.shape[1], query_rows)
         visual = self._visual_positions(prompt)
-        return [to_grid(visual_attention(out.attentions, layer, rows, visual), self.info.grid) for layer in layers]
+        grid = self._grid_of(r.features)
+        return [to_grid(visual_attention(out.attentions, layer, rows, visual), grid) for layer in layers]
 
     def _capture_layers(self, layers: Sequence[int]) -> list[int]:
         return sorted({resolve_layer(layer, self.info.num_layers) for layer in layers})
 
     def _captured_grids(
-        self, captured: capture.Capture, layers: Sequence[int], row: int, prompt_ids: torch.Tensor, offset: int
+        self,
+        captured: capture.Capture,
+        layers: Sequence[int],
+        row: int,
+        prompt_ids: torch.Tensor,
+        offset: int,
+        grid: tuple[int, int],
     ) -> dict[int, np.ndarray]:
         """Row `row`'s captured maps at `layers` (keys as given), as grids; a layer the decoder did
         not record (it bypassed the wrapper) is left out, for the caller to read in a pass."""
@@ -284,14 +299,20 @@ class TransformersBackend(VLMBackend):
         for layer in layers:
             got = captured.maps.get(resolve_layer(layer, self.info.num_layers))
             if got is not None:
-                grids[layer] = to_grid(got[row][visual.to(got.device)].cpu(), self.info.grid)
+                grids[layer] = to_grid(got[row][visual.to(got.device)].cpu(), grid)
         return grids
 
     def _grids_in_order(
-        self, captured: capture.Capture, layers: Sequence[int], row: int, prompt_ids: torch.Tensor, offset: int
+        self,
+        captured: capture.Capture,
+        layers: Sequence[int],
+        row: int,
+        prompt_ids: torch.Tensor,
+        offset: int,
+        grid: tuple[int, int],
     ) -> list[np.ndarray]:
         """One grid per entry of `layers`, in order; each must have been captured."""
-        grids = self._captured_grids(captured, layers, row, prompt_ids, offset)
+        grids = self._captured_grids(captured, layers, row, prompt_ids, offset, grid)
         return [grids[layer] for layer in layers]
 
     def _require_captured(self, captured: capture.Capture, layers: Sequence[int]) -> None:
@@ -320,6 +341,9 @@ class TransformersBackend(VLMBackend):
             kept = sequence[: n_answer + 1]
             logits = out_logits[i, : len(kept)]
             answer = self.tokenizer.decode(kept[:n_answer], skip_special_tokens=True).strip()
-            maps = self._captured_grids(captured, r.capture_layers, i, ids, offsets[i]) if r.capture_layers else {}
+            grid = self._grid_of(r.features[0])
+            maps = (
+                self._captured_grids(captured, r.capture_layers, i, ids, offsets[i], grid) if r.capture_layers else {}
+            )
             results.append(Generation(answer, kept, n_answer, logits, token_scores(logits), maps))
         return results

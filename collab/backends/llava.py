@@ -197,7 +197,7 @@ class LlavaBackend(TransformersBackend):
             )
         self._require_captured(captured, layers)
         return [
-            self._grids_in_order(captured, layers, i, ids, offset)
+            self._grids_in_order(captured, layers, i, ids, offset, self.info.grid)
             for i, ((ids, _), offset) in enumerate(zip(prompts, offsets))
         ]
 

@@ -120,8 +120,8 @@ def collect(backend, config, n: int, seed: int, batch: int = 32, progress: bool 
             labels["digit"].append(DIGITS.index(obj.digit))
             labels["cell"].append(CELLS.index(cell_of(obj.box, scene.width, scene.height)))
         with torch.no_grad():
-            g = backend.encode_images(globals_).float().cpu()
-            c = backend.encode_images(crops).float().cpu()
+            g = torch.stack([backend.visual_tokens(f) for f in backend.encode_images(globals_)]).float().cpu()
+            c = torch.stack([backend.visual_tokens(f) for f in backend.encode_images(crops)]).float().cpu()
         feats["global"] += [g[i, idx].mean(0) for i, idx in enumerate(token_sets)]
         feats["crop"] += list(c[:, offset:].mean(1))
         done += k

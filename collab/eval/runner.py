@@ -126,10 +126,10 @@ class Evaluator:
     def run_item(self, item: EvalItem, index: int = 0) -> ItemOutcome:
         cfg, info, backend = self.config, self.backend.info, self.backend
         original = load_image(item.load())
-        size = info.encoder_size
+        size, global_size = info.encoder_size, info.global_size(original.size)
         im = cfg.imaging
         global_bytes, global_features = self._send(
-            global_payload(original, size, im.global_mode, im.format, im.jpeg_quality, im.pad_color)
+            global_payload(original, global_size, im.global_mode, im.format, im.jpeg_quality, im.pad_color)
         )
         full_bytes = full_resolution_bytes(original, cfg.imaging.format, cfg.imaging.jpeg_quality)
 
@@ -145,7 +145,7 @@ class Evaluator:
         )
         by_layer = dict(zip(layers, maps))
         chosen = by_layer[cfg.attention.layer % info.num_layers]
-        roi = stages.locate(chosen, original.size, size, cfg.imaging.global_mode, cfg.roi)
+        roi = stages.locate(chosen, original.size, global_size, cfg.imaging.global_mode, cfg.roi, size)
         local_bytes, local_features = self._send(local_payload(original, roi.box, size, im.format, im.jpeg_quality))
         refined = stages.refined_pass(backend, global_features, local_features, item.question)
 
@@ -174,7 +174,9 @@ class Evaluator:
         )
         if item.target_box is not None:
             for layer in self.layers:
-                layer_roi = stages.locate(by_layer[layer], original.size, size, cfg.imaging.global_mode, cfg.roi)
+                layer_roi = stages.locate(
+                    by_layer[layer], original.size, global_size, cfg.imaging.global_mode, cfg.roi, size
+                )
                 outcome.layer_hits[layer] = hit(layer_roi.box, item.target_box)
             gt_box = gt_crop_box(item.target_box, *original.size, self.base_side)
             gt_bytes, gt_features = self._send(local_payload(original, gt_box, size, im.format, im.jpeg_quality))
