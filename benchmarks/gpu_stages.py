@@ -1,7 +1,13 @@
-"""Our split stages vs a plain `model.generate`, on one accelerator, for a LLaVA-1.5-7B-shaped model.
+"""Our split stages vs a plain `model.generate`, on one accelerator, for a LLaVA-1.5-7B- or Qwen2.5-VL-7B-shaped model.
 
     python -m benchmarks.gpu_stages --shape llava-1.5-7b --device cuda --dtype float16 --out DIR
+    python -m benchmarks.gpu_stages --shape qwen2.5-vl-7b --device cuda --dtype bfloat16 --out DIR
     python -m benchmarks.gpu_stages --shape tiny --device cpu --dtype float32 --repeats 2   # smoke
+    python -m benchmarks.gpu_stages --shape tiny-qwen --device cpu --dtype float32 --repeats 2
+
+Qwen2.5-VL-7B: its published config (a 32-block windowed ViT, 2 x 2 merge, a 28-layer 3584-wide
+decoder with multimodal rotary positions); global images at 256 visual tokens with the photo's
+aspect ratio (`model.max_visual_tokens`), local crops at 448 px (256 tokens).
 
 No Ray and no download: the model is built from LLaVA-1.5-7B's configuration (CLIP ViT-L/14 at
 336 px -> 576 visual tokens, a 32-layer 4096-wide Llama decoder, vocabulary 32,064) with RANDOM
@@ -31,7 +37,8 @@ from pathlib import Path
 
 import torch
 
-SHAPES = ("llava-1.5-7b", "tiny")
+SHAPES = ("llava-1.5-7b", "tiny", "qwen2.5-vl-7b", "tiny-qwen")
+QWEN_SHAPES = {"qwen2.5-vl-7b": 17, "tiny-qwen": -1}  # attention layer (configs/qwen2.5-vl-7b.yaml's)
 
 
 def build_config(shape: str, image_token_id: int, pad_token_id: int, bos: int, eos: int):
@@ -106,6 +113,49 @@ def build_tokenizer(vocab_size: int):
     return word_tokenizer(list(VOCABULARY) + filler)
 
 
+def build_qwen_backend(shape: str, device: str, dtype: str, attn: str, max_new_tokens: int, seed: int):
+    """A random Qwen2.5-VL of the shape, on the device, behind our QwenVLBackend (native-resolution global)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from collab.backends.hf import _DTYPES
+    from collab.backends.qwen_vl import QwenVLBackend
+    from collab.config import ModelConfig
+    from collab.data.synthetic import VOCABULARY
+    from collab.models.tiny_qwen import (
+        QWEN2_5_VL_7B,
+        QWEN_PROMPT,
+        QWEN_REFINE_PROMPT,
+        build_qwen_tokenizer,
+        qwen_vl_config,
+        set_generation_ids,
+    )
+
+    big = shape == "qwen2.5-vl-7b"
+    vocab = 152064 if big else 0
+    words = list(VOCABULARY)
+    tokenizer = build_qwen_tokenizer(words + [f"w{i}" for i in range(max(0, vocab - len(words) - 16))])
+    shape_cfg = QWEN2_5_VL_7B if big else {}
+    config, cls = qwen_vl_config(tokenizer, text=shape_cfg.get("text"), vision=shape_cfg.get("vision"))
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = cls._from_config(config, dtype=_DTYPES[dtype], attn_implementation=attn)
+    set_generation_ids(model, tokenizer)
+    processor = Qwen2VLImageProcessorPil(patch_size=14, merge_size=2, temporal_patch_size=2)
+    model_cfg = ModelConfig(
+        path=f"random-{shape}",
+        family="qwen_vl",
+        encoder_size=448 if big else 112,
+        max_visual_tokens=256 if big else 24,
+        device=device,
+        dtype=dtype,
+        attn_implementation=attn,
+        max_new_tokens=max_new_tokens,
+        prompt_template=QWEN_PROMPT,
+        refine_template=QWEN_REFINE_PROMPT,
+    )
+    return QwenVLBackend(model.eval(), tokenizer, processor, model_cfg, name=f"random-{shape}"), QWEN_SHAPES[shape]
+
+
 def build_backend(shape: str, device: str, dtype: str, attn: str, max_new_tokens: int, seed: int):
     from transformers import CLIPImageProcessor, GenerationConfig, LlavaForConditionalGeneration
 
@@ -113,6 +163,8 @@ def build_backend(shape: str, device: str, dtype: str, attn: str, max_new_tokens
     from collab.backends.llava import LlavaBackend
     from collab.config import ModelConfig
 
+    if shape in QWEN_SHAPES:
+        return build_qwen_backend(shape, device, dtype, attn, max_new_tokens, seed)
     probe = build_config(shape, 0, 0, 0, 0)[0]
     tokenizer = build_tokenizer(probe.text_config.vocab_size)
     image_id = tokenizer.convert_tokens_to_ids("<image>")
@@ -162,14 +214,23 @@ class Device:
 
 
 def baseline_generate(backend, global_image, question, max_new_tokens):
-    """One plain transformers call, as LLaVA's model card runs it: expanded prompt ids + pixels."""
-    ids = backend.prompt_ids(backend.config.prompt_template, question, 1)
+    """One plain transformers call, as the model cards run it: expanded prompt ids + pixels (and,
+    for Qwen-VL, the image grid the processor reports)."""
     pixels = backend.preprocess([global_image])
+    extra = {}
+    if hasattr(pixels, "grid_thw"):  # Qwen-VL
+        t, h, w = pixels.grid_thw[0].tolist()
+        ids = backend.prompt_ids(backend.config.prompt_template, question, 1, [t * h * w // backend.merge**2])
+        extra = {"image_grid_thw": pixels.grid_thw, "mm_token_type_ids": (ids == backend.image_token_id).int()}
+        pixels = pixels.pixel_values
+    else:
+        ids = backend.prompt_ids(backend.config.prompt_template, question, 1)
     with torch.inference_mode():
         out = backend.model.generate(
             input_ids=ids,
             attention_mask=torch.ones_like(ids),
             pixel_values=pixels,
+            **extra,
             max_new_tokens=max_new_tokens,
             do_sample=False,
             num_beams=1,
@@ -267,7 +328,7 @@ def encoder_batching(backend, items, batch: int, rounds: int) -> dict:
 
     images = [make_global_image(it.image, backend.info.global_size(it.image.size), "resize")[0] for it in items]
     images = (images * (batch // len(images) + 1))[:batch]
-    one, many = tower_rates(backend, backend.preprocess(images), batch, rounds)
+    one, many = tower_rates(backend, images, batch, rounds)
     return {"batch": batch, "images_per_s_batch_1": one, f"images_per_s_batch_{batch}": many, "speedup": many / one}
 
 

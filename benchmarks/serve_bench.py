@@ -152,7 +152,7 @@ def tower_batching_ceiling(backend, payload: bytes, batch: int = 8, rounds: int 
     from benchmarks.tower import tower_rates
     from collab.imaging import decode_image
 
-    one, many = tower_rates(backend, backend.preprocess([decode_image(payload)] * batch), batch, rounds, best_of=3)
+    one, many = tower_rates(backend, [decode_image(payload)] * batch, batch, rounds, best_of=3)
     return many / one
 
 

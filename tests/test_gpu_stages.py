@@ -57,6 +57,20 @@ def test_tiny_shape_on_cpu_reports_every_stage_and_matches_plain_generate(tmp_pa
     assert "first-pass tokens equal to baseline: 3/3" in capsys.readouterr().out
 
 
+def test_tiny_qwen_shape_on_cpu_matches_plain_generate_on_native_resolution_globals(tmp_path):
+    """The Qwen2.5-VL variant (global images at a token budget, the photo's aspect ratio kept):
+    the split path's first-pass tokens equal model.generate's from pixels and the image grid."""
+    argv = ["--shape", "tiny-qwen", "--device", "cpu", "--dtype", "float32", "--attn", "sdpa"]
+    argv += ["--repeats", "2", "--warmup", "1", "--max-new-tokens", "4", "--encoder-batch", "2", "--out", str(tmp_path)]
+    assert gpu_stages.main(argv) == 0
+    report = json.loads((tmp_path / "gpu_stages.json").read_text())
+    assert report["shape"] == "tiny-qwen" and report["visual_tokens_per_image"] == 16  # the 112 px local
+    variant = report["variants"]["sdpa"]
+    assert variant["first_pass_tokens_equal_baseline"] == "3/3"
+    assert set(variant["ours"]["p50_ms_per_stage"]) == STAGES
+    assert report["encoder_batching"]["images_per_s_batch_2"] > 0
+
+
 def test_bad_arguments_are_refused(capsys):
     import pytest
 

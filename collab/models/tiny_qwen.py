@@ -56,11 +56,43 @@ def build_qwen_tokenizer(words: Sequence[str]):
 FAMILIES = ("qwen2_5_vl", "qwen3_vl")
 
 
-def build_tiny_qwen_vl(
-    tokenizer, seed: int = 0, hidden: int = 64, layers: int = 2, vision_hidden: int = 32, kind: str = "qwen2_5_vl"
+# Qwen2.5-VL-7B-Instruct's published config.json (text and vision), for shape-true random models
+QWEN2_5_VL_7B = {
+    "text": {
+        "hidden_size": 3584,
+        "intermediate_size": 18944,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 28,
+        "num_key_value_heads": 4,
+        "rms_norm_eps": 1e-6,
+        "max_position_embeddings": 128000,
+        "rope_parameters": {"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1000000.0},
+    },
+    "vision": {
+        "depth": 32,
+        "hidden_size": 1280,
+        "intermediate_size": 3420,
+        "num_heads": 16,
+        "out_hidden_size": 3584,
+        "patch_size": 14,
+        "window_size": 112,
+        "fullatt_block_indexes": [7, 15, 23, 31],
+        "tokens_per_second": 2,
+    },
+}
+
+
+def qwen_vl_config(
+    tokenizer,
+    hidden: int = 64,
+    layers: int = 2,
+    vision_hidden: int = 32,
+    kind: str = "qwen2_5_vl",
+    text: dict | None = None,
+    vision: dict | None = None,
 ):
-    """Random weights from a config: Qwen2.5-VL (14 px patches) or Qwen3-VL (16 px, deepstack features)."""
-    import torch
+    """(config, model class) of a Qwen2.5-VL (14 px patches) or Qwen3-VL (16 px, deepstack features):
+    tiny by default, or any shape through `text`/`vision` overrides (e.g. QWEN2_5_VL_7B)."""
     from transformers import (
         Qwen2_5_VLConfig,
         Qwen2_5_VLForConditionalGeneration,
@@ -75,20 +107,20 @@ def build_tiny_qwen_vl(
     rope = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
     if kind == "qwen3_vl":
         rope["mrope_interleaved"] = True
-    text = {
-            "vocab_size": len(tokenizer),
-            "hidden_size": hidden,
-            "intermediate_size": 2 * hidden,
-            "num_hidden_layers": layers,
-            "num_attention_heads": hidden // head_dim,
-            "num_key_value_heads": max(1, hidden // head_dim // 2),
-            "rope_parameters": rope,
-            "max_position_embeddings": 4096,
-            "bos_token_id": ids["<|endoftext|>"],
-            "eos_token_id": ids["<|im_end|>"],
-            "pad_token_id": ids["<|endoftext|>"],
+    text_config = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": hidden,
+        "intermediate_size": 2 * hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": hidden // head_dim,
+        "num_key_value_heads": max(1, hidden // head_dim // 2),
+        "rope_parameters": rope,
+        "max_position_embeddings": 4096,
+        "bos_token_id": ids["<|endoftext|>"],
+        "eos_token_id": ids["<|im_end|>"],
+        "pad_token_id": ids["<|endoftext|>"],
     }
-    vision = {
+    vision_config = {
         "depth": 2,
         "hidden_size": vision_hidden,
         "intermediate_size": 2 * vision_hidden,
@@ -104,17 +136,35 @@ def build_tiny_qwen_vl(
         "vision_end_token_id": ids["<|vision_end|>"],
     }
     if kind == "qwen2_5_vl":
-        vision |= {"patch_size": 14, "window_size": 56, "fullatt_block_indexes": [1]}
-        config, cls = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **tokens), Qwen2_5_VLForConditionalGeneration
+        vision_config |= {"patch_size": 14, "window_size": 56, "fullatt_block_indexes": [1]}
     else:
-        text |= {"head_dim": head_dim}
-        vision |= {"patch_size": 16, "num_position_embeddings": 64, "deepstack_visual_indexes": [0]}
-        config, cls = Qwen3VLConfig(text_config=text, vision_config=vision, **tokens), Qwen3VLForConditionalGeneration
+        text_config |= {"head_dim": head_dim}
+        vision_config |= {"patch_size": 16, "num_position_embeddings": 64, "deepstack_visual_indexes": [0]}
+    text_config |= text or {}
+    vision_config |= vision or {}
+    if kind == "qwen2_5_vl":
+        return Qwen2_5_VLConfig(text_config=text_config, vision_config=vision_config, **tokens), (
+            Qwen2_5_VLForConditionalGeneration
+        )
+    return Qwen3VLConfig(text_config=text_config, vision_config=vision_config, **tokens), Qwen3VLForConditionalGeneration
+
+
+def build_tiny_qwen_vl(
+    tokenizer, seed: int = 0, hidden: int = 64, layers: int = 2, vision_hidden: int = 32, kind: str = "qwen2_5_vl"
+):
+    """Random weights from a tiny config (`qwen_vl_config`)."""
+    import torch
+
+    config, cls = qwen_vl_config(tokenizer, hidden, layers, vision_hidden, kind)
     torch.manual_seed(seed)
     model = cls(config).eval()
-    model.generation_config.eos_token_id = ids["<|im_end|>"]
-    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    set_generation_ids(model, tokenizer)
     return model
+
+
+def set_generation_ids(model, tokenizer) -> None:
+    model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    model.generation_config.pad_token_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
 
 
 def make_random_tiny_qwen_vl(
