@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 ScoreKind = Literal["min_entropy", "shannon", "margin"]
-PolicyName = Literal["never", "always", "random", "entropy"]
+PolicyName = Literal["never", "always", "random", "entropy", "adaptive"]
 POLICIES: tuple[str, ...] = get_args(PolicyName)  # every CLI's choices, the API's form type, the gate
 QueryRows = Literal["last_input", "answer", "all"]
 
@@ -104,6 +104,24 @@ class AttentionConfig(_Strict):
     epsilon: float = Field(1e-6, gt=0, description="Added to the generic map before dividing.")
 
 
+class AdaptiveConfig(_Strict):
+    """The `adaptive` policy (collab.adaptive): the entropy gate with its threshold raised when the
+    server's p95 passes its SLO, and no crop asked of an edge that cannot afford it."""
+
+    curve: str = Field(
+        "configs/calibration/default.json",
+        description="calibration curve (thresholds -> refine rate) from `collab-vlm eval --synthetic SEED:N "
+        "--write-curve PATH` on a calibration split; relative paths resolve against the working directory, "
+        "then the repo root",
+    )
+    slo_p95_ms: float = Field(2000.0, gt=0, description="p95 server time per query the controller holds")
+    window_s: float = Field(10.0, gt=0, description="one controller step per window of completions")
+    decrease: float = Field(0.7, gt=0, lt=1, description="refine-rate cap x this per window over the SLO")
+    increase: float = Field(0.05, gt=0, le=1, description="cap + this per window under headroom x SLO")
+    headroom: float = Field(0.8, gt=0, lt=1, description="hold the cap while p95 is in [headroom x SLO, SLO]")
+    min_rate: float = Field(0.0, ge=0, le=1, description="the cap never goes below this refine rate")
+
+
 class GateConfig(_Strict):
     """When to ask the edge for a crop. `entropy` is the paper's policy; the rest are baselines."""
 
@@ -117,6 +135,7 @@ class GateConfig(_Strict):
     )
     random_rate: float = Field(0.5, ge=0.0, le=1.0, description="Refine probability of the `random` policy.")
     seed: int = 0
+    adaptive: AdaptiveConfig = Field(default_factory=AdaptiveConfig)
 
 
 class RoIConfig(_Strict):

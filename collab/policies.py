@@ -1,4 +1,5 @@
-"""When to refine: the paper's entropy gate and the baselines, selectable per request.
+"""When to refine: the paper's entropy gate and the baselines, selectable per request. `adaptive`
+is the entropy gate at a threshold the gateway picks per request (collab.adaptive).
 
 Random decisions are a pure function of (seed, query key), not of call order, so the in-process
 pipeline and any number of distributed replicas make the same choice for the same query.
@@ -52,4 +53,4 @@ def should_refine(spec: PolicySpec, uncertainty: float, key: str) -> bool:
         return True
     if spec.name == "random":
         return stable_uniform(spec.seed, key) < spec.random_rate
-    return uncertainty >= spec.threshold
+    return uncertainty >= spec.threshold  # entropy, and adaptive at the threshold its controller chose

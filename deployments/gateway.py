@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import time
+from dataclasses import replace
 from typing import Literal
 
 import anyio
@@ -27,6 +28,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from collab.adaptive import AdaptiveGate, EdgeBudget, RecentMean
 from collab.backends.base import UNICODE_WHITESPACE, BackendInfo, InvalidQuestion
 from collab.config import PolicyName
 from collab.imaging import (
@@ -44,7 +46,9 @@ from deployments.common import load_collab_config
 from deployments.forms import undecodable_text_field
 from deployments.sessions import SessionTooLarge, digest
 
-API_VERSION = "1.1"  # 1.1: /v1/models says how to size the global image (global_image, local_size)
+# 1.1: /v1/models says how to size the global image (global_image, local_size); policy `adaptive`
+# with the edge's budget (max_extra_bytes, deadline_ms, uplink_kbps) and the reply's `gate`
+API_VERSION = "1.1"
 MAX_QUESTION_CHARS = 1000
 MAX_ORIGINAL_SIDE = 65_535
 ENDPOINTS = {"/v1/query": "query", "/v1/refine": "refine", "/v1/models": "models"}
@@ -57,6 +61,9 @@ QUERY_FIELDS = {
     "threshold",
     "client_id",
     "question_id",
+    "max_extra_bytes",
+    "deadline_ms",
+    "uplink_kbps",
 }
 REFINE_FIELDS = {"session_id", "image", "client_id"}
 UPLOAD_STATUS = {"empty": 400, "too_large": 413, "not_image": 415, "animated": 422, "corrupt": 422, "size": 422}
@@ -88,6 +95,13 @@ def finite_scores(scores: dict | None) -> dict | None:
     return None if scores is None else {k: finite(v) for k, v in scores.items()}
 
 
+GATE_DESCRIPTION = (
+    'entropy and adaptive policies: {"threshold": the threshold used (null: no crop will be asked for), "reason": '
+    '"static" (entropy), "calibrated" (adaptive at the static threshold), "load" (raised to hold the latency SLO), '
+    '"edge_bytes" or "edge_deadline" (the crop would not fit the edge\'s budget)}'
+)
+
+
 class Answered(BaseModel):
     status: Literal["answered"] = "answered"
     answer: str
@@ -104,6 +118,7 @@ class Answered(BaseModel):
     global_made_by: Literal["edge", "server"] | None = Field(
         None, description="who made the global image: the edge, or the server from an uploaded original (queries only)"
     )
+    gate: dict | None = Field(None, description=GATE_DESCRIPTION)
 
 
 class NeedRoI(BaseModel):
@@ -119,6 +134,7 @@ class NeedRoI(BaseModel):
     bytes_received: int
     timings_ms: dict[str, float]
     global_made_by: Literal["edge", "server"] = "edge"
+    gate: dict | None = Field(None, description=GATE_DESCRIPTION)
 
 
 class ModelInfo(BaseModel):
@@ -297,6 +313,11 @@ class Gateway:
         self.args = args
         self.config = load_collab_config(args)
         self._info: dict | None = None
+        try:  # each replica runs its own controller on what it observes
+            self.adaptive, self.adaptive_error = AdaptiveGate.from_config(self.config.gate), None
+        except ValueError as exc:  # no curve: every other policy still works
+            self.adaptive, self.adaptive_error = None, str(exc)
+        self.server_ms = {"query": RecentMean(), "refine": RecentMean()}
         limits.configure(os.environ.get(args.auth_token_env) if args.auth_token_env else None, args.max_body_bytes)
 
     async def info(self) -> dict:
@@ -351,6 +372,34 @@ class Gateway:
         extra = sorted(set((await request.form()).keys()) - allowed)
         if extra:
             raise error(422, f"unknown fields: {', '.join(extra)}; expected {', '.join(sorted(allowed))}")
+
+    def _gate(self, spec: PolicySpec, budget: EdgeBudget, started: float) -> tuple[PolicySpec, dict | None]:
+        """The threshold this request is gated at, and the reply's `gate`."""
+        if spec.name == "entropy":
+            return spec, {"threshold": spec.threshold, "reason": "static"}
+        if spec.name != "adaptive":
+            return spec, None
+        if self.adaptive is None:
+            raise error(422, f"the adaptive policy is not available on this server: {self.adaptive_error}")
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        decision = self.adaptive.decide(
+            spec.threshold,
+            budget,
+            elapsed_ms + self.server_ms["query"].value,
+            self.server_ms["refine"].value,
+        )
+        m = metrics.gateway()
+        m.adaptive_cap.set(self.adaptive.controller.cap)
+        if self.adaptive.controller.last_p95 is not None:
+            m.adaptive_p95.set(self.adaptive.controller.last_p95)
+        return replace(spec, threshold=decision.threshold), decision.as_dict()
+
+    def _observe(self, endpoint: str, query_ms: float, stage_ms: float | None = None) -> None:
+        """A completed query's server time (first pass, or first pass + refine) for the controller,
+        and the recent time of the endpoint's own stage for the edge-deadline check."""
+        self.server_ms[endpoint].add(query_ms if stage_ms is None else stage_ms)
+        if self.adaptive is not None:
+            self.adaptive.controller.observe(query_ms)
 
     @app.get("/healthz")
     async def healthz(self) -> dict:
@@ -415,6 +464,13 @@ class Gateway:
         ),
         client_id: str = Form(None, max_length=200, description="owner of the refine session, if given"),
         question_id: str = Form(None, max_length=200, description="stable id; keys the random policy"),
+        max_extra_bytes: int = Form(
+            None, ge=0, le=10**9, description="adaptive: the most crop bytes this edge will send for this query"
+        ),
+        deadline_ms: float = Form(
+            None, gt=0, lt=1e7, description="adaptive: the time this edge can wait for the answer (needs uplink_kbps)"
+        ),
+        uplink_kbps: float = Form(None, gt=0, lt=1e7, description="adaptive: this edge's uplink rate (kbit/s)"),
     ):
         started = time.perf_counter()
         await self._no_extra_fields(request, QUERY_FIELDS)
@@ -432,6 +488,11 @@ class Gateway:
             upload, decoded, backend, (original_width, original_height)
         )
         spec = PolicySpec.from_gate(self.config.gate, name=policy, threshold=threshold)
+        try:
+            budget = EdgeBudget(max_extra_bytes, deadline_ms, uplink_kbps)
+        except ValueError as exc:
+            raise error(422, str(exc)) from None
+        spec, gate_used = self._gate(spec, budget, started)
         key = question_id or digest(data + question.encode())
 
         features = self.encoder.encode.remote(data)  # stays a DeploymentResponse: chained, not fetched
@@ -442,10 +503,11 @@ class Gateway:
         timings = dict(first.timings_ms)
         m = metrics.gateway()
         m.uplink_bytes.inc(len(upload), tags={"stage": "global"})
-        if spec.name == "entropy":
+        if spec.name in ("entropy", "adaptive") and math.isfinite(spec.threshold):
             m.threshold.set(spec.threshold, tags={"policy": spec.name})
         if not first.refine:
             done("query", spec.name, "answered", started, timings)
+            self._observe("query", timings["total"])
             return Answered(
                 answer=first.answer,
                 stage=1,
@@ -456,6 +518,7 @@ class Gateway:
                 bytes_received=len(upload),
                 timings_ms=timings,
                 global_made_by=made_by,
+                gate=gate_used,
             )
 
         located = await self._deadline(
@@ -476,6 +539,8 @@ class Gateway:
             "first_answer": first.answer,
             "score": first.uncertainty,
             "original_size": [original_width, original_height],
+            "gate": gate_used,
+            "query_ms": (time.perf_counter() - started) * 1000,  # the query's server time, for the controller
         }
         try:
             session = await self._deadline(self.sessions.create.remote(features, meta))
@@ -499,6 +564,7 @@ class Gateway:
             bytes_received=len(upload),
             timings_ms=timings,
             global_made_by=made_by,
+            gate=gate_used,
         )
 
     @app.post(
@@ -590,6 +656,7 @@ class Gateway:
             first_answer=meta["first_answer"],
             bytes_received=len(data),
             timings_ms=timings,
+            gate=meta.get("gate"),
         )
         stored = await self._deadline(self.sessions.complete.remote(session_id, claim, reply.model_dump()))
         if not stored:  # this claim's lease ran out and another refine completed the session: its reply stands
@@ -606,4 +673,5 @@ class Gateway:
         m.uplink_bytes.inc(len(data), tags={"stage": "local"})
         m.requests.inc(tags={"endpoint": "refine", "policy": meta["policy"], "outcome": "refined"})
         metrics.stage_latency().observe(timings["total"], tags={"stage": "refine_total"})
+        self._observe("refine", meta.get("query_ms", 0.0) + timings["total"], timings["total"])
         return reply

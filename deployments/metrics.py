@@ -65,6 +65,13 @@ def gateway() -> SimpleNamespace:
             description="Entropy threshold of the latest gated request (bits)",
             tag_keys=("policy",),
         ),
+        adaptive_cap=Gauge(
+            "collab_adaptive_refine_cap", description="Adaptive gate: the refine-rate cap its load controller holds"
+        ),
+        adaptive_p95=Gauge(
+            "collab_adaptive_p95_ms",
+            description="Adaptive gate: p95 server time per query of the controller's last window (ms)",
+        ),
     )
 
 

@@ -33,6 +33,7 @@ class EdgeResult:
     local_bytes: int
     server_ms: dict[str, float] = field(default_factory=dict)
     session_expired: bool = False  # the refine was refused as expired: answer is the first pass's
+    gate: dict | None = None  # the threshold the server used and why (entropy and adaptive policies)
 
 
 class ProtocolError(RuntimeError):
@@ -108,7 +109,12 @@ class EdgeClient:
         policy: str | None = None,
         threshold: float | None = None,
         question_id: str | None = None,
+        max_extra_bytes: int | None = None,
+        deadline_ms: float | None = None,
+        uplink_kbps: float | None = None,
     ) -> EdgeResult:
+        """One query; the budget fields are for policy `adaptive` (the server asks for no crop that
+        would not fit them)."""
         original = load_image(image)
         payload = global_upload(original, self.models(), self.imaging)
         fields = {"question": question, "original_width": str(original.width), "original_height": str(original.height)}
@@ -117,6 +123,9 @@ class EdgeClient:
             ("threshold", threshold),
             ("client_id", self.client_id),
             ("question_id", question_id),
+            ("max_extra_bytes", max_extra_bytes),
+            ("deadline_ms", deadline_ms),
+            ("uplink_kbps", uplink_kbps),
         ):
             if value is not None:
                 fields[key] = str(value)
@@ -133,6 +142,7 @@ class EdgeClient:
                 payload.nbytes,
                 0,
                 first["timings_ms"],
+                gate=first.get("gate"),
             )
         local = local_upload(original, first["box"], first["local_size"], self.imaging)
         data = {"session_id": first["session_id"]}
@@ -153,6 +163,7 @@ class EdgeClient:
                 local.nbytes,
                 first["timings_ms"],
                 session_expired=True,
+                gate=first.get("gate"),
             )
         second = self._json(resp)
         timings = {**first["timings_ms"], **{f"refine_{k}": v for k, v in second["timings_ms"].items()}}
@@ -166,4 +177,5 @@ class EdgeClient:
             payload.nbytes,
             local.nbytes,
             timings,
+            gate=second.get("gate"),
         )

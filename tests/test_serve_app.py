@@ -32,7 +32,13 @@ def items(n, seed=404):
 def test_health_and_models(served):
     assert httpx.get(f"{served}/healthz").json() == {"status": "ok"}
     info = httpx.get(f"{served}/v1/models").json()
-    assert info["encoder_size"] == [32, 32] and set(info["policies"]) == {"never", "always", "random", "entropy"}
+    assert info["encoder_size"] == [32, 32] and set(info["policies"]) == {
+        "never",
+        "always",
+        "random",
+        "entropy",
+        "adaptive",
+    }
     schema = httpx.get(f"{served}/openapi.json").json()
     assert "/v1/query" in schema["paths"] and "/v1/refine" in schema["paths"]
 
@@ -46,6 +52,29 @@ def test_two_stage_query_over_http(client):
     assert always.first_answer == never.answer
     x0, y0, x1, y1 = always.box
     assert 0 <= x0 < x1 <= item.width and 0 <= y0 < y1 <= item.height
+
+
+def test_adaptive_policy_says_its_threshold_and_never_asks_past_the_edges_budget(client, served):
+    """Policy `adaptive` (API 1.1): with no load it is the static gate ("calibrated"); an edge whose
+    byte budget or deadline a crop would not fit gets its first-pass answer and no need_roi."""
+    item = items(1)[0]
+    unsure = {"policy": "adaptive", "threshold": -1.0}  # every answer is unsure enough to refine
+    free = client.ask(item.image, item.question, **unsure)
+    assert free.stage == 2 and free.gate == {"threshold": -1.0, "reason": "calibrated"}
+    tight = client.ask(item.image, item.question, **unsure, max_extra_bytes=100)
+    assert tight.stage == 1 and tight.local_bytes == 0 and tight.gate == {"threshold": None, "reason": "edge_bytes"}
+    late = client.ask(item.image, item.question, **unsure, deadline_ms=5, uplink_kbps=64)
+    assert late.stage == 1 and late.gate["reason"] == "edge_deadline"
+    roomy = client.ask(item.image, item.question, **unsure, max_extra_bytes=10**6, deadline_ms=60_000, uplink_kbps=1e4)
+    assert roomy.stage == 2 and roomy.local_bytes <= 10**6
+    static = client.ask(item.image, item.question, policy="entropy", threshold=-1.0)
+    assert static.gate == {"threshold": -1.0, "reason": "static"}
+    assert client.ask(item.image, item.question, policy="never").gate is None
+    png = io.BytesIO()
+    item.image.save(png, format="PNG")
+    fields = {"question": item.question, "policy": "adaptive", "deadline_ms": "500"}
+    refused = httpx.post(f"{served}/v1/query", data=fields, files={"image": ("o.png", png.getvalue())}, timeout=30)
+    assert refused.status_code == 422 and "uplink_kbps" in refused.json()["error"]
 
 
 def test_dag_matches_reference_pipeline(client, tiny_backend, tiny_config):

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from collab.adaptive import CalibrationCurve
 from collab.backends import ModelLoadError, load_backend
 from collab.config import ConfigError, load_config, parse_sets
 from collab.data.synthetic import parse_split
@@ -25,6 +26,8 @@ from collab.eval.report import build_report, calibrate_threshold
 from collab.eval.runner import EvalItem, Evaluator, dataset_items, decisions, synthetic_items
 from collab.paths import DEFAULT_CONFIG, REPO_ROOT
 from collab.policies import POLICIES, PolicySpec
+
+OFFLINE_POLICIES = tuple(p for p in POLICIES if p != "adaptive")
 
 
 def split_spec(text: str) -> tuple[int, int]:
@@ -55,7 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="override any config field, e.g. --set attention.layer=2 --set attention.relative=false (YAML values)",
     )
     p.add_argument(
-        "--policies", default=",".join(POLICIES), help=f"comma list of {','.join(POLICIES)} (default: %(default)s)"
+        "--policies",
+        default=",".join(OFFLINE_POLICIES),
+        help=f"comma list of {','.join(POLICIES)} (default: %(default)s; offline, with no load, adaptive is "
+        "entropy at the static threshold)",
+    )
+    p.add_argument(
+        "--write-curve",
+        metavar="PATH",
+        help="also write the adaptive policy's calibration curve (threshold -> refine rate, crop bytes) of "
+        "this split to PATH: run it on a calibration split, never on an evaluation one",
     )
     p.add_argument("--threshold", type=float, help="entropy threshold (default: config gate.threshold)")
     p.add_argument(
@@ -152,6 +164,10 @@ def main(argv: list[str] | None = None) -> int:
         }
     )
     (out / "report.json").write_text(json.dumps(report, indent=2))
+    if args.write_curve:
+        source = f"{dataset['kind']} {args.synthetic[0]}:{args.synthetic[1]}" if args.synthetic else str(args.dataset)
+        curve = CalibrationCurve.from_sweep(report["sweep"], [o.local_bytes for o in outcomes], source=source)
+        print(f"calibration curve -> {curve.save(args.write_curve)}")
     with open(out / "items.jsonl", "w") as f:
         for o in outcomes:
             row = {k: v for k, v in o.__dict__.items() if k != "attention"}

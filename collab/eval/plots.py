@@ -53,7 +53,7 @@ def plot_separability(outcomes: list[ItemOutcome], report: dict, path: Path, bin
     return path
 
 
-POLICY_MARKERS = {"never": "s", "always": "^", "entropy": "*", "random": "x"}
+POLICY_MARKERS = {"never": "s", "always": "^", "entropy": "*", "random": "x", "adaptive": "D"}
 
 
 def plot_sweep(report: dict, path: Path) -> Path:

@@ -1,0 +1,251 @@
+"""The adaptive gate: a threshold that holds a latency SLO under load and respects each edge's budget.
+
+A static entropy threshold is one number calibrated offline; under contention it asks for crops
+the server cannot refine in time, and it does not know that one edge is on a slow link. Three
+inputs decide each request's threshold here:
+
+- the **calibration curve** (`CalibrationCurve`): for thresholds from `collab.eval`'s sweep on a
+  calibration split, the refine rate and accuracy it gave, and the crop bytes. It turns "refine at
+  most a share r of queries" into a threshold;
+- the **server's load** (`LoadController`): the p95 of the server time of the queries this gateway
+  replica completed in the last window, against `slo_p95_ms`. Above the SLO the cap on the refine
+  rate is multiplied by `decrease`; below `headroom` x SLO it grows by `increase` back toward the
+  static threshold's rate; in between it holds. One step per window, bounded, so a step in load
+  moves the cap by a known amount per window and the hold band keeps it from oscillating
+  (AIMD, as TCP's congestion window);
+- the **edge's budget** (`EdgeBudget`, optional request fields): the crop is asked for only when
+  its expected bytes (the curve's 90th percentile) fit `max_extra_bytes`, and its upload at the
+  declared uplink plus the server's recent refine time fits `deadline_ms`.
+
+Pure Python, no Ray: each gateway replica runs its own controller on its own observations.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from bisect import bisect_left
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class CalibrationCurve:
+    """Refine rate and accuracy per threshold on a calibration split (thresholds ascending)."""
+
+    thresholds: tuple[float, ...]
+    refine_rates: tuple[float, ...]  # non-increasing in the threshold
+    accuracies: tuple[float, ...]
+    crop_bytes_p90: float  # of the crops the calibration split sent
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        n = len(self.thresholds)
+        if n < 2 or len(self.refine_rates) != n or len(self.accuracies) != n:
+            raise ValueError("a calibration curve needs >= 2 points, each with a threshold, refine rate and accuracy")
+        if any(b <= a for a, b in zip(self.thresholds, self.thresholds[1:])):
+            raise ValueError("calibration thresholds must increase")
+        if any(b > a + 1e-12 for a, b in zip(self.refine_rates, self.refine_rates[1:])):
+            raise ValueError("calibration refine rates must not increase with the threshold")
+
+    @classmethod
+    def from_sweep(cls, sweep: Sequence[dict], crop_bytes: Sequence[int], source: str = "") -> CalibrationCurve:
+        """From `collab.eval`'s report (`sweep`) and the crop sizes of the same run."""
+        points = sorted({float(p["threshold"]): p for p in sweep}.items())
+        finite = [(t, p) for t, p in points if math.isfinite(t)]
+        return cls(
+            tuple(t for t, _ in finite),
+            tuple(float(p["refine_rate"]) for _, p in finite),
+            tuple(float(p["accuracy"]) for _, p in finite),
+            float(np.percentile(crop_bytes, 90)) if len(crop_bytes) else 0.0,
+            source,
+        )
+
+    def rate_at(self, threshold: float) -> float:
+        """Refine rate at a threshold (the first point at or above it; 0 past the last)."""
+        i = bisect_left(self.thresholds, threshold)
+        return self.refine_rates[i] if i < len(self.thresholds) else 0.0
+
+    def threshold_for_rate(self, rate: float) -> float:
+        """The lowest calibrated threshold that refines at most `rate` of the queries."""
+        for t, r in zip(self.thresholds, self.refine_rates):
+            if r <= rate + 1e-12:
+                return t
+        return math.inf  # not even the highest threshold refines this little: never
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(asdict(self), indent=1))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> CalibrationCurve:
+        try:
+            raw = json.loads(Path(path).read_text())
+            return cls(
+                tuple(raw["thresholds"]),
+                tuple(raw["refine_rates"]),
+                tuple(raw["accuracies"]),
+                float(raw["crop_bytes_p90"]),
+                raw.get("source", ""),
+            )
+        except (OSError, KeyError, TypeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{path}: not a calibration curve ({exc})") from None
+
+
+@dataclass(frozen=True)
+class ControllerSettings:
+    """Gains and bounds of the load controller (defaults: docs/adaptive.md)."""
+
+    slo_p95_ms: float
+    window_s: float = 10.0
+    decrease: float = 0.7  # cap x this per window above the SLO
+    increase: float = 0.05  # cap + this per window below headroom x SLO
+    headroom: float = 0.8
+    min_rate: float = 0.0
+    min_samples: int = 5  # fewer completions in a window: hold (no evidence either way)
+
+    def __post_init__(self) -> None:
+        if self.slo_p95_ms <= 0 or self.window_s <= 0:
+            raise ValueError("slo_p95_ms and window_s must be > 0")
+        if not (0 < self.decrease < 1 and 0 < self.increase <= 1 and 0 < self.headroom < 1):
+            raise ValueError("need 0 < decrease < 1, 0 < increase <= 1, 0 < headroom < 1")
+        if not 0 <= self.min_rate <= 1 or self.min_samples < 1:
+            raise ValueError("need 0 <= min_rate <= 1 and min_samples >= 1")
+
+
+class LoadController:
+    """AIMD on the cap of the refine rate, from the p95 server time of recent completions.
+
+    The cap starts at (and never exceeds) `ceiling`, the static threshold's calibrated rate: with
+    headroom the adaptive gate is the static one. Not thread-safe; one per gateway replica (its
+    asyncio loop is the only caller)."""
+
+    def __init__(self, settings: ControllerSettings, ceiling: float, clock: Callable[[], float] = time.monotonic):
+        self.settings, self.ceiling, self.clock = settings, min(1.0, max(0.0, ceiling)), clock
+        self.cap = self.ceiling
+        self.window: deque[float] = deque()
+        self.window_start = clock()
+        self.last_p95: float | None = None
+
+    def observe(self, server_ms: float) -> None:
+        """One completed query's server time (first pass, or first pass + refine); updates the cap
+        when a window has closed."""
+        self.window.append(float(server_ms))
+        self.update()
+
+    def update(self) -> float:
+        """Close the window if it is over: one AIMD step on its p95. Returns the cap."""
+        now = self.clock()
+        s = self.settings
+        if now - self.window_start < s.window_s:
+            return self.cap
+        if len(self.window) >= s.min_samples:
+            p95 = float(np.percentile(list(self.window), 95))
+            self.last_p95 = p95
+            if p95 > s.slo_p95_ms:
+                self.cap = max(s.min_rate, self.cap * s.decrease)
+            elif p95 < s.headroom * s.slo_p95_ms:
+                self.cap = min(self.ceiling, self.cap + s.increase)
+        self.window.clear()
+        self.window_start = now
+        return self.cap
+
+
+@dataclass(frozen=True)
+class EdgeBudget:
+    """What one edge can afford for a crop (optional request fields; None = no limit)."""
+
+    max_extra_bytes: int | None = None
+    deadline_ms: float | None = None  # the whole query, from the edge's send of the global image
+    uplink_kbps: float | None = None  # the edge's declared uplink; needed for the deadline
+
+    def __post_init__(self) -> None:
+        if self.deadline_ms is not None and not self.uplink_kbps:
+            raise ValueError("deadline_ms needs uplink_kbps (the time to upload a crop depends on it)")
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    """The threshold in force for one request and why (the reply's `gate`)."""
+
+    threshold: float
+    reason: str  # "calibrated" (the static threshold), "load" (raised by the controller), "edge_bytes", "edge_deadline"
+
+    def as_dict(self) -> dict:
+        return {"threshold": self.threshold if math.isfinite(self.threshold) else None, "reason": self.reason}
+
+
+def load_threshold(curve: CalibrationCurve, static_threshold: float, cap: float) -> GateDecision:
+    """The static threshold while its calibrated rate fits under the cap, else the one that does."""
+    if curve.rate_at(static_threshold) <= cap + 1e-12:
+        return GateDecision(static_threshold, "calibrated")
+    return GateDecision(max(static_threshold, curve.threshold_for_rate(cap)), "load")
+
+
+def edge_allows(budget: EdgeBudget, crop_bytes: float, elapsed_ms: float, refine_ms: float) -> tuple[bool, str | None]:
+    """Whether a crop of `crop_bytes` fits the edge's budget, `elapsed_ms` into the query, with the
+    refine taking about `refine_ms` on the server. (False, reason) when it does not."""
+    if budget.max_extra_bytes is not None and crop_bytes > budget.max_extra_bytes:
+        return False, "edge_bytes"
+    if budget.deadline_ms is not None:
+        upload_ms = crop_bytes * 8 / budget.uplink_kbps  # kbit/s = bit/ms
+        if elapsed_ms + upload_ms + refine_ms > budget.deadline_ms:
+            return False, "edge_deadline"
+    return True, None
+
+
+class RecentMean:
+    """Exponentially weighted mean of recent values (0 before the first): a stage's recent time."""
+
+    def __init__(self, weight: float = 0.2):
+        self.weight, self.value, self.n = weight, 0.0, 0
+
+    def add(self, value: float) -> None:
+        self.value = float(value) if self.n == 0 else (1 - self.weight) * self.value + self.weight * float(value)
+        self.n += 1
+
+
+class AdaptiveGate:
+    """What one gateway replica runs for `policy=adaptive`: the curve, its own load controller."""
+
+    def __init__(
+        self, curve: CalibrationCurve, settings: ControllerSettings, static_threshold: float, clock=time.monotonic
+    ):
+        self.curve = curve
+        self.controller = LoadController(settings, ceiling=curve.rate_at(static_threshold), clock=clock)
+
+    @classmethod
+    def from_config(cls, gate) -> AdaptiveGate:
+        """From a GateConfig; ValueError if its calibration curve cannot be read."""
+        from collab.paths import REPO_ROOT
+
+        cfg = gate.adaptive
+        path = Path(cfg.curve).expanduser()
+        if not path.is_absolute() and not path.exists():
+            path = REPO_ROOT / path
+        if not path.exists():
+            raise ValueError(f"no calibration curve at {cfg.curve} (make one: collab-vlm eval --write-curve)")
+        settings = ControllerSettings(
+            cfg.slo_p95_ms, cfg.window_s, cfg.decrease, cfg.increase, cfg.headroom, cfg.min_rate
+        )
+        return cls(CalibrationCurve.load(path), settings, gate.threshold)
+
+    def decide(
+        self, static_threshold: float, budget: EdgeBudget, before_refine_ms: float, refine_ms: float
+    ) -> GateDecision:
+        """This request's threshold: the load's, unless a crop would not fit the edge's budget
+        (`before_refine_ms`: the query's time until a crop could be sent, elapsed + expected first pass)."""
+        cap = self.controller.update()
+        if cap >= self.controller.ceiling:  # no load pressure: the static gate, whatever threshold was asked for
+            decision = GateDecision(static_threshold, "calibrated")
+        else:
+            decision = load_threshold(self.curve, static_threshold, cap)
+        fits, reason = edge_allows(budget, self.curve.crop_bytes_p90, before_refine_ms, refine_ms)
+        return decision if fits else GateDecision(math.inf, reason)
