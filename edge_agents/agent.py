@@ -63,6 +63,8 @@ class QueryLog:
     retries: int = 0
     session_expired: bool = False
     replayed: bool = False
+    gate_threshold: float | None = None  # the threshold the server gated this query at (entropy, adaptive)
+    gate_reason: str | None = None
     error: str | None = None
 
     def to_row(self) -> dict:
@@ -138,9 +140,17 @@ class EdgeAgent:
         """Start no new query (those in flight finish)."""
         self._stopping = True
 
+    def _active(self, t: float) -> bool:
+        """Whether this agent takes part at wall time t (workload.phases: a load step)."""
+        w = self.config.workload
+        return self.index < w.active_share(t - self.run_start) * self.config.agents - 1e-9
+
     async def _closed_loop(self, end: float) -> None:
         seq = 0
         while not self._stopping and time.time() < end:
+            if not self._active(time.time()):
+                await asyncio.sleep(min(0.5, max(0.0, end - time.time())))
+                continue
             await self.query(self.items[seq % len(self.items)], seq, arrival=time.time())
             seq += 1
             think = self._think_time()
@@ -165,6 +175,8 @@ class EdgeAgent:
             arrival += self.rng.expovariate(w.rate_qps)
             if arrival >= end:
                 break
+            if not self._active(arrival):  # outside this agent's phases: the arrival does not happen
+                continue
             await self._sleep_until(arrival)
             await slots.acquire()  # a device has finite concurrency: arrivals beyond it queue here
 
@@ -247,10 +259,17 @@ class EdgeAgent:
         }
         if self.profile.threshold is not None:
             fields["threshold"] = str(self.profile.threshold)
+        if self.profile.max_extra_bytes is not None:
+            fields["max_extra_bytes"] = str(self.profile.max_extra_bytes)
+        if self.profile.deadline_ms is not None:
+            fields["deadline_ms"] = str(self.profile.deadline_ms)
+            fields["uplink_kbps"] = str(self.profile.uplink_mbps * 1000)
         files = {"image": ("global." + payload.format, payload.data, MIME[payload.format])}
         resp = await self._exchange("/v1/query", fields, files, payload.nbytes, attempts)
         first = _json_or_fail(resp, "/v1/query")
         log.score = first.get("score")
+        gate = first.get("gate") or {}
+        log.gate_threshold, log.gate_reason = gate.get("threshold"), gate.get("reason")
         if first["status"] == "answered":
             log.stage, log.answer, log.first_answer = 1, first["answer"], first.get("first_answer") or first["answer"]
             return

@@ -28,6 +28,10 @@ class DeviceProfile(_Strict):
     jpeg_quality: int = Field(90, ge=1, le=95)
     policy: Policy | None = Field(None, description="policy the device asks for; None = the workload's")
     threshold: float | None = Field(None, description="entropy threshold in bits; None = the server's")
+    max_extra_bytes: int | None = Field(None, ge=0, description="adaptive policy: the most crop bytes it sends")
+    deadline_ms: float | None = Field(
+        None, gt=0, description="adaptive policy: the time this device can wait for an answer (its uplink is sent too)"
+    )
     weight: float = Field(1.0, gt=0, description="share of the agents with this profile")
 
 
@@ -63,6 +67,30 @@ class Workload(_Strict):
     duration_s: float = Field(30.0, gt=0, description="agents stop starting queries after this")
     ramp_up_s: float = Field(5.0, ge=0, description="agent i starts at ramp_up_s * i / agents")
     drain_s: float = Field(300.0, ge=0, description="after the duration, wait this long for queries in flight")
+    phases: list[tuple[float, float]] | None = Field(
+        None,
+        description="a load step: [[from_s, share of the agents active], ...] (e.g. [[0, 0.125], [60, 1], [120, "
+        "0.125]]: 8 of 64 agents, then all, then 8 again); agent i is active while i < share x agents",
+    )
+
+    @field_validator("phases")
+    @classmethod
+    def _phases(cls, value):
+        if value is not None:
+            starts = [t for t, _ in value]
+            if not value or starts[0] != 0 or any(b <= a for a, b in zip(starts, starts[1:])):
+                raise ValueError("phases: start at 0 s, times increasing")
+            if any(not 0 < share <= 1 for _, share in value):
+                raise ValueError("phases: each share of active agents must be in (0, 1]")
+        return value
+
+    def active_share(self, t: float) -> float:
+        """Share of the agents active t seconds into the run (1 without phases)."""
+        share = 1.0
+        for start, s in self.phases or []:
+            if t >= start:
+                share = s
+        return share
 
 
 class Source(_Strict):
@@ -107,9 +135,13 @@ class LoadTestConfig(_Strict):
     profiles: list[DeviceProfile] = Field(default_factory=lambda: [DeviceProfile()], min_length=1)
 
     def profile_for(self, agent_index: int) -> DeviceProfile:
-        """Deterministic mix: agent i gets the profile whose weight band holds (i + 0.5) / agents."""
+        """Deterministic mix: agent i gets the profile whose weight band holds (i + 0.5) / agents; with
+        load phases, (i + 0.5) x golden ratio mod 1, so that the agents of every phase hold the mix too."""
         total = sum(p.weight for p in self.profiles)
-        point = (agent_index + 0.5) / self.agents * total
+        if self.workload.phases:
+            point = ((agent_index + 0.5) * 0.6180339887498949) % 1.0 * total
+        else:
+            point = (agent_index + 0.5) / self.agents * total
         acc = 0.0
         for profile in self.profiles:
             acc += profile.weight

@@ -215,18 +215,26 @@ def write_outputs(result: dict, config: LoadTestConfig, out: Path, extra_policie
     report.plot_latency_cdf(result["rows"], out / "latency_cdf.png")
     report.plot_timeline(result["rows"], result["replicas"], out / "timeline.png")
     report.plot_bytes_accuracy(extra_policies or summary["by_policy"], out / "bytes_accuracy.png")
+    report.write_json(report.windows(result["rows"]), out / "windows.json")
     return summary
 
 
 def sweep(
-    config: LoadTestConfig, agents: list[int], policies: list[str], out: Path, progress: bool, metrics=None
+    config: LoadTestConfig,
+    agents: list[int],
+    policies: list[str],
+    out: Path,
+    progress: bool,
+    metrics=None,
+    slo_ms: float | None = None,
 ) -> list[dict]:
-    points, by_policy = [], {}
+    points, by_policy, rows_by_policy = [], {}, {}
     for policy in policies:
         for n in agents:
             cfg = config.model_copy(update={"agents": n})
             result = run_load(cfg, policy=policy, progress=progress, label=f"{policy} x{n}", metrics=metrics)
             summary = write_outputs(result, cfg, out / f"{policy}_{n}")
+            rows_by_policy[policy] = result["rows"]
             point = {
                 "policy": policy,
                 "agents": n,
@@ -256,6 +264,10 @@ def sweep(
             )
     report.write_json(points, out / "sweep.json")
     report.plot_sweep(points, out / "sweep.png")
+    if len(agents) == 1:  # one load (e.g. a load step) under several policies: their timelines together
+        timelines = {p: report.windows(rows) for p, rows in rows_by_policy.items()}
+        report.write_json(timelines, out / "windows_by_policy.json")
+        report.plot_policy_windows(timelines, out / "windows_by_policy.png", slo_ms)
     report.plot_bytes_accuracy({p: s for p, s in by_policy.items() if s}, out / "bytes_accuracy.png")
     return points
 
@@ -290,11 +302,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep-agents", metavar="N,N,...", help="run once per agent count and plot the contention curve")
     p.add_argument(
         "--sweep-policies",
-        default="entropy,never,always,random",
+        default="entropy,never,always,random",  # adaptive too, when asked for
         help="policies for --sweep-agents (default: %(default)s)",
     )
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override any config field (YAML value)"
+    )
+    p.add_argument(
+        "--slo-ms", type=float, help="draw this p95 SLO on the per-policy timelines (a --sweep-agents of one count)"
     )
     p.add_argument("--ray-address", help="Ray cluster to join (default: auto, else a local Ray)")
     p.add_argument(
@@ -379,7 +394,7 @@ def _run(args, config: LoadTestConfig, out: Path, sweep_agents, policies) -> int
 
         metrics = EdgeMetrics.serve(config.metrics_port)
     if sweep_agents:
-        points = sweep(config, sweep_agents, policies, out, not args.no_progress, metrics)
+        points = sweep(config, sweep_agents, policies, out, not args.no_progress, metrics, args.slo_ms)
         failed = sum(p["failed"] + p["unfinished"] for p in points)
         print(f"\nsweep written to {out}/sweep.json and {out}/sweep.png")
         return 1 if failed else 0

@@ -290,3 +290,54 @@ def plot_sweep(points: list[dict], path: Path) -> None:
 
 def write_json(data, path: Path) -> None:
     path.write_text(json.dumps(data, indent=2, default=float))
+
+
+def windows(rows: list[dict], window_s: float = 10.0) -> list[dict]:
+    """Per window of arrival time: queries, p50/p95 latency, refine rate, mean gate threshold,
+    accuracy and bytes per query (answered queries; a window with none is left out)."""
+    ok = [r for r in rows if not r["error"]]
+    if not ok:
+        return []
+    out = []
+    last = max(r["t_start"] for r in ok)
+    for k in range(int(last // window_s) + 1):
+        part = [r for r in ok if k * window_s <= r["t_start"] < (k + 1) * window_s]
+        if not part:
+            continue
+        lat = _percentiles(r["latency_ms"] for r in part)
+        thresholds = [r["gate_threshold"] for r in part if r.get("gate_threshold") is not None]
+        out.append(
+            {
+                "t": k * window_s,
+                "queries": len(part),
+                "p50_ms": lat["p50"],
+                "p95_ms": lat["p95"],
+                "refine_rate": _mean(float(r["box"] is not None) for r in part),
+                "threshold": _mean(thresholds) if thresholds else None,
+                "accuracy": _mean(r["correct"] for r in part),
+                "bytes_per_query": _mean(r["global_bytes"] + r["local_bytes"] for r in part),
+            }
+        )
+    return out
+
+
+def plot_policy_windows(by_policy: dict[str, list[dict]], path: Path, slo_ms: float | None = None) -> None:
+    """One timeline per policy, stacked: p95 latency (with the SLO), refine rate, threshold."""
+    plt = _plt()
+    fig, axes = plt.subplots(3, 1, figsize=(8, 8), sharex=True)
+    for i, (policy, wins) in enumerate(sorted(by_policy.items())):
+        t = [w["t"] for w in wins]
+        axes[0].plot(t, [w["p95_ms"] for w in wins], marker=".", color=f"C{i}", label=policy)
+        axes[1].plot(t, [w["refine_rate"] for w in wins], marker=".", color=f"C{i}", label=policy)
+        th = [(w["t"], w["threshold"]) for w in wins if w["threshold"] is not None]
+        if th:
+            axes[2].plot(*zip(*th), marker=".", color=f"C{i}", label=policy)
+    if slo_ms:
+        axes[0].axhline(slo_ms, color="k", ls="--", lw=1, label=f"SLO p95 {slo_ms:.0f} ms")
+    axes[0].set_yscale("log")
+    for ax, label in zip(axes, ("p95 latency (ms)", "refine rate", "gate threshold (bits)")):
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper left", fontsize=8)
+    axes[2].set_xlabel("arrival time since start (s), 10 s windows")
+    _save(fig, path)

@@ -199,6 +199,85 @@ def test_expired_session_keeps_first_answer():
     assert log.error is None and log.session_expired and log.stage == 1 and log.answer == "3"
 
 
+def test_a_slow_device_sends_its_budget_and_logs_the_servers_gate():
+    cfg = LoadTestConfig.model_validate(
+        {
+            "policy": "adaptive",
+            "profiles": [{"name": "sensor", "uplink_mbps": 0.064, "rtt_ms": 0, "jitter_ms": 0, "deadline_ms": 1500}],
+        }
+    )
+    item = next(generate_items(5, 1))
+    seen = {}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json={"encoder_size": [32, 32], "defaults": {"global_mode": "resize"}})
+        body = request.content.decode("latin-1")
+        seen.update({k: k in body for k in ("deadline_ms", "uplink_kbps", "max_extra_bytes")})
+        gate = {"threshold": None, "reason": "edge_deadline"}
+        return httpx.Response(
+            200,
+            json={
+                "status": "answered",
+                "answer": "3",
+                "stage": 1,
+                "policy": "adaptive",
+                "timings_ms": {},
+                "gate": gate,
+            },
+        )
+
+    agent = EdgeAgent(0, cfg, items=[EdgeItem(item.question_id, item.question, ["3"] * 10, lambda: item.image, "fine")])
+    agent.http = httpx.AsyncClient(base_url="http://edge.test", transport=httpx.MockTransport(handler))
+    log = asyncio.run(agent.query(agent.items[0], 0, time.time()))
+    assert seen == {"deadline_ms": True, "uplink_kbps": True, "max_extra_bytes": False}
+    assert log.stage == 1 and log.gate_reason == "edge_deadline" and log.gate_threshold is None
+
+
+def test_load_phases_make_a_step_and_keep_the_profile_mix_in_every_phase():
+    from collections import Counter
+
+    cfg = LoadTestConfig.model_validate(
+        {
+            "agents": 64,
+            "workload": {"phases": [[0, 0.125], [50, 1.0], [100, 0.125]]},
+            "profiles": [{"name": "fast", "weight": 3}, {"name": "slow", "uplink_mbps": 0.064, "weight": 1}],
+        }
+    )
+    assert [cfg.workload.active_share(t) for t in (0, 49.9, 50, 99, 100, 500)] == [0.125, 0.125, 1, 1, 0.125, 0.125]
+    first8 = Counter(cfg.profile_for(i).name for i in range(8))
+    assert first8["slow"] >= 1 and first8["fast"] >= 5  # the slow link is there at light load too
+    agents = [EdgeAgent(i, cfg, items=[], run_start=1000.0) for i in (0, 7, 8, 63)]
+    assert [a._active(1010.0) for a in agents] == [True, True, False, False]
+    assert all(a._active(1060.0) for a in agents)
+    for bad in ([[5, 1.0]], [[0, 0.5], [0, 1.0]], [[0, 0.0]]):
+        with pytest.raises(LoadTestConfigError, match="phases"):
+            load_loadtest_config(None, {"workload": {"phases": bad}})
+
+
+def test_windows_summarise_each_ten_seconds():
+    from edge_agents.report import windows
+
+    def row(t, lat, box, threshold, correct):
+        return {
+            "t_start": t,
+            "latency_ms": lat,
+            "box": box,
+            "gate_threshold": threshold,
+            "correct": correct,
+            "global_bytes": 1000,
+            "local_bytes": 2000 if box else 0,
+            "error": None,
+        }
+
+    rows = [row(1, 100, None, 3.0, 1.0), row(2, 300, "0,0,1,1", 3.0, 0.0), row(25, 5000, None, None, 1.0)]
+    rows.append({**row(3, 1, None, None, 1.0), "error": "HTTP 500"})  # failed: not in any window
+    got = windows(rows)
+    assert [w["t"] for w in got] == [0.0, 20.0] and got[0]["queries"] == 2
+    assert got[0]["refine_rate"] == 0.5 and got[0]["threshold"] == 3.0 and got[0]["bytes_per_query"] == 2000
+    assert got[1]["threshold"] is None and got[1]["p95_ms"] == 5000
+
+
 # ------------------------------------------------------------------------------------ live
 
 
