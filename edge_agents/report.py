@@ -104,6 +104,26 @@ def write_rows(rows: list[dict], path: Path) -> None:
             writer.writerow(r)
 
 
+def read_rows(path: Path) -> list[dict]:
+    """queries.csv back as rows with write_rows' types (empty cells are None)."""
+    types = {name: f.type for name, f in QueryLog.__dataclass_fields__.items()}
+
+    def parse(name: str, text: str):
+        if text == "":  # None when written (an empty answer string reads back as None too)
+            return None
+        kind = str(types[name])
+        if "bool" in kind:
+            return text == "True"
+        if "int" in kind and "float" not in kind:
+            return int(float(text))
+        if "float" in kind:
+            return float(text)
+        return text
+
+    with open(path, newline="") as f:
+        return [{k: parse(k, v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
 def _fmt(v, spec=".1f", unit="") -> str:
     return "-" if v is None else f"{v:{spec}}{unit}"
 
@@ -305,6 +325,7 @@ def windows(rows: list[dict], window_s: float = 10.0) -> list[dict]:
         if not part:
             continue
         lat = _percentiles(r["latency_ms"] for r in part)
+        server = _percentiles(r["server_ms"] for r in part)
         thresholds = [r["gate_threshold"] for r in part if r.get("gate_threshold") is not None]
         out.append(
             {
@@ -312,6 +333,8 @@ def windows(rows: list[dict], window_s: float = 10.0) -> list[dict]:
                 "queries": len(part),
                 "p50_ms": lat["p50"],
                 "p95_ms": lat["p95"],
+                "server_p50_ms": server["p50"],
+                "server_p95_ms": server["p95"],
                 "refine_rate": _mean(float(r["box"] is not None) for r in part),
                 "threshold": _mean(thresholds) if thresholds else None,
                 "accuracy": _mean(r["correct"] for r in part),
@@ -322,22 +345,53 @@ def windows(rows: list[dict], window_s: float = 10.0) -> list[dict]:
 
 
 def plot_policy_windows(by_policy: dict[str, list[dict]], path: Path, slo_ms: float | None = None) -> None:
-    """One timeline per policy, stacked: p95 latency (with the SLO), refine rate, threshold."""
+    """One timeline per policy, stacked: server p95 (what the SLO is on), end-to-end p95 at the edge,
+    refine rate, threshold."""
     plt = _plt()
-    fig, axes = plt.subplots(3, 1, figsize=(8, 8), sharex=True)
+    fig, axes = plt.subplots(4, 1, figsize=(8, 10), sharex=True)
     for i, (policy, wins) in enumerate(sorted(by_policy.items())):
         t = [w["t"] for w in wins]
-        axes[0].plot(t, [w["p95_ms"] for w in wins], marker=".", color=f"C{i}", label=policy)
-        axes[1].plot(t, [w["refine_rate"] for w in wins], marker=".", color=f"C{i}", label=policy)
+        axes[0].plot(t, [w["server_p95_ms"] for w in wins], marker=".", color=f"C{i}", label=policy)
+        axes[1].plot(t, [w["p95_ms"] for w in wins], marker=".", color=f"C{i}", label=policy)
+        axes[2].plot(t, [w["refine_rate"] for w in wins], marker=".", color=f"C{i}", label=policy)
         th = [(w["t"], w["threshold"]) for w in wins if w["threshold"] is not None]
         if th:
-            axes[2].plot(*zip(*th), marker=".", color=f"C{i}", label=policy)
+            axes[3].plot(*zip(*th), marker=".", color=f"C{i}", label=policy)
     if slo_ms:
         axes[0].axhline(slo_ms, color="k", ls="--", lw=1, label=f"SLO p95 {slo_ms:.0f} ms")
     axes[0].set_yscale("log")
-    for ax, label in zip(axes, ("p95 latency (ms)", "refine rate", "gate threshold (bits)")):
+    axes[1].set_yscale("log")
+    labels = ("server p95 (ms)", "end-to-end p95 at the edge (ms)", "refine rate", "gate threshold (bits)")
+    for ax, label in zip(axes, labels):
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend(loc="upper left", fontsize=8)
-    axes[2].set_xlabel("arrival time since start (s), 10 s windows")
+    axes[3].set_xlabel("arrival time since start (s), 10 s windows")
     _save(fig, path)
+
+
+def main(argv=None) -> int:
+    """Re-draw a policy sweep's windows from its runs' queries.csv (what `loadtest --sweep-agents N
+    --sweep-policies ...` writes), e.g. after changing the window length."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m edge_agents.report", description=main.__doc__)
+    p.add_argument("sweep_dir", type=Path, help="the sweep's --out directory (POLICY_N/queries.csv inside)")
+    p.add_argument("--slo-ms", type=float, help="draw this p95 SLO")
+    p.add_argument("--window-s", type=float, default=10.0)
+    args = p.parse_args(argv)
+    runs = sorted(args.sweep_dir.glob("*_*/queries.csv"))
+    if not runs:
+        p.error(f"no POLICY_N/queries.csv under {args.sweep_dir}")
+    timelines = {}
+    for path in runs:
+        rows = read_rows(path)
+        timelines[path.parent.name.rsplit("_", 1)[0]] = windows(rows, args.window_s)
+    write_json(timelines, args.sweep_dir / "windows_by_policy.json")
+    plot_policy_windows(timelines, args.sweep_dir / "windows_by_policy.png", args.slo_ms)
+    print(f"wrote {args.sweep_dir / 'windows_by_policy.json'} and .png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

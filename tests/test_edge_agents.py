@@ -265,6 +265,7 @@ def test_windows_summarise_each_ten_seconds():
             "box": box,
             "gate_threshold": threshold,
             "correct": correct,
+            "server_ms": lat / 2,
             "global_bytes": 1000,
             "local_bytes": 2000 if box else 0,
             "error": None,
@@ -275,7 +276,35 @@ def test_windows_summarise_each_ten_seconds():
     got = windows(rows)
     assert [w["t"] for w in got] == [0.0, 20.0] and got[0]["queries"] == 2
     assert got[0]["refine_rate"] == 0.5 and got[0]["threshold"] == 3.0 and got[0]["bytes_per_query"] == 2000
-    assert got[1]["threshold"] is None and got[1]["p95_ms"] == 5000
+    assert got[1]["threshold"] is None and got[1]["p95_ms"] == 5000 and got[1]["server_p95_ms"] == 2500
+
+
+def test_query_rows_round_trip_through_the_csv(tmp_path):
+    from edge_agents.agent import QueryLog
+
+    logs = [
+        QueryLog(
+            "agent-000",
+            0,
+            "q0",
+            "fast",
+            "adaptive",
+            "fine",
+            1.5,
+            latency_ms=120.5,
+            stage=2,
+            box="0,0,9,9",
+            gate_threshold=3.1,
+            gate_reason="calibrated",
+            correct=1.0,
+            global_bytes=900,
+            local_bytes=1800,
+        ),
+        QueryLog("agent-001", 1, "q1", "slow", "never", None, 0.5, error="HTTP 503", retries=5, session_expired=True),
+    ]
+    report.write_rows([log.to_row() for log in logs], tmp_path / "queries.csv")
+    back = report.read_rows(tmp_path / "queries.csv")
+    assert back == sorted([log.to_row() for log in logs], key=lambda r: r["t_start"])
 
 
 # ------------------------------------------------------------------------------------ live

@@ -159,6 +159,7 @@ def test_every_panel_gets_data_from_a_live_run(served, prometheus):
             "profiles": [
                 {"name": "gated", "policy": "entropy", "rtt_ms": 10},
                 {"name": "refining", "policy": "always", "rtt_ms": 10},
+                {"name": "adaptive", "policy": "adaptive", "rtt_ms": 10},
             ],
         }
     )

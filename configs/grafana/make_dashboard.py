@@ -256,6 +256,33 @@ ROWS: list[tuple[str, list[tuple[str, str, str, list[dict], str]]]] = [
             ),
         ],
     ),
+    (
+        "Adaptive gate",
+        [
+            (
+                "Adaptive refine-rate cap",
+                "The cap each gateway replica's load controller puts on the refine rate (1 = the static gate's "
+                "rate applies; lower when the server's p95 passed gate.adaptive.slo_p95_ms).",
+                "percentunit",
+                [q("max by (replica) (ray_collab_adaptive_refine_cap)", "{{replica}}")],
+                "timeseries",
+            ),
+            (
+                "Adaptive controller p95",
+                "p95 server time per query of each controller's last window: its input, against the SLO.",
+                "ms",
+                [q("max by (replica) (ray_collab_adaptive_p95_ms)", "{{replica}}")],
+                "timeseries",
+            ),
+            (
+                "Threshold in force by replica",
+                "The entropy threshold of each gateway replica's latest gated request (adaptive: raised under load).",
+                "none",
+                [q("max by (replica, policy) (ray_collab_gate_threshold_bits)", "{{replica}} {{policy}}")],
+                "timeseries",
+            ),
+        ],
+    ),
 ]
 
 
