@@ -201,15 +201,20 @@ def edge_allows(budget: EdgeBudget, crop_bytes: float, elapsed_ms: float, refine
     return True, None
 
 
-class RecentMean:
-    """Exponentially weighted mean of recent values (0 before the first): a stage's recent time."""
+class RecentTimes:
+    """The last `keep` values of a stage's time; `value` is their 90th percentile (0 before the
+    first): a deadline check that plans on a typical time misses every slower one."""
 
-    def __init__(self, weight: float = 0.2):
-        self.weight, self.value, self.n = weight, 0.0, 0
+    def __init__(self, keep: int = 50, quantile: float = 90):
+        self.values: deque[float] = deque(maxlen=keep)
+        self.quantile = quantile
 
     def add(self, value: float) -> None:
-        self.value = float(value) if self.n == 0 else (1 - self.weight) * self.value + self.weight * float(value)
-        self.n += 1
+        self.values.append(float(value))
+
+    @property
+    def value(self) -> float:
+        return float(np.percentile(list(self.values), self.quantile)) if self.values else 0.0
 
 
 class AdaptiveGate:
@@ -241,7 +246,9 @@ class AdaptiveGate:
         self, static_threshold: float, budget: EdgeBudget, before_refine_ms: float, refine_ms: float
     ) -> GateDecision:
         """This request's threshold: the load's, unless a crop would not fit the edge's budget
-        (`before_refine_ms`: the query's time until a crop could be sent, elapsed + expected first pass)."""
+        (`before_refine_ms`: the query's time until a crop could be sent: its global upload at the
+        declared rate, the time so far and the expected first pass; round trips are the edge's to
+        leave room for)."""
         cap = self.controller.update()
         if cap >= self.controller.ceiling:  # no load pressure: the static gate, whatever threshold was asked for
             decision = GateDecision(static_threshold, "calibrated")

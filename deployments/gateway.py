@@ -28,7 +28,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from collab.adaptive import AdaptiveGate, EdgeBudget, RecentMean
+from collab.adaptive import AdaptiveGate, EdgeBudget, RecentTimes
 from collab.backends.base import UNICODE_WHITESPACE, BackendInfo, InvalidQuestion
 from collab.config import PolicyName
 from collab.imaging import (
@@ -317,7 +317,7 @@ class Gateway:
             self.adaptive, self.adaptive_error = AdaptiveGate.from_config(self.config.gate), None
         except ValueError as exc:  # no curve: every other policy still works
             self.adaptive, self.adaptive_error = None, str(exc)
-        self.server_ms = {"query": RecentMean(), "refine": RecentMean()}
+        self.server_ms = {"query": RecentTimes(), "refine": RecentTimes()}  # p90 of the last 50
         limits.configure(os.environ.get(args.auth_token_env) if args.auth_token_env else None, args.max_body_bytes)
 
     async def info(self) -> dict:
@@ -373,7 +373,9 @@ class Gateway:
         if extra:
             raise error(422, f"unknown fields: {', '.join(extra)}; expected {', '.join(sorted(allowed))}")
 
-    def _gate(self, spec: PolicySpec, budget: EdgeBudget, started: float) -> tuple[PolicySpec, dict | None]:
+    def _gate(
+        self, spec: PolicySpec, budget: EdgeBudget, started: float, upload_bytes: int
+    ) -> tuple[PolicySpec, dict | None]:
         """The threshold this request is gated at, and the reply's `gate`."""
         if spec.name == "entropy":
             return spec, {"threshold": spec.threshold, "reason": "static"}
@@ -382,6 +384,8 @@ class Gateway:
         if self.adaptive is None:
             raise error(422, f"the adaptive policy is not available on this server: {self.adaptive_error}")
         elapsed_ms = (time.perf_counter() - started) * 1000
+        if budget.uplink_kbps:  # the global image's upload, before this request reached the server
+            elapsed_ms += upload_bytes * 8 / budget.uplink_kbps
         decision = self.adaptive.decide(
             spec.threshold,
             budget,
@@ -492,7 +496,7 @@ class Gateway:
             budget = EdgeBudget(max_extra_bytes, deadline_ms, uplink_kbps)
         except ValueError as exc:
             raise error(422, str(exc)) from None
-        spec, gate_used = self._gate(spec, budget, started)
+        spec, gate_used = self._gate(spec, budget, started, len(upload))
         key = question_id or digest(data + question.encode())
 
         features = self.encoder.encode.remote(data)  # stays a DeploymentResponse: chained, not fetched

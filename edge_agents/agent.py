@@ -261,8 +261,9 @@ class EdgeAgent:
             fields["threshold"] = str(self.profile.threshold)
         if self.profile.max_extra_bytes is not None:
             fields["max_extra_bytes"] = str(self.profile.max_extra_bytes)
-        if self.profile.deadline_ms is not None:
-            fields["deadline_ms"] = str(self.profile.deadline_ms)
+        if self.profile.deadline_ms is not None:  # net of this device's two round trips (query, refine)
+            rtts = 2 * (self.profile.rtt_ms + self.profile.jitter_ms)
+            fields["deadline_ms"] = str(max(1.0, self.profile.deadline_ms - rtts))
             fields["uplink_kbps"] = str(self.profile.uplink_mbps * 1000)
         files = {"image": ("global." + payload.format, payload.data, MIME[payload.format])}
         resp = await self._exchange("/v1/query", fields, files, payload.nbytes, attempts)

@@ -370,6 +370,44 @@ def plot_policy_windows(by_policy: dict[str, list[dict]], path: Path, slo_ms: fl
     _save(fig, path)
 
 
+def step_table(
+    rows_by_policy: dict[str, list[dict]],
+    slo_ms: float,
+    heavy: tuple[float, float],
+    deadlines: dict[str, float] | None = None,
+    window_s: float = 10.0,
+) -> dict:
+    """Per policy, over one load step: accuracy, refine rate and bytes of the whole run and of the
+    light phases; the windows from the step on whose server p95 is within the SLO; the same over
+    the windows where static `entropy` is not; and the queries that refined past their profile's
+    deadline (`deadlines`: profile name -> ms)."""
+    deadlines = deadlines or {}
+    timelines = {p: windows(rows, window_s) for p, rows in rows_by_policy.items()}
+    after = {p: {w["t"]: w for w in ws if w["t"] >= heavy[0]} for p, ws in timelines.items()}
+    entropy_over = {t for t, w in after.get("entropy", {}).items() if (w["server_p95_ms"] or 0) > slo_ms}
+    out = {}
+    for policy, rows in rows_by_policy.items():
+        ok = [r for r in rows if not r["error"]]
+        light = [r for r in ok if not heavy[0] <= r["t_start"] < heavy[1]]
+        wins = after[policy]
+        within = [t for t, w in wins.items() if (w["server_p95_ms"] or 0) <= slo_ms]
+        out[policy] = {
+            **{k: group_summary(rows)[k] for k in ("queries", "failed", "accuracy", "refine_rate")},
+            "bytes_per_query": _mean(r["global_bytes"] + r["local_bytes"] for r in ok),
+            "light_accuracy": _mean(r["correct"] for r in light),
+            "windows_from_step": len(wins),
+            "windows_within_slo": len(within),
+            "entropy_over_slo_windows": len(entropy_over),
+            "within_slo_where_entropy_is_not": len(entropy_over & set(within)),
+            "refined_past_deadline": sum(
+                1
+                for r in ok
+                if r["box"] is not None and r["profile"] in deadlines and r["latency_ms"] > deadlines[r["profile"]]
+            ),
+        }
+    return out
+
+
 def main(argv=None) -> int:
     """Re-draw a policy sweep's windows from its runs' queries.csv (what `loadtest --sweep-agents N
     --sweep-policies ...` writes), e.g. after changing the window length."""
@@ -379,17 +417,45 @@ def main(argv=None) -> int:
     p.add_argument("sweep_dir", type=Path, help="the sweep's --out directory (POLICY_N/queries.csv inside)")
     p.add_argument("--slo-ms", type=float, help="draw this p95 SLO")
     p.add_argument("--window-s", type=float, default=10.0)
+    p.add_argument(
+        "--heavy", metavar="FROM:TO", help="the load step's heavy phase in seconds: also print the step table"
+    )
     args = p.parse_args(argv)
     runs = sorted(args.sweep_dir.glob("*_*/queries.csv"))
     if not runs:
         p.error(f"no POLICY_N/queries.csv under {args.sweep_dir}")
-    timelines = {}
+    timelines, rows_by_policy = {}, {}
     for path in runs:
         rows = read_rows(path)
-        timelines[path.parent.name.rsplit("_", 1)[0]] = windows(rows, args.window_s)
+        policy = path.parent.name.rsplit("_", 1)[0]
+        rows_by_policy[policy] = rows
+        timelines[policy] = windows(rows, args.window_s)
     write_json(timelines, args.sweep_dir / "windows_by_policy.json")
     plot_policy_windows(timelines, args.sweep_dir / "windows_by_policy.png", args.slo_ms)
     print(f"wrote {args.sweep_dir / 'windows_by_policy.json'} and .png")
+    if args.heavy:
+        if not args.slo_ms:
+            p.error("--heavy needs --slo-ms")
+        start, _, end = args.heavy.partition(":")
+        deadlines = {}
+        for summary in args.sweep_dir.glob("*_*/summary.json"):
+            for prof in json.loads(summary.read_text()).get("config", {}).get("profiles", []):
+                if prof.get("deadline_ms"):
+                    deadlines[prof["name"]] = prof["deadline_ms"]
+        table = step_table(rows_by_policy, args.slo_ms, (float(start), float(end)), deadlines, args.window_s)
+        write_json(table, args.sweep_dir / "step_table.json")
+        cols = ("queries", "failed", "accuracy", "light_accuracy", "refine_rate", "bytes_per_query")
+        print(
+            f"{'policy':9s} "
+            + " ".join(f"{c:>15s}" for c in cols)
+            + "  within SLO from the step (where entropy is not)"
+        )
+        for policy, r in sorted(table.items()):
+            vals = " ".join(f"{r[c]:15.3f}" if isinstance(r[c], float) else f"{r[c]!s:>15s}" for c in cols)
+            print(
+                f"{policy:9s} {vals}  {r['windows_within_slo']}/{r['windows_from_step']} "
+                f"({r['within_slo_where_entropy_is_not']}/{r['entropy_over_slo_windows']})"
+            )
     return 0
 
 

@@ -118,6 +118,19 @@ def test_too_few_completions_hold_the_cap():
     assert ctl.cap == 0.6 and ctl.last_p95 is None
 
 
+def test_recent_times_plan_on_the_slow_tail():
+    from collab.adaptive import RecentTimes
+
+    recent = RecentTimes(keep=10)
+    assert recent.value == 0.0
+    for ms in [100] * 8 + [1000, 1000]:
+        recent.add(ms)
+    assert recent.value == pytest.approx(1000.0)  # p90 of the last 10, not their mean (280)
+    for ms in [100] * 10:
+        recent.add(ms)
+    assert recent.value == 100.0  # only the last `keep` count
+
+
 def test_settings_are_validated():
     for bad in ({"slo_p95_ms": 0}, {"slo_p95_ms": 1, "decrease": 1.0}, {"slo_p95_ms": 1, "headroom": 1.2}):
         with pytest.raises(ValueError):
