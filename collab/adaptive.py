@@ -43,6 +43,7 @@ class CalibrationCurve:
     accuracies: tuple[float, ...]
     crop_bytes_p90: float  # of the crops the calibration split sent
     source: str = ""
+    model: str = ""  # model.path it was measured with: a curve belongs to one model and score
 
     def __post_init__(self) -> None:
         n = len(self.thresholds)
@@ -54,7 +55,9 @@ class CalibrationCurve:
             raise ValueError("calibration refine rates must not increase with the threshold")
 
     @classmethod
-    def from_sweep(cls, sweep: Sequence[dict], crop_bytes: Sequence[int], source: str = "") -> CalibrationCurve:
+    def from_sweep(
+        cls, sweep: Sequence[dict], crop_bytes: Sequence[int], source: str = "", model: str = ""
+    ) -> CalibrationCurve:
         """From `collab.eval`'s report (`sweep`) and the crop sizes of the same run."""
         points = sorted({float(p["threshold"]): p for p in sweep}.items())
         finite = [(t, p) for t, p in points if math.isfinite(t)]
@@ -64,12 +67,20 @@ class CalibrationCurve:
             tuple(float(p["accuracy"]) for _, p in finite),
             float(np.percentile(crop_bytes, 90)) if len(crop_bytes) else 0.0,
             source,
+            model,
         )
 
     def rate_at(self, threshold: float) -> float:
-        """Refine rate at a threshold (the first point at or above it; 0 past the last)."""
+        """Refine rate at a threshold: linear between the calibrated points, the first point's rate
+        below them, 0 past the last."""
         i = bisect_left(self.thresholds, threshold)
-        return self.refine_rates[i] if i < len(self.thresholds) else 0.0
+        if i >= len(self.thresholds):
+            return 0.0
+        if i == 0 or self.thresholds[i] == threshold:
+            return self.refine_rates[i]
+        t0, t1 = self.thresholds[i - 1], self.thresholds[i]
+        r0, r1 = self.refine_rates[i - 1], self.refine_rates[i]
+        return r0 + (r1 - r0) * (threshold - t0) / (t1 - t0)
 
     def threshold_for_rate(self, rate: float) -> float:
         """The lowest calibrated threshold that refines at most `rate` of the queries."""
@@ -94,6 +105,7 @@ class CalibrationCurve:
                 tuple(raw["accuracies"]),
                 float(raw["crop_bytes_p90"]),
                 raw.get("source", ""),
+                raw.get("model", ""),
             )
         except (OSError, KeyError, TypeError, json.JSONDecodeError) as exc:
             raise ValueError(f"{path}: not a calibration curve ({exc})") from None
@@ -135,26 +147,34 @@ class LoadController:
         self.last_p95: float | None = None
 
     def observe(self, server_ms: float) -> None:
-        """One completed query's server time (first pass, or first pass + refine); updates the cap
-        when a window has closed."""
-        self.window.append(float(server_ms))
+        """One finished query's server time (first pass, or first pass + refine; a query that
+        timed out counts with the time it was given). A window that is over is closed first, so
+        every window holds only its own samples."""
         self.update()
+        self.window.append(float(server_ms))
 
     def update(self) -> float:
-        """Close the window if it is over: one AIMD step on its p95. Returns the cap."""
+        """Close the window if it is over: one AIMD step on its p95 when it holds min_samples; a
+        window with fewer (light traffic), and every window since that passed idle, is headroom:
+        one increase each, so the cap recovers when the load has gone. Returns the cap."""
         now = self.clock()
         s = self.settings
-        if now - self.window_start < s.window_s:
+        passed = int((now - self.window_start) // s.window_s)
+        if passed < 1:
             return self.cap
+        idle = passed - 1
         if len(self.window) >= s.min_samples:
             p95 = float(np.percentile(list(self.window), 95))
             self.last_p95 = p95
             if p95 > s.slo_p95_ms:
                 self.cap = max(s.min_rate, self.cap * s.decrease)
             elif p95 < s.headroom * s.slo_p95_ms:
-                self.cap = min(self.ceiling, self.cap + s.increase)
+                idle += 1
+        else:
+            idle += 1
+        self.cap = min(self.ceiling, self.cap + s.increase * idle)
         self.window.clear()
-        self.window_start = now
+        self.window_start += passed * s.window_s
         return self.cap
 
 
@@ -227,8 +247,9 @@ class AdaptiveGate:
         self.controller = LoadController(settings, ceiling=curve.rate_at(static_threshold), clock=clock)
 
     @classmethod
-    def from_config(cls, gate) -> AdaptiveGate:
-        """From a GateConfig; ValueError if its calibration curve cannot be read."""
+    def from_config(cls, gate, model_path: str | None = None) -> AdaptiveGate:
+        """From a GateConfig; ValueError if its calibration curve cannot be read or was measured
+        with another model than `model_path`."""
         from collab.paths import REPO_ROOT
 
         cfg = gate.adaptive
@@ -237,10 +258,16 @@ class AdaptiveGate:
             path = REPO_ROOT / path
         if not path.exists():
             raise ValueError(f"no calibration curve at {cfg.curve} (make one: collab-vlm eval --write-curve)")
+        curve = CalibrationCurve.load(path)
+        if curve.model and model_path is not None and Path(curve.model).name != Path(model_path).name:
+            raise ValueError(
+                f"the calibration curve {cfg.curve} was measured with {curve.model}, not {model_path}: "
+                "make one for this model (collab-vlm eval --write-curve) and set gate.adaptive.curve"
+            )
         settings = ControllerSettings(
             cfg.slo_p95_ms, cfg.window_s, cfg.decrease, cfg.increase, cfg.headroom, cfg.min_rate
         )
-        return cls(CalibrationCurve.load(path), settings, gate.threshold)
+        return cls(curve, settings, gate.threshold)
 
     def decide(
         self, static_threshold: float, budget: EdgeBudget, before_refine_ms: float, refine_ms: float

@@ -189,11 +189,15 @@ def server_global(
     width, height = upload.size
     ow, oh = declared_original
     ow, oh = ow or width, oh or height
-    target = global_size(encoder_size, budget, (ow, oh))
+    try:
+        target = global_size(encoder_size, budget, (ow, oh))
+    except ValueError as exc:  # e.g. an aspect ratio no token grid can hold
+        raise InvalidUpload("size", f"no global image can be made for a {ow}x{oh} original: {exc}") from None
     if upload.size == target:
         return None, (ow, oh)
     expected = f"send the global image at {target[0]}x{target[1]} for a {ow}x{oh} original, or the original image"
-    if width < target[0] or height < target[1]:
+    is_original = (width, height) == (ow, oh)  # the photo itself: made into the global image at any size
+    if not is_original and (width < target[0] or height < target[1]):
         raise InvalidUpload("size", f"the image is {width}x{height}; {expected} (at least that size)")
     if abs(width / height - ow / oh) > 0.01 * (ow / oh):
         raise InvalidUpload(

@@ -314,7 +314,8 @@ class Gateway:
         self.config = load_collab_config(args)
         self._info: dict | None = None
         try:  # each replica runs its own controller on what it observes
-            self.adaptive, self.adaptive_error = AdaptiveGate.from_config(self.config.gate), None
+            self.adaptive = AdaptiveGate.from_config(self.config.gate, self.config.model.path)
+            self.adaptive_error = None
         except ValueError as exc:  # no curve: every other policy still works
             self.adaptive, self.adaptive_error = None, str(exc)
         self.server_ms = {"query": RecentTimes(), "refine": RecentTimes()}  # p90 of the last 50
@@ -330,9 +331,11 @@ class Gateway:
         try:
             return await asyncio.wait_for(coro, timeout=self.args.request_timeout_s)
         except asyncio.TimeoutError:
+            self._observe_failure()
             raise error(503, "the server is overloaded: a stage did not answer in time", {"Retry-After": "1"}) from None
         except UNAVAILABLE as exc:
             log.warning("a stage is unavailable: %s", type(exc).__name__)
+            self._observe_failure()
             raise error(503, "a server stage is restarting or unavailable; retry", {"Retry-After": "1"}) from None
 
     async def _read_image(self, image: UploadFile, expected_size: tuple[int, int] | None, max_bytes: int):
@@ -404,6 +407,12 @@ class Gateway:
         self.server_ms[endpoint].add(query_ms if stage_ms is None else stage_ms)
         if self.adaptive is not None:
             self.adaptive.controller.observe(query_ms)
+
+    def _observe_failure(self) -> None:
+        """A query that got no answer in time is the slowest kind: the controller must see it (as
+        the time it was given), or its p95 would read low exactly when the server is overloaded."""
+        if self.adaptive is not None:
+            self.adaptive.controller.observe(self.args.request_timeout_s * 1000)
 
     @app.get("/healthz")
     async def healthz(self) -> dict:

@@ -264,7 +264,9 @@ class EdgeAgent:
         if self.profile.deadline_ms is not None:  # net of this device's two round trips (query, refine)
             rtts = 2 * (self.profile.rtt_ms + self.profile.jitter_ms)
             fields["deadline_ms"] = str(max(1.0, self.profile.deadline_ms - rtts))
-            fields["uplink_kbps"] = str(self.profile.uplink_mbps * 1000)
+            shared = self.config.channel.capacity_mbps  # on a shared channel: a fair share of it
+            mbps = shared / self.config.agents if shared else self.profile.uplink_mbps
+            fields["uplink_kbps"] = str(min(mbps * 1000, 9.9e6))
         files = {"image": ("global." + payload.format, payload.data, MIME[payload.format])}
         resp = await self._exchange("/v1/query", fields, files, payload.nbytes, attempts)
         first = _json_or_fail(resp, "/v1/query")

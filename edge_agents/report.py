@@ -313,16 +313,16 @@ def write_json(data, path: Path) -> None:
 
 
 def windows(rows: list[dict], window_s: float = 10.0) -> list[dict]:
-    """Per window of arrival time: queries, p50/p95 latency, refine rate, mean gate threshold,
-    accuracy and bytes per query (answered queries; a window with none is left out)."""
-    ok = [r for r in rows if not r["error"]]
-    if not ok:
+    """Per window of arrival time: queries, failed ones, p50/p95 latency, refine rate, mean gate
+    threshold, accuracy and bytes per query (over the answered ones; None where none was)."""
+    if not rows:
         return []
     out = []
-    last = max(r["t_start"] for r in ok)
+    last = max(r["t_start"] for r in rows)
     for k in range(int(last // window_s) + 1):
-        part = [r for r in ok if k * window_s <= r["t_start"] < (k + 1) * window_s]
-        if not part:
+        every = [r for r in rows if k * window_s <= r["t_start"] < (k + 1) * window_s]
+        part = [r for r in every if not r["error"]]
+        if not every:
             continue
         lat = _percentiles(r["latency_ms"] for r in part)
         server = _percentiles(r["server_ms"] for r in part)
@@ -330,15 +330,16 @@ def windows(rows: list[dict], window_s: float = 10.0) -> list[dict]:
         out.append(
             {
                 "t": k * window_s,
-                "queries": len(part),
+                "queries": len(every),
+                "failed": len(every) - len(part),
                 "p50_ms": lat["p50"],
                 "p95_ms": lat["p95"],
                 "server_p50_ms": server["p50"],
                 "server_p95_ms": server["p95"],
-                "refine_rate": _mean(float(r["box"] is not None) for r in part),
+                "refine_rate": _mean(float(r["box"] is not None) for r in part) if part else None,
                 "threshold": _mean(thresholds) if thresholds else None,
                 "accuracy": _mean(r["correct"] for r in part),
-                "bytes_per_query": _mean(r["global_bytes"] + r["local_bytes"] for r in part),
+                "bytes_per_query": _mean(r["global_bytes"] + r["local_bytes"] for r in part) if part else None,
             }
         )
     return out
@@ -384,13 +385,17 @@ def step_table(
     deadlines = deadlines or {}
     timelines = {p: windows(rows, window_s) for p, rows in rows_by_policy.items()}
     after = {p: {w["t"]: w for w in ws if w["t"] >= heavy[0]} for p, ws in timelines.items()}
-    entropy_over = {t for t, w in after.get("entropy", {}).items() if (w["server_p95_ms"] or 0) > slo_ms}
+
+    def over(w) -> bool:  # a window with a failed query, or none answered, is over the SLO
+        return w["failed"] > 0 or w["server_p95_ms"] is None or w["server_p95_ms"] > slo_ms
+
+    entropy_over = {t for t, w in after.get("entropy", {}).items() if over(w)}
     out = {}
     for policy, rows in rows_by_policy.items():
         ok = [r for r in rows if not r["error"]]
         light = [r for r in ok if not heavy[0] <= r["t_start"] < heavy[1]]
         wins = after[policy]
-        within = [t for t, w in wins.items() if (w["server_p95_ms"] or 0) <= slo_ms]
+        within = [t for t, w in wins.items() if not over(w)]
         out[policy] = {
             **{k: group_summary(rows)[k] for k in ("queries", "failed", "accuracy", "refine_rate")},
             "bytes_per_query": _mean(r["global_bytes"] + r["local_bytes"] for r in ok),
@@ -428,6 +433,8 @@ def main(argv=None) -> int:
     for path in runs:
         rows = read_rows(path)
         policy = path.parent.name.rsplit("_", 1)[0]
+        if policy in rows_by_policy:
+            p.error(f"{args.sweep_dir} holds several runs of {policy}: give a directory with one agent count")
         rows_by_policy[policy] = rows
         timelines[policy] = windows(rows, args.window_s)
     write_json(timelines, args.sweep_dir / "windows_by_policy.json")
@@ -437,12 +444,16 @@ def main(argv=None) -> int:
         if not args.slo_ms:
             p.error("--heavy needs --slo-ms")
         start, _, end = args.heavy.partition(":")
+        try:
+            heavy = (float(start), float(end))
+        except ValueError:
+            p.error(f"--heavy FROM:TO in seconds, got {args.heavy!r}")
         deadlines = {}
         for summary in args.sweep_dir.glob("*_*/summary.json"):
             for prof in json.loads(summary.read_text()).get("config", {}).get("profiles", []):
                 if prof.get("deadline_ms"):
                     deadlines[prof["name"]] = prof["deadline_ms"]
-        table = step_table(rows_by_policy, args.slo_ms, (float(start), float(end)), deadlines, args.window_s)
+        table = step_table(rows_by_policy, args.slo_ms, heavy, deadlines, args.window_s)
         write_json(table, args.sweep_dir / "step_table.json")
         cols = ("queries", "failed", "accuracy", "light_accuracy", "refine_rate", "bytes_per_query")
         print(

@@ -19,8 +19,14 @@ def tiny_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_config(tiny_model_dir):
+    from collab.adaptive import CalibrationCurve
     from collab.config import CollabConfig
 
+    # the adaptive policy's curve for this model (a plausible shape: the app tests check the API, not its numbers)
+    curve = CalibrationCurve(
+        (0.0, 0.5, 1.0, 2.0, 4.0), (1.0, 0.8, 0.5, 0.2, 0.0), (0.3,) * 5, 2000.0, "tests", str(tiny_model_dir)
+    )
+    curve_path = curve.save(tiny_model_dir / "calibration.json")
     return CollabConfig.model_validate(
         {
             "model": {
@@ -30,6 +36,7 @@ def tiny_config(tiny_model_dir):
                 "max_new_tokens": 4,
             },
             "attention": {"layer": -1},
+            "gate": {"adaptive": {"curve": str(curve_path)}},
         }
     )
 

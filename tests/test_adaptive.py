@@ -64,7 +64,8 @@ def run(trace, noise=0.0, seed=0, settings=None):
 def test_curve_maps_rates_to_thresholds_and_round_trips(tmp_path):
     c = curve()
     assert c.thresholds == tuple(THRESHOLDS) and c.crop_bytes_p90 == pytest.approx(2200.0)
-    assert c.rate_at(1.0) == 0.8 and c.rate_at(1.2) == 0.6 and c.rate_at(9.0) == 0.0
+    assert c.rate_at(1.0) == 0.8 and c.rate_at(1.2) == pytest.approx(0.72) and c.rate_at(9.0) == 0.0
+    assert c.rate_at(0.1) == 1.0  # below the first point: its rate
     assert c.threshold_for_rate(0.6) == 1.5 and c.threshold_for_rate(0.55) == 2.0 and c.threshold_for_rate(1.0) == 0.5
     assert CalibrationCurve.load(c.save(tmp_path / "curve.json")) == c
     with pytest.raises(ValueError, match="must not increase"):
@@ -109,13 +110,24 @@ def test_noise_inside_the_band_does_not_make_it_oscillate_and_bounds_hold():
     assert np.mean([p <= SLO * 1.05 for p in p95s[6:]]) >= 0.9
 
 
-def test_too_few_completions_hold_the_cap():
+def test_light_traffic_and_idle_windows_let_the_cap_recover_and_old_samples_do_not_count():
     clock = Clock()
     ctl = LoadController(ControllerSettings(slo_p95_ms=SLO, min_samples=5), ceiling=0.6, clock=clock)
+    for _ in range(10):  # one slow window: cut to 0.42
+        clock.t += 1
+        ctl.observe(10_000)
+    clock.t += 0.5
+    assert ctl.update() == pytest.approx(0.42)
     for _ in range(3):
         clock.t += 11
-        ctl.observe(10_000)  # far over the SLO, but one sample a window is no evidence
-    assert ctl.cap == 0.6 and ctl.last_p95 is None
+        ctl.observe(10_000)  # one completion a window (light traffic): no evidence of overload
+    assert ctl.cap == pytest.approx(0.57) and ctl.last_p95 == pytest.approx(10_000)
+    for _ in range(10):  # a burst of slow samples, then an hour of silence
+        clock.t += 0.1
+        ctl.observe(10_000)
+    clock.t += 3600
+    assert ctl.update() == 0.6  # the burst's window is cut once, the idle hour recovers it
+    assert len(ctl.window) == 0
 
 
 def test_recent_times_plan_on_the_slow_tail():

@@ -272,9 +272,9 @@ def test_windows_summarise_each_ten_seconds():
         }
 
     rows = [row(1, 100, None, 3.0, 1.0), row(2, 300, "0,0,1,1", 3.0, 0.0), row(25, 5000, None, None, 1.0)]
-    rows.append({**row(3, 1, None, None, 1.0), "error": "HTTP 500"})  # failed: not in any window
+    rows.append({**row(3, 1, None, None, 1.0), "error": "HTTP 500"})  # failed: counted, not in the statistics
     got = windows(rows)
-    assert [w["t"] for w in got] == [0.0, 20.0] and got[0]["queries"] == 2
+    assert [w["t"] for w in got] == [0.0, 20.0] and got[0]["queries"] == 3 and got[0]["failed"] == 1
     assert got[0]["refine_rate"] == 0.5 and got[0]["threshold"] == 3.0 and got[0]["bytes_per_query"] == 2000
     assert got[1]["threshold"] is None and got[1]["p95_ms"] == 5000 and got[1]["server_p95_ms"] == 2500
 
@@ -414,3 +414,28 @@ def test_started_app_inherits_the_drivers_ray_auth_mode(monkeypatch):
             pass
         assert launched["env"].get("RAY_AUTH_MODE") == mode
         assert launched["env"]["HF_HUB_OFFLINE"] == "1"
+
+
+def test_step_table_counts_a_window_with_failures_as_over_the_slo():
+    from edge_agents.report import step_table
+
+    def row(t, server, error=None, box=None, profile="fast", latency=None):
+        return {
+            "t_start": t,
+            "latency_ms": latency or server,
+            "server_ms": server,
+            "box": box,
+            "gate_threshold": None,
+            "correct": 1.0,
+            "global_bytes": 1000,
+            "local_bytes": 0,
+            "error": error,
+            "profile": profile,
+        }
+
+    entropy = [row(55, 5000), row(65, 500), row(75, 500)]
+    failing = [row(55, 500), row(65, 500, error="HTTP 503"), row(75, 500, box="0,0,1,1", profile="slow", latency=9000)]
+    table = step_table({"entropy": entropy, "adaptive": failing}, 2000, (50, 100), {"slow": 1500})
+    assert table["entropy"]["windows_within_slo"] == 2 and table["entropy"]["entropy_over_slo_windows"] == 1
+    assert table["adaptive"]["windows_from_step"] == 3 and table["adaptive"]["windows_within_slo"] == 2
+    assert table["adaptive"]["within_slo_where_entropy_is_not"] == 1 and table["adaptive"]["refined_past_deadline"] == 1

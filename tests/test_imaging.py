@@ -185,3 +185,10 @@ def test_global_image_at_a_token_budget_server_and_edge_agree():
     assert info.value.reason == "size"
     with pytest.raises(ValueError):
         GlobalBudget(28, 2, 4)
+    # the photo itself, smaller than its global image on one side (300 px -> 308): made, not refused
+    made, original = server_global(Image.new("RGB", (400, 300)), (448, 448), (None, None), "resize", budget)
+    assert made.size == (392, 308) and original == (400, 300)
+    for upload, declared in (((2010, 10), (None, None)), ((448, 448), (65535, 1))):  # no token grid holds these
+        with pytest.raises(InvalidUpload, match="no global image can be made") as info:
+            server_global(Image.new("RGB", upload), (448, 448), declared, "resize", budget)
+        assert info.value.reason == "size"

@@ -166,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     (out / "report.json").write_text(json.dumps(report, indent=2))
     if args.write_curve:
         source = f"{dataset['kind']} {args.synthetic[0]}:{args.synthetic[1]}" if args.synthetic else str(args.dataset)
-        curve = CalibrationCurve.from_sweep(report["sweep"], [o.local_bytes for o in outcomes], source=source)
+        local = [o.local_bytes for o in outcomes]
+        curve = CalibrationCurve.from_sweep(report["sweep"], local, source=source, model=config.model.path)
         print(f"calibration curve -> {curve.save(args.write_curve)}")
     with open(out / "items.jsonl", "w") as f:
         for o in outcomes:
