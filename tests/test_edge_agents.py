@@ -427,6 +427,8 @@ def test_step_table_counts_a_window_with_failures_as_over_the_slo():
             "box": box,
             "gate_threshold": None,
             "correct": 1.0,
+            "first_correct": 1.0,
+            "full_bytes": 50000,
             "global_bytes": 1000,
             "local_bytes": 0,
             "error": error,
