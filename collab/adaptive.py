@@ -116,8 +116,8 @@ class ControllerSettings:
     """Gains and bounds of the load controller (defaults: docs/adaptive.md)."""
 
     slo_p95_ms: float
-    window_s: float = 10.0
-    decrease: float = 0.7  # cap x this per window above the SLO
+    window_s: float = 5.0
+    decrease: float = 0.5  # cap x this per window above the SLO
     increase: float = 0.05  # cap + this per window below headroom x SLO
     headroom: float = 0.8
     min_rate: float = 0.0
@@ -153,18 +153,23 @@ class LoadController:
         self.update()
         self.window.append(float(server_ms))
 
-    def update(self) -> float:
-        """Close the window if it is over: one AIMD step on its p95 when it holds min_samples; a
-        window with fewer (light traffic), and every window since that passed idle, is headroom:
-        one increase each, so the cap recovers when the load has gone. Returns the cap."""
+    def update(self, oldest_in_flight_ms: float = 0.0) -> float:
+        """Close the window if it is over: one AIMD step on its signal, the larger of the p95 of
+        its completions (when it holds min_samples) and the age of the oldest request still in
+        flight (which sees a queue build up before any of its requests completes). A window with
+        neither, and every window since that passed idle, is headroom: one increase each, so the
+        cap recovers when the load has gone. Returns the cap."""
         now = self.clock()
         s = self.settings
         passed = int((now - self.window_start) // s.window_s)
         if passed < 1:
             return self.cap
         idle = passed - 1
+        signal = float(oldest_in_flight_ms) if oldest_in_flight_ms > s.slo_p95_ms else None
         if len(self.window) >= s.min_samples:
-            p95 = float(np.percentile(list(self.window), 95))
+            signal = max(signal or 0.0, float(np.percentile(list(self.window), 95)))
+        if signal is not None:
+            p95 = signal
             self.last_p95 = p95
             if p95 > s.slo_p95_ms:
                 self.cap = max(s.min_rate, self.cap * s.decrease)
@@ -270,13 +275,18 @@ class AdaptiveGate:
         return cls(curve, settings, gate.threshold)
 
     def decide(
-        self, static_threshold: float, budget: EdgeBudget, before_refine_ms: float, refine_ms: float
+        self,
+        oldest_in_flight_ms: float,
+        static_threshold: float,
+        budget: EdgeBudget,
+        before_refine_ms: float,
+        refine_ms: float,
     ) -> GateDecision:
         """This request's threshold: the load's, unless a crop would not fit the edge's budget
         (`before_refine_ms`: the query's time until a crop could be sent: its global upload at the
         declared rate, the time so far and the expected first pass; round trips are the edge's to
         leave room for)."""
-        cap = self.controller.update()
+        cap = self.controller.update(oldest_in_flight_ms)
         if cap >= self.controller.ceiling:  # no load pressure: the static gate, whatever threshold was asked for
             decision = GateDecision(static_threshold, "calibrated")
         else:

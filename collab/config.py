@@ -115,8 +115,8 @@ class AdaptiveConfig(_Strict):
         "then the repo root",
     )
     slo_p95_ms: float = Field(2000.0, gt=0, description="p95 server time per query the controller holds")
-    window_s: float = Field(10.0, gt=0, description="one controller step per window of completions")
-    decrease: float = Field(0.7, gt=0, lt=1, description="refine-rate cap x this per window over the SLO")
+    window_s: float = Field(5.0, gt=0, description="one controller step per window of completions")
+    decrease: float = Field(0.5, gt=0, lt=1, description="refine-rate cap x this per window over the SLO")
     increase: float = Field(0.05, gt=0, le=1, description="cap + this per window under headroom x SLO")
     headroom: float = Field(0.8, gt=0, lt=1, description="hold the cap while p95 is in [headroom x SLO, SLO]")
     min_rate: float = Field(0.0, ge=0, le=1, description="the cap never goes below this refine rate")

@@ -254,11 +254,15 @@ async def _guard(request: Request, call_next):
     if response is None and path.startswith("/v1/") and request.method == "POST":
         response = await _check_text_fields(request)
     if response is None:
+        flight = limits.IN_FLIGHT.begin(time.perf_counter()) if path in ("/v1/query", "/v1/refine") else None
         try:
             response = await call_next(request)
         except Exception as exc:
             log.error("internal error on %s: %s", ENDPOINTS.get(path, "other"), type(exc).__name__)
             response = _reject(500, "internal server error")
+        finally:
+            if flight is not None:
+                limits.IN_FLIGHT.end(flight)
     if response.status_code >= 400 and path.startswith("/v1/"):
         endpoint = ENDPOINTS.get(path, "other")  # a fixed label set: no series per random path
         metrics.gateway().requests.inc(
@@ -386,10 +390,12 @@ class Gateway:
             return spec, None
         if self.adaptive is None:
             raise error(422, f"the adaptive policy is not available on this server: {self.adaptive_error}")
+        oldest_ms = limits.IN_FLIGHT.oldest_age_s(time.perf_counter()) * 1000
         elapsed_ms = (time.perf_counter() - started) * 1000
         if budget.uplink_kbps:  # the global image's upload, before this request reached the server
             elapsed_ms += upload_bytes * 8 / budget.uplink_kbps
         decision = self.adaptive.decide(
+            oldest_ms,
             spec.threshold,
             budget,
             elapsed_ms + self.server_ms["query"].value,

@@ -48,7 +48,9 @@ def run(trace, noise=0.0, seed=0, settings=None):
     """Drive a controller through (load, windows) phases; one window = 20 completions at the plant's
     latency (times a noise factor). Returns the cap and p95 after each window."""
     clock, rng = Clock(), np.random.default_rng(seed)
-    ctl = LoadController(settings or ControllerSettings(slo_p95_ms=SLO), ceiling=0.6, clock=clock)
+    ctl = LoadController(
+        settings or ControllerSettings(slo_p95_ms=SLO, window_s=10, decrease=0.7), ceiling=0.6, clock=clock
+    )
     caps, p95s = [], []
     for load, windows in trace:
         for _ in range(windows):
@@ -101,7 +103,7 @@ def test_a_step_up_in_load_converges_in_four_windows_and_then_holds():
 
 
 def test_noise_inside_the_band_does_not_make_it_oscillate_and_bounds_hold():
-    settings = ControllerSettings(slo_p95_ms=SLO, min_rate=0.05)
+    settings = ControllerSettings(slo_p95_ms=SLO, window_s=10, decrease=0.7, min_rate=0.05)
     caps, p95s = run([("heavy", 60)], noise=0.05, seed=3, settings=settings)
     after = caps[6:]
     changes = sum(a != b for a, b in zip(after, after[1:]))
@@ -112,7 +114,9 @@ def test_noise_inside_the_band_does_not_make_it_oscillate_and_bounds_hold():
 
 def test_light_traffic_and_idle_windows_let_the_cap_recover_and_old_samples_do_not_count():
     clock = Clock()
-    ctl = LoadController(ControllerSettings(slo_p95_ms=SLO, min_samples=5), ceiling=0.6, clock=clock)
+    ctl = LoadController(
+        ControllerSettings(slo_p95_ms=SLO, window_s=10, decrease=0.7, min_samples=5), ceiling=0.6, clock=clock
+    )
     for _ in range(10):  # one slow window: cut to 0.42
         clock.t += 1
         ctl.observe(10_000)
@@ -128,6 +132,17 @@ def test_light_traffic_and_idle_windows_let_the_cap_recover_and_old_samples_do_n
     clock.t += 3600
     assert ctl.update() == 0.6  # the burst's window is cut once, the idle hour recovers it
     assert len(ctl.window) == 0
+
+
+def test_a_queue_building_up_is_seen_before_any_of_its_requests_completes():
+    """Completions lag an overload by the very queueing they suffer; the oldest request in flight
+    does not: 5 s old with nothing completed cuts the cap at the window's end (defaults: 5 s, x0.5)."""
+    clock = Clock()
+    ctl = LoadController(ControllerSettings(slo_p95_ms=SLO), ceiling=0.6, clock=clock)
+    clock.t = 5.0
+    assert ctl.update(oldest_in_flight_ms=5000) == pytest.approx(0.3) and ctl.last_p95 == 5000
+    clock.t = 10.0
+    assert ctl.update(oldest_in_flight_ms=800) == pytest.approx(0.35)  # young requests, no completions: headroom
 
 
 def test_recent_times_plan_on_the_slow_tail():
