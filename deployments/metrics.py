@@ -70,7 +70,8 @@ def gateway() -> SimpleNamespace:
         ),
         adaptive_p95=Gauge(
             "collab_adaptive_p95_ms",
-            description="Adaptive gate: p95 server time per query of the controller's last window (ms)",
+            description="Adaptive gate: the controller's last signal, p95 server time of its window's queries "
+            "or the age of the oldest request in flight, the larger (ms)",
         ),
     )
 

@@ -269,7 +269,8 @@ ROWS: list[tuple[str, list[tuple[str, str, str, list[dict], str]]]] = [
             ),
             (
                 "Adaptive controller p95",
-                "p95 server time per query of each controller's last window: its input, against the SLO.",
+                "Each controller's last signal (p95 server time of its window's queries, or the age of its oldest "
+                "request in flight, the larger), against gate.adaptive.slo_p95_ms.",
                 "ms",
                 [q("max by (replica) (ray_collab_adaptive_p95_ms)", "{{replica}}")],
                 "timeseries",
