@@ -487,7 +487,10 @@ class Gateway:
             None, ge=0, le=10**9, description="adaptive: the most crop bytes this edge will send for this query"
         ),
         deadline_ms: float = Form(
-            None, gt=0, lt=1e7, description="adaptive: the time this edge can wait for the answer (needs uplink_kbps)"
+            None,
+            gt=0,
+            lt=1e7,
+            description="adaptive: the time this edge can wait for the answer; with uplink_kbps the uploads count too",
         ),
         uplink_kbps: float = Form(None, gt=0, lt=1e7, description="adaptive: this edge's uplink rate (kbit/s)"),
     ):
@@ -507,10 +510,7 @@ class Gateway:
             upload, decoded, backend, (original_width, original_height)
         )
         spec = PolicySpec.from_gate(self.config.gate, name=policy, threshold=threshold)
-        try:
-            budget = EdgeBudget(max_extra_bytes, deadline_ms, uplink_kbps)
-        except ValueError as exc:
-            raise error(422, str(exc)) from None
+        budget = EdgeBudget(max_extra_bytes, deadline_ms, uplink_kbps)
         spec, gate_used = self._gate(spec, budget, started, len(upload))
         key = question_id or digest(data + question.encode())
 

@@ -162,8 +162,9 @@ def test_settings_are_validated():
     for bad in ({"slo_p95_ms": 0}, {"slo_p95_ms": 1, "decrease": 1.0}, {"slo_p95_ms": 1, "headroom": 1.2}):
         with pytest.raises(ValueError):
             ControllerSettings(**bad)
-    with pytest.raises(ValueError, match="uplink_kbps"):
-        EdgeBudget(deadline_ms=500)
+    # a deadline without the uplink: only the server's time counts
+    assert edge_allows(EdgeBudget(deadline_ms=500), 2000, 200, 100) == (True, None)
+    assert edge_allows(EdgeBudget(deadline_ms=250), 2000, 200, 100) == (False, "edge_deadline")
 
 
 def test_the_gate_never_asks_for_a_crop_past_an_edges_budget():
