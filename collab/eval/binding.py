@@ -61,7 +61,7 @@ def _global_features(backend, item):
 
 
 @torch.inference_mode()
-def coarse_by_objects(backend, template: str, seed: int, per_count: int) -> dict:
+def coarse_by_objects(backend, seed: int, per_count: int) -> dict:
     """{qtype: {objects: accuracy}} of the first pass's first answer token on coarse questions."""
     out: dict[str, dict[int, float]] = {}
     bar = progress(total=2 * MAX_OBJECTS * per_count, desc="binding: coarse answers")
@@ -178,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = {
         "model": config.model.path,
         "split": args.split,
-        "coarse_by_objects": coarse_by_objects(backend, template, seed, max(8, n // 2)),
+        "coarse_by_objects": coarse_by_objects(backend, seed, max(8, n // 2)),
         "rows": [hits_by_row(backend, template, seed, n, qtype) for qtype in ("shape", "number")],
     }
     print(render(report))

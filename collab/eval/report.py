@@ -42,9 +42,14 @@ def expected_random_accuracy(outcomes: list[ItemOutcome], rate: float) -> float:
     return float(((1 - rate) * first + rate * refined).mean())
 
 
+def gate_scores(outcomes: list[ItemOutcome], spec: PolicySpec) -> np.ndarray:
+    """Each item's uncertainty as `spec`'s gate reads it (its score kind and aggregation length)."""
+    return np.array([o.uncertainty(spec.score, length_key(spec.aggregation_length)) for o in outcomes])
+
+
 def threshold_sweep(outcomes: list[ItemOutcome], spec: PolicySpec, points: int = 25) -> list[dict]:
     """Accuracy vs extra bytes of `entropy` over thresholds, with random at the matched rate."""
-    u = np.array([o.uncertainty(spec.score, length_key(spec.aggregation_length)) for o in outcomes])
+    u = gate_scores(outcomes, spec)
     thresholds = sorted(
         set(np.quantile(u, np.linspace(0, 1, points)).tolist()) | {float(u.max()) + 1e-9, spec.threshold}
     )

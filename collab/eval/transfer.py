@@ -28,13 +28,9 @@ from pathlib import Path
 import numpy as np
 
 from collab.data.synthetic import parse_split
-from collab.eval.report import calibrate_threshold
-from collab.eval.runner import Evaluator, dataset_items, length_key, policy_result, synthetic_items
+from collab.eval.report import calibrate_threshold, gate_scores
+from collab.eval.runner import Evaluator, dataset_items, policy_result, synthetic_items
 from collab.policies import PolicySpec
-
-
-def scores(outcomes, spec: PolicySpec) -> np.ndarray:
-    return np.array([o.uncertainty(spec.score, length_key(spec.aggregation_length)) for o in outcomes])
 
 
 def row(outcomes, refine: np.ndarray, threshold: float) -> dict:
@@ -50,12 +46,12 @@ def row(outcomes, refine: np.ndarray, threshold: float) -> dict:
 def transfer_table(calibration, splits: dict[str, list], spec: PolicySpec, tolerance: float) -> dict:
     """{"threshold", "calibration": {...}, "splits": {name: {"static", "rate_held", "never", "always"}}}."""
     threshold = calibrate_threshold(calibration, spec, tolerance)
-    cal_u = scores(calibration, spec)
+    cal_u = gate_scores(calibration, spec)
     target = float((cal_u >= threshold).mean())
     out = {"threshold": threshold, "target_refine_rate": target, "splits": {}}
 
     def entry(outcomes) -> dict:
-        u = scores(outcomes, spec)
+        u = gate_scores(outcomes, spec)
         held = float(np.quantile(u, 1 - target)) if 0 < target < 1 else (np.inf if target == 0 else -np.inf)
         return {
             "static": row(outcomes, u >= threshold, threshold),
