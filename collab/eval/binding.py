@@ -161,13 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     from collab.backends import ModelLoadError, load_backend
     from collab.config import ConfigError, load_config, parse_sets
-    from collab.paths import DEFAULT_CONFIG
+    from collab.paths import DEFAULT_CONFIG, REPO_ROOT
 
     args = build_parser().parse_args(argv)
     try:
         seed, n = parse_split(args.split)
         config = load_config(args.config or DEFAULT_CONFIG, parse_sets([], args.model) or None)
-        backend = load_backend(config.model)
+        backend = load_backend(config.model, search_roots=[REPO_ROOT])
     except (ValueError, ConfigError, ModelLoadError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
