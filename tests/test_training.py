@@ -447,3 +447,48 @@ def test_training_curves_plot_from_a_log(tmp_path):
     assert main([str(tmp_path / "log.jsonl"), "--out", str(tmp_path / "c.png")]) == 0
     assert (tmp_path / "c.png").stat().st_size > 5000
     assert main([str(tmp_path / "absent.jsonl"), "--out", str(tmp_path / "d.png")]) == 2
+
+
+def test_captions_name_every_object_and_are_labelled_token_by_token():
+    from collab.data.synthetic import tokenize_text
+    from collab.training.data import CAPTION_QUESTION, answer_loss
+
+    assert set(tokenize_text(CAPTION_QUESTION)) <= set(VOCABULARY)  # the shipped tokenizer covers it
+    tok = build_tokenizer(VOCABULARY)
+    spec = toy_spec(caption_fraction=1.0)
+    examples = [make_example(np.random.default_rng(i), spec, 2 + i % 3, "global", tok) for i in range(6)]
+    assert all(ex["kind"] == "caption" for ex in examples)
+    assert not any(make_example(np.random.default_rng(i), spec, 3, "local", tok)["kind"] == "caption" for i in range(6))
+    batch = collate(examples, spec, tok.pad_token_id, tok.eos_token_id)
+    for i, ex in enumerate(examples):
+        words = tok.convert_ids_to_tokens(ex["answer_ids"])
+        assert len(words) == 2 * (2 + i % 3)  # colour, shape per object, no legible digits
+        p, n = int(batch["answer_pos"][i]), int(batch["answer_len"][i])
+        assert batch["input_ids"][i, p : p + n].tolist() == ex["answer_ids"]
+        assert batch["input_ids"][i, p + n] == tok.eos_token_id and batch["attention_mask"][i].sum() == p + n + 1
+
+    class Oracle(torch.nn.Module):  # logits that are right at every answer row, wrong at one chosen position
+        def __init__(self, wrong_at):
+            super().__init__()
+            self.wrong_at = wrong_at
+
+        def forward(self, input_ids, attention_mask, pixel_values):
+            logits = torch.full((*input_ids.shape, len(tok)), -10.0)
+            logits[:, :-1].scatter_(2, input_ids[:, 1:, None], 10.0)
+            if self.wrong_at is not None:
+                row, at = self.wrong_at
+                logits[row, at - 1] = 0.0
+            return type("Out", (), {"logits": logits})()
+
+    _, per_ex, correct = answer_loss(Oracle(None), batch, eos_weight=0.2)
+    assert correct.all() and per_ex.max() < 1e-3
+    last = int(batch["answer_pos"][0] + batch["answer_len"][0] - 1)  # the last caption token only
+    _, per_ex, correct = answer_loss(Oracle((0, last)), batch, eos_weight=0.2)
+    assert not correct[0] and correct[1:].all() and per_ex[0] > 0.1
+
+
+def test_a_caption_recipe_trains_and_monitors_caption_reading(tmp_path):
+    out = train(toy_recipe(vlm={"caption_fraction": 0.5}), tmp_path / "model", tmp_path / "log.jsonl")
+    evals = [r for r in rows_of(tmp_path / "log.jsonl") if r.get("stage") == 2]
+    assert evals and all(0.0 <= r["global_caption_shape_acc"] <= 1.0 for r in evals)
+    assert (out / "model.safetensors").exists()

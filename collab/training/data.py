@@ -52,6 +52,24 @@ class BatchSpec:
     # the question names, and the look carries over to scenes whose digit cannot be read.
     legible_fraction: float = 0.0
     legible_fine_fraction: float = 0.8
+    # Dense descriptions (LLaVA's first stage trains on captions): this share of global-only examples
+    # asks CAPTION_QUESTION and is answered by every object's colour and shape in a random order
+    # (and its digit where legible). After "red" the next word is the red object's shape: every
+    # object gives a supervised look at the object a word names, where one question gives one.
+    caption_fraction: float = 0.0
+
+
+CAPTION_QUESTION = "what objects are there?"  # training only; its words are the benchmark's own
+
+
+def caption_words(rng: np.random.Generator, scene: Scene) -> list[str]:
+    """Every object as "colour shape" (then its digit when the scene's digits are legible), in a
+    random order: no position words, so what follows a colour can only come from the image."""
+    words: list[str] = []
+    for i in rng.permutation(len(scene.objects)):
+        o = scene.objects[int(i)]
+        words += [o.color, o.shape] + ([o.digit] if scene.legible_glyphs else [])
+    return words
 
 
 def to_pixels(images: list[Image.Image], mean: float, std: float) -> torch.Tensor:
@@ -113,8 +131,11 @@ def example_from_scene(
 ) -> dict:
     """One example about a rendered scene; `asked` holds questions already used on it (avoided
     while others remain, so that reusing a scene does not repeat an example)."""
-    fine_fraction = spec.legible_fine_fraction if scene.legible_glyphs else spec.fine_fraction
-    question = pick_question(rng, scene, fine_fraction, asked)
+    if kind == "global" and spec.caption_fraction > 0 and rng.random() < spec.caption_fraction:
+        question = Question(CAPTION_QUESTION, " ".join(caption_words(rng, scene)), "caption", "caption", None)
+    else:
+        fine_fraction = spec.legible_fine_fraction if scene.legible_glyphs else spec.fine_fraction
+        question = pick_question(rng, scene, fine_fraction, asked)
     if asked is not None:
         asked.add(question.question)
     size = (spec.image_size, spec.image_size)
@@ -129,10 +150,11 @@ def example_from_scene(
         template, question.question, len(images), spec.placeholder, spec.image_token, spec.tokens_per_image
     )
     ids = tokenizer(text, add_special_tokens=True)["input_ids"]
-    answer = tokenizer.convert_tokens_to_ids(question.answer)
+    answer_ids = tokenizer.convert_tokens_to_ids(question.answer.split())
     return {
         "ids": ids,
-        "answer": answer,
+        "answer": answer_ids[0],
+        "answer_ids": answer_ids,
         "images": images,
         "kind": question.kind,
         "negative": negative,
@@ -141,21 +163,24 @@ def example_from_scene(
 
 
 def collate(examples: list[dict], spec: BatchSpec, pad_id: int, eos_id: int) -> dict:
-    """Right-padded ids with the answer and EOS appended; labels only on those two tokens."""
-    seqs = [ex["ids"] + [ex["answer"], eos_id] for ex in examples]
+    """Right-padded ids with the answer tokens and EOS appended; labels only on those."""
+    answers = [ex.get("answer_ids", [ex["answer"]]) for ex in examples]
+    seqs = [ex["ids"] + a + [eos_id] for ex, a in zip(examples, answers)]
     width = max(len(s) for s in seqs)
     input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros_like(input_ids)
     answer_pos = torch.zeros(len(seqs), dtype=torch.long)
-    for i, s in enumerate(seqs):
+    answer_len = torch.zeros(len(seqs), dtype=torch.long)
+    for i, (s, a) in enumerate(zip(seqs, answers)):
         input_ids[i, : len(s)] = torch.tensor(s)
         attention_mask[i, : len(s)] = 1
-        answer_pos[i] = len(s) - 2
+        answer_pos[i], answer_len[i] = len(s) - 1 - len(a), len(a)
     images = [im for ex in examples for im in ex["images"]]
     return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
-        "answer_pos": answer_pos,  # position of the answer token; logits at answer_pos - 1 predict it
+        "answer_pos": answer_pos,  # position of the (first) answer token; logits at answer_pos - 1 predict it
+        "answer_len": answer_len,  # answer tokens from answer_pos on (1 but for captions); EOS follows them
         "pixel_values": to_pixels(images, spec.image_mean, spec.image_std),
         "n_images": len(examples[0]["images"]),
         "fine": torch.tensor([ex["kind"] == "fine" for ex in examples]),
@@ -164,8 +189,8 @@ def collate(examples: list[dict], spec: BatchSpec, pad_id: int, eos_id: int) -> 
 
 
 def answer_loss(model, batch: dict, eos_weight: float, pixel_values: torch.Tensor | None = None):
-    """Cross-entropy on the answer token (weight 1) and EOS (eos_weight); per-example answer loss;
-    whether each answer token was predicted."""
+    """Cross-entropy on the answer tokens (weight 1, averaged within each answer) and EOS
+    (eos_weight); per-example answer loss; whether every answer token of each example was predicted."""
     out = model(
         input_ids=batch["input_ids"],
         attention_mask=batch["attention_mask"],
@@ -173,13 +198,20 @@ def answer_loss(model, batch: dict, eos_weight: float, pixel_values: torch.Tenso
     )
     rows = torch.arange(len(batch["answer_pos"]))
     pos = batch["answer_pos"]
-    answer_logits = out.logits[rows, pos - 1]
-    eos_logits = out.logits[rows, pos]
-    answer_ids = batch["input_ids"][rows, pos]
-    eos_ids = batch["input_ids"][rows, pos + 1]
-    per_example = F.cross_entropy(answer_logits.float(), answer_ids, reduction="none")
+    lengths = batch.get("answer_len", torch.ones_like(pos))
+    offsets = torch.arange(int(lengths.max()), device=pos.device)
+    in_answer = offsets[None, :] < lengths[:, None]  # (B, longest answer)
+    at = (pos[:, None] + offsets[None, :]).clamp(max=batch["input_ids"].shape[1] - 1)
+    answer_ids = batch["input_ids"].gather(1, at)
+    answer_logits = out.logits[rows[:, None], at - 1].float()  # (B, longest answer, vocab)
+    token_loss = F.cross_entropy(answer_logits.transpose(1, 2), answer_ids, reduction="none")
+    per_example = (token_loss * in_answer).sum(1) / lengths
+    hit = (answer_logits.argmax(-1) == answer_ids) | ~in_answer
+    end = pos + lengths
+    eos_logits = out.logits[rows, end - 1]
+    eos_ids = batch["input_ids"][rows, end]
     loss = per_example.mean() + eos_weight * F.cross_entropy(eos_logits.float(), eos_ids)
-    return loss, per_example, answer_logits.argmax(-1) == answer_ids
+    return loss, per_example, hit.all(1)
 
 
 class BatchStream(torch.utils.data.IterableDataset):

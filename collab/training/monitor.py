@@ -54,7 +54,7 @@ def eval_batch(
 def answer_metrics(model, tokenizer, spec: BatchSpec, recipe: Recipe) -> dict:
     """Accuracy by (pass, kind) and the shuffled-image loss gap on fixed held-out batches."""
     device = next(model.parameters()).device
-    spec = replace(spec, legible_fraction=0.0, negative_fraction=0.0)  # benchmark-like scenes only
+    spec = replace(spec, legible_fraction=0.0, negative_fraction=0.0, caption_fraction=0.0)  # benchmark-like items
     stats: dict[str, list] = {}
     for kind in ("global", "local"):
         for i in range(recipe.monitor.batches):
@@ -68,14 +68,35 @@ def answer_metrics(model, tokenizer, spec: BatchSpec, recipe: Recipe) -> dict:
                 stats.setdefault(f"{kind}_{name}_gap", []).extend((per_ex_shuf - per_ex)[mask].tolist())
     # fine questions on scenes whose digits are legible at the encoder's resolution (training only):
     # answerable from the global image by looking at the named object and reading it
-    legible = replace(spec, legible_fraction=1.0, legible_fine_fraction=1.0)
+    legible = replace(spec, legible_fraction=1.0, legible_fine_fraction=1.0, caption_fraction=0.0)
     batch = eval_batch(
         np.random.default_rng([recipe.monitor.seed, 0, 2]), legible, "global", recipe.vlm.batch, tokenizer, device
     )
     with autocast(device, recipe.runtime.amp_dtype):
         _, _, correct = answer_loss(model, batch, recipe.vlm.eos_weight)
     stats["global_legible_fine_acc"] = correct[batch["fine"]].float().tolist()
+    if recipe.vlm.caption_fraction > 0:
+        stats["global_caption_shape_acc"] = caption_shape_hits(model, tokenizer, spec, recipe, device)
     return {k: float(np.mean(v)) for k, v in stats.items() if v}
+
+
+def caption_shape_hits(model, tokenizer, spec: BatchSpec, recipe: Recipe, device) -> list[float]:
+    """Descriptions of benchmark-like scenes (no legible digits): whether each shape word that
+    follows a colour was predicted, i.e. whether the row of a colour word looks at that object."""
+    spec = replace(spec, caption_fraction=1.0)
+    batch = eval_batch(
+        np.random.default_rng([recipe.monitor.seed, 0, 3]), spec, "global", recipe.vlm.batch, tokenizer, device
+    )
+    with autocast(device, recipe.runtime.amp_dtype):
+        logits = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"]
+        ).logits
+    hits = []
+    for i in range(len(batch["answer_pos"])):
+        start, n = int(batch["answer_pos"][i]), int(batch["answer_len"][i])
+        for at in range(start + 1, start + n, 2):  # colour, shape, colour, shape, ...
+            hits.append(float(logits[i, at - 1].argmax() == batch["input_ids"][i, at]))
+    return hits
 
 
 def monitor_items(recipe: Recipe) -> list:

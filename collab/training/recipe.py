@@ -118,6 +118,14 @@ class VLMStage(_Strict):
     )
     legible_fine_fraction: float = Field(0.8, ge=0, le=1, description="share of fine questions on those scenes")
     negative_fraction: float = Field(0.15, ge=0, le=1, description="crops of another object (hard negatives)")
+    caption_fraction: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="share of global-only examples that are dense descriptions ('what objects are there?' -> "
+        "'red circle blue square ...', random order; digits too where legible): after each colour the answer "
+        "is that object's shape, so every object is a supervised look at the object a word names",
+    )
     curriculum: list[tuple[int | None, int]] = Field(
         default_factory=lambda: [(200, 2), (800, 3), (None, 5)],
         description="[until_step, max objects per scene]; the last entry's step is null",

@@ -35,6 +35,7 @@ def batch_spec(recipe: Recipe) -> BatchSpec:
         negative_fraction=v.negative_fraction,
         legible_fraction=v.legible_fraction,
         legible_fine_fraction=v.legible_fine_fraction,
+        caption_fraction=v.caption_fraction,
     )
 
 
