@@ -13,9 +13,14 @@ inputs decide each request's threshold here:
   static threshold's rate; in between it holds. One step per window, bounded, so a step in load
   moves the cap by a known amount per window and the hold band keeps it from oscillating
   (AIMD, as TCP's congestion window);
+- the **backlog** (`Backlog`), the signal that leads the load: the requests ahead of this one
+  divided by the rate this replica has been completing them (Little's law) is the time a new
+  request will wait. A crop is asked for only while two such waits (the first pass's and the
+  refine's) plus both stages' recent times fit `headroom` x SLO,
+  so the first seconds of a load step, before any window closes, add no refines to the queue;
 - the **edge's budget** (`EdgeBudget`, optional request fields): the crop is asked for only when
   its expected bytes (the curve's 90th percentile) fit `max_extra_bytes`, and its upload at the
-  declared uplink plus the server's recent refine time fits `deadline_ms`.
+  declared uplink plus the server's recent refine time and the backlog fits `deadline_ms`.
 
 Pure Python, no Ray: each gateway replica runs its own controller on its own observations.
 """
@@ -183,6 +188,70 @@ class LoadController:
         return self.cap
 
 
+class Backlog:
+    """The API requests one gateway replica is serving, and how long a new one will wait behind them.
+
+    The wait is the requests ahead over the rate the replica completes requests while it is busy
+    (completions in the last `horizon_s` over the busy time they took: Little's law with the
+    service rate, not the arrival rate, so that one request ahead under light load reads as one
+    service time, not as the gap between arrivals). Unlike the p95 of completions, which sees a
+    queue only once its requests come out of it, the wait rises with the first request that
+    queues; so does the age of the oldest request in flight. With no completion in the horizon,
+    the requests ahead are assumed to run one after another at `fallback_ms` each. Not
+    thread-safe: the replica's event loop is the only caller."""
+
+    def __init__(self, horizon_s: float = 5.0, clock: Callable[[], float] = time.monotonic):
+        if horizon_s <= 0:
+            raise ValueError("horizon_s must be > 0")
+        self.horizon_s, self.clock = horizon_s, clock
+        self._started: dict[int, float] = {}
+        self._next = 0
+        self._done: deque[tuple[float, float]] = deque()  # (completion time, busy seconds since the previous one)
+        self._busy, self._last = 0.0, clock()
+
+    def _advance(self) -> float:
+        now = self.clock()
+        if self._started:
+            self._busy += now - self._last
+        self._last = now
+        return now
+
+    def begin(self) -> int:
+        now = self._advance()
+        self._next += 1
+        self._started[self._next] = now
+        return self._next
+
+    def end(self, token: int) -> None:
+        if token not in self._started:
+            return
+        now = self._advance()  # busy up to now, this request included
+        del self._started[token]
+        self._done.append((now, self._busy))
+        self._busy = 0.0
+
+    def __len__(self) -> int:
+        return len(self._started)
+
+    def oldest_age_ms(self) -> float:
+        now = self.clock()
+        return 1000.0 * max((now - t for t in self._started.values()), default=0.0)
+
+    def service_rate_per_s(self) -> float:
+        """Completions per busy second over the horizon (0 with none)."""
+        now = self.clock()
+        while self._done and self._done[0][0] < now - self.horizon_s:
+            self._done.popleft()
+        busy = sum(b for _, b in self._done)
+        return len(self._done) / busy if busy > 0 else 0.0
+
+    def wait_ms(self, ahead: int, fallback_ms: float) -> float:
+        if ahead <= 0:
+            return 0.0
+        rate = self.service_rate_per_s()
+        return ahead * fallback_ms if rate == 0 else 1000.0 * ahead / rate
+
+
 @dataclass(frozen=True)
 class EdgeBudget:
     """What one edge can afford for a crop (optional request fields; None = no limit)."""
@@ -197,7 +266,9 @@ class GateDecision:
     """The threshold in force for one request and why (the reply's `gate`)."""
 
     threshold: float
-    reason: str  # "calibrated" (the static threshold), "load" (raised by the controller), "edge_bytes", "edge_deadline"
+    # "calibrated" (the static threshold), "load" (raised by the controller), "backlog" (the wait ahead
+    # leaves no time for a refine), "edge_bytes", "edge_deadline"
+    reason: str
 
     def as_dict(self) -> dict:
         return {"threshold": self.threshold if math.isfinite(self.threshold) else None, "reason": self.reason}
@@ -244,8 +315,9 @@ class AdaptiveGate:
     def __init__(
         self, curve: CalibrationCurve, settings: ControllerSettings, static_threshold: float, clock=time.monotonic
     ):
-        self.curve = curve
+        self.curve, self.settings = curve, settings
         self.controller = LoadController(settings, ceiling=curve.rate_at(static_threshold), clock=clock)
+        self.last_wait_ms = 0.0
 
     @classmethod
     def from_config(cls, gate, model_path: str | None = None) -> AdaptiveGate:
@@ -277,15 +349,24 @@ class AdaptiveGate:
         budget: EdgeBudget,
         before_refine_ms: float,
         refine_ms: float,
+        wait_ms: float = 0.0,
+        query_ms: float = 0.0,
     ) -> GateDecision:
-        """This request's threshold: the load's, unless a crop would not fit the edge's budget
-        (`before_refine_ms`: the query's time until a crop could be sent: its global upload at the
-        declared rate, the time so far and the expected first pass; round trips are the edge's to
-        leave room for)."""
+        """This request's threshold: the load's, unless the backlog leaves no time for a refine or
+        a crop would not fit the edge's budget. `before_refine_ms`: the query's time until a crop
+        could be sent (its global upload at the declared rate, the time so far and the expected
+        first pass; round trips are the edge's to leave room for); `wait_ms`: the replica's
+        backlog (`Backlog.wait_ms`); `query_ms`, `refine_ms`: recent first-pass and refine server
+        times."""
         cap = self.controller.update(oldest_in_flight_ms)
         if cap >= self.controller.ceiling:  # no load pressure: the static gate, whatever threshold was asked for
             decision = GateDecision(static_threshold, "calibrated")
         else:
             decision = load_threshold(self.curve, static_threshold, cap)
-        fits, reason = edge_allows(budget, self.curve.crop_bytes_p90, before_refine_ms, refine_ms)
+        self.last_wait_ms = wait_ms
+        # the first pass waits behind the backlog and so will the refine: 2 waits, both stages
+        planned_ms = 2 * wait_ms + query_ms + refine_ms
+        if math.isfinite(decision.threshold) and planned_ms > self.settings.headroom * self.settings.slo_p95_ms:
+            return GateDecision(math.inf, "backlog")
+        fits, reason = edge_allows(budget, self.curve.crop_bytes_p90, before_refine_ms + wait_ms, refine_ms + wait_ms)
         return decision if fits else GateDecision(math.inf, reason)

@@ -98,7 +98,8 @@ def finite_scores(scores: dict | None) -> dict | None:
 GATE_DESCRIPTION = (
     'entropy and adaptive policies: {"threshold": the threshold used (null: no crop will be asked for), "reason": '
     '"static" (entropy), "calibrated" (adaptive at the static threshold), "load" (raised to hold the latency SLO), '
-    '"edge_bytes" or "edge_deadline" (the crop would not fit the edge\'s budget)}'
+    '"backlog" (the wait ahead leaves no time for a refine), "edge_bytes" or "edge_deadline" (the crop would not '
+    "fit the edge's budget)}"
 )
 
 
@@ -254,7 +255,7 @@ async def _guard(request: Request, call_next):
     if response is None and path.startswith("/v1/") and request.method == "POST":
         response = await _check_text_fields(request)
     if response is None:
-        flight = limits.IN_FLIGHT.begin(time.perf_counter()) if path in ("/v1/query", "/v1/refine") else None
+        flight = limits.IN_FLIGHT.begin() if path in ("/v1/query", "/v1/refine") else None
         try:
             response = await call_next(request)
         except Exception as exc:
@@ -390,7 +391,7 @@ class Gateway:
             return spec, None
         if self.adaptive is None:
             raise error(422, f"the adaptive policy is not available on this server: {self.adaptive_error}")
-        oldest_ms = limits.IN_FLIGHT.oldest_age_s(time.perf_counter()) * 1000
+        oldest_ms = limits.IN_FLIGHT.oldest_age_ms()
         elapsed_ms = (time.perf_counter() - started) * 1000
         if budget.uplink_kbps:  # the global image's upload, before this request reached the server
             elapsed_ms += upload_bytes * 8 / budget.uplink_kbps
@@ -400,9 +401,13 @@ class Gateway:
             budget,
             elapsed_ms + self.server_ms["query"].value,
             self.server_ms["refine"].value,
+            # the requests ahead of this one (it is in flight too)
+            wait_ms=limits.IN_FLIGHT.wait_ms(len(limits.IN_FLIGHT) - 1, self.server_ms["query"].value),
+            query_ms=self.server_ms["query"].value,
         )
         m = metrics.gateway()
         m.adaptive_cap.set(self.adaptive.controller.cap)
+        m.adaptive_backlog.set(self.adaptive.last_wait_ms)
         if self.adaptive.controller.last_p95 is not None:
             m.adaptive_p95.set(self.adaptive.controller.last_p95)
         return replace(spec, threshold=decision.threshold), decision.as_dict()

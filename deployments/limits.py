@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from collab.adaptive import Backlog
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -25,28 +27,6 @@ def configure(token: str | None, max_body_bytes: int) -> None:
     CURRENT = Limits(token or None, max_body_bytes)
 
 
-class InFlight:
-    """Start times of the API requests this gateway process is serving. The age of the oldest is
-    the load signal that does not lag: a completion's latency is seen only once the queue it
-    waited in has let it through."""
-
-    def __init__(self) -> None:
-        self._started: dict[int, float] = {}
-        self._next = 0
-
-    def begin(self, now: float) -> int:
-        self._next += 1
-        self._started[self._next] = now
-        return self._next
-
-    def end(self, token: int) -> None:
-        self._started.pop(token, None)
-
-    def oldest_age_s(self, now: float) -> float:
-        return max((now - t for t in self._started.values()), default=0.0)
-
-    def __len__(self) -> int:
-        return len(self._started)
-
-
-IN_FLIGHT = InFlight()
+# the API requests this gateway process is serving (/v1/query, /v1/refine): the adaptive gate's
+# backlog and the age of its oldest request, signals that do not lag the load
+IN_FLIGHT = Backlog()

@@ -73,6 +73,11 @@ def gateway() -> SimpleNamespace:
             description="Adaptive gate: the controller's last signal, p95 server time of its window's queries "
             "or the age of the oldest request in flight, the larger (ms)",
         ),
+        adaptive_backlog=Gauge(
+            "collab_adaptive_backlog_ms",
+            description="Adaptive gate: the wait a new request has ahead of it on this replica, requests in flight "
+            "over the recent completion rate (ms)",
+        ),
     )
 
 

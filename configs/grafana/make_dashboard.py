@@ -268,11 +268,16 @@ ROWS: list[tuple[str, list[tuple[str, str, str, list[dict], str]]]] = [
                 "timeseries",
             ),
             (
-                "Adaptive controller p95",
-                "Each controller's last signal (p95 server time of its window's queries, or the age of its oldest "
-                "request in flight, the larger), against gate.adaptive.slo_p95_ms.",
+                "Adaptive controller signals",
+                "Each controller's last window signal (p95 server time of its window's queries, or the age of its "
+                "oldest request in flight, the larger) and the backlog a new request would wait behind (requests "
+                "ahead / recent completion rate: crops are refused while it leaves no time for a refine), against "
+                "gate.adaptive.slo_p95_ms.",
                 "ms",
-                [q("max by (replica) (ray_collab_adaptive_p95_ms)", "{{replica}}")],
+                [
+                    q("max by (replica) (ray_collab_adaptive_p95_ms)", "p95 {{replica}}"),
+                    q("max by (replica) (ray_collab_adaptive_backlog_ms)", "backlog {{replica}}"),
+                ],
                 "timeseries",
             ),
             (
