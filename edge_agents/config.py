@@ -121,6 +121,11 @@ class LoadTestConfig(_Strict):
     url: str = "http://127.0.0.1:8000"
     agents: int = Field(8, ge=1)
     agents_per_actor: int = Field(8, ge=1, description="agents hosted per Ray actor process (1 = one actor each)")
+    actor_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="custom Ray resources each agent actor (and the shared channel) asks for, e.g. {edge: 0.01}: "
+        "the agents then run only on nodes started with that resource (`ray start --resources`), apart from the app",
+    )
     policy: Policy = "entropy"
     seed: int = 0
     app_name: str = Field("collab", description="Serve application whose replicas are plotted")
@@ -133,6 +138,14 @@ class LoadTestConfig(_Strict):
     channel: ChannelSettings = ChannelSettings()
     retry: RetrySettings = RetrySettings()
     profiles: list[DeviceProfile] = Field(default_factory=lambda: [DeviceProfile()], min_length=1)
+
+    @field_validator("actor_resources")
+    @classmethod
+    def _resources(cls, value: dict[str, float]) -> dict[str, float]:
+        bad = [name for name, amount in value.items() if not amount > 0 or name in ("CPU", "GPU", "memory")]
+        if bad:
+            raise ValueError(f"actor_resources: custom resources with amounts > 0 only, got {bad}")
+        return value
 
     def profile_for(self, agent_index: int) -> DeviceProfile:
         """Deterministic mix: agent i gets the profile whose weight band holds (i + 0.5) / agents; with

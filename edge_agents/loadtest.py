@@ -81,7 +81,10 @@ def run_load(
     env = {}
     if config.auth_token_env and os.environ.get(config.auth_token_env):  # agents run in other processes
         env[config.auth_token_env] = os.environ[config.auth_token_env]
-    host_cls = ray.remote(num_cpus=0, max_concurrency=1000, runtime_env={"env_vars": env} if env else None)(AgentHost)
+    placement = {"resources": dict(config.actor_resources)} if config.actor_resources else {}
+    host_cls = ray.remote(
+        num_cpus=0, max_concurrency=1000, runtime_env={"env_vars": env} if env else None, **placement
+    )(AgentHost)
     indices = list(range(config.agents))
     groups = [indices[i : i + config.agents_per_actor] for i in range(0, len(indices), config.agents_per_actor)]
     channel, hosts = None, []
@@ -95,7 +98,7 @@ def run_load(
     bar = None
     try:
         if config.channel.capacity_mbps:
-            channel = ray.remote(num_cpus=0)(SharedChannel).remote(
+            channel = ray.remote(num_cpus=0, **placement)(SharedChannel).remote(
                 config.channel.capacity_mbps, config.channel.discipline
             )
         hosts = [host_cls.remote(g, cfg, channel, policy) for g in groups]
