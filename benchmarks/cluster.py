@@ -87,6 +87,14 @@ class LocalCluster:
             return "head"
         return next((r for r, n in self.nodes.items() if n.node_id == node_id), "unknown")
 
+    def replace(self, role: str, like: str) -> None:
+        """A new node of role `like` joins (what a cluster autoscaler does for a lost machine)."""
+        port = free_port()
+        self.nodes[role] = self.cluster.add_node(
+            num_cpus=2, env_vars={"RAY_SERVE_WORKER_PROXY_HTTP_PORT": str(port)}, **NODES[like]
+        )
+        self.ports[role] = port
+
     def kill(self, role: str) -> None:
         """The node's processes die at once, as when a machine is lost (no draining)."""
         self.cluster.remove_node(self.nodes.pop(role), allow_graceful=False)
@@ -206,7 +214,7 @@ def dag_mismatches(url: str, config_path: str, n: int = 4) -> tuple[int, int]:
     threshold = scores[len(scores) // 2]
     bad = total = 0
     with EdgeClient(url, client_id="cluster-check") as client:
-        for policy in ("always", "entropy", "never"):
+        for policy in ("always", "entropy", "random"):
             spec = pipeline.policy(name=policy, threshold=threshold)
             for it in batch:
                 ref = pipeline.run(it.image, it.question, question_id=it.question_id, policy=spec)
@@ -267,23 +275,44 @@ def load_with_kills(cluster: LocalCluster, url: str, args) -> dict:
             "retry.backoff_max_s": 4.0,
         },
     )
+    want = targets()
     result: dict = {}
     worker = threading.Thread(target=lambda: result.update(run_load(cfg, progress=False)), daemon=True)
     start = time.time()
     worker.start()
     events = []
-    time.sleep(args.duration * 0.25)
+
+    def at(fraction: float) -> None:
+        time.sleep(max(0.0, start + fraction * args.duration - time.time()))
+
+    at(0.25)
     agents_on = placement(cluster)
-    store_role = placement(cluster).get("SessionStore", ["?"])[0]
     log("killing accelerator-b under load")
     cluster.kill("accelerator-b")
-    events.append({"t_s": round(time.time() - start, 1), "killed": "accelerator-b"})
-    time.sleep(args.duration * 0.3)
-    store_role = placement(cluster).get("SessionStore", [store_role])[0]
+    killed = time.time()
+    back = wait_until(
+        lambda: all(running(ACCELERATOR_STAGES).get(d, 0) >= want[d] for d in ACCELERATOR_STAGES),
+        timeout=0.3 * args.duration,
+        interval=0.5,
+    )
+    events.append(
+        {"t_s": round(killed - start, 1), "killed": "accelerator-b", "back_s": None if back is None else round(back, 1)}
+    )
+    at(0.55)
+    store_role = placement(cluster).get("SessionStore", ["?"])[0]
     if store_role in ("cpu-a", "cpu-b"):
         log(f"killing {store_role} (the session store's node) under load")
         cluster.kill(store_role)
-        events.append({"t_s": round(time.time() - start, 1), "killed": store_role, "held": "SessionStore"})
+        killed = time.time()
+        back = wait_until(lambda: running(("SessionStore",)).get("SessionStore", 0) >= 1, timeout=60, interval=0.5)
+        events.append(
+            {
+                "t_s": round(killed - start, 1),
+                "killed": store_role,
+                "held": "SessionStore",
+                "back_s": None if back is None else round(back, 1),
+            }
+        )
     worker.join(timeout=args.duration + 240)
     rows = result.get("rows", [])
     return {
@@ -317,7 +346,7 @@ def run(args) -> dict:
     cluster = LocalCluster()
     try:
         ray.init(address=cluster.cluster.address, logging_level="ERROR", log_to_driver=False)
-        serve.start(http_options={"host": "127.0.0.1", "port": cluster.head_port, "location": "EveryNode"})
+        serve.start(proxy_location="EveryNode", http_options={"host": "127.0.0.1", "port": cluster.head_port})
         import yaml
 
         app_args = yaml.safe_load(SERVE_CLUSTER.read_text())["applications"][0]["args"]
@@ -344,6 +373,10 @@ def run(args) -> dict:
         report["visual_tokens"] = token_bytes(str(args.config))
         log("load with node kills")
         report["load"] = load_with_kills(cluster, urls["head"], args)
+        lost_cpu = [e["killed"] for e in report["load"]["events"] if e["killed"].startswith("cpu")]
+        if lost_cpu:  # one Gateway per CPU node: the lost node's waits for a replacement machine
+            log(f"a replacement for {lost_cpu[0]} joins")
+            cluster.replace("cpu-c", like=lost_cpu[0])
         back = wait_until(lambda: running() == want, timeout=180)
         report["replicas_back_s"] = None if back is None else round(back, 1)
         report["placement_after"] = placement(cluster)
@@ -374,6 +407,7 @@ def checks(r: dict) -> dict[str, bool]:
         "DAG == pipeline across nodes": r["dag_vs_pipeline"]["mismatches"] == 0,
         "no query lost": load.get("queries", 0) > 0 and load.get("failed") == 0 and not load.get("unfinished"),
         "an accelerator node and the store's node were lost": len(load.get("events", [])) == 2,
+        "their replicas restarted during the load": all(e["back_s"] is not None for e in load.get("events", [])),
         "lost sessions keep the first answer": load.get("expired_kept_first_answer", False),
         "replicas back on the nodes left": r.get("replicas_back_s") is not None
         and "accelerator-b" not in sum(after.values(), [])
@@ -393,7 +427,10 @@ def table(r: dict) -> str:
         ),
         "load: {queries} queries, {answered} answered, {failed} failed, {retries} retries ({retried_queries} queries), "
         "{refined} refined, {session_expired} sessions lost (first answer kept)".format(**load),
-        "killed: " + ", ".join(f"{e['killed']} at {e['t_s']} s" for e in load.get("events", [])),
+        "killed: "
+        + ", ".join(
+            f"{e['killed']} at {e['t_s']} s (replicas back in {e['back_s']} s)" for e in load.get("events", [])
+        ),
         f"replicas back {r.get('replicas_back_s')} s after the load; after: "
         + "; ".join(f"{d} {','.join(v)}" for d, v in r.get("placement_after", {}).items()),
     ]

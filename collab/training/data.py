@@ -54,8 +54,9 @@ class BatchSpec:
     legible_fine_fraction: float = 0.8
     # Dense descriptions (LLaVA's first stage trains on captions): this share of global-only examples
     # asks CAPTION_QUESTION and is answered by every object's colour and shape in a random order
-    # (and its digit where legible). After "red" the next word is the red object's shape: every
-    # object gives a supervised look at the object a word names, where one question gives one.
+    # (and its digit where legible). After "red" the next word is the red object's shape (after
+    # "circle", the circle's colour): every object gives a supervised look at the object a word
+    # names, where one question gives one.
     caption_fraction: float = 0.0
 
 
@@ -63,12 +64,15 @@ CAPTION_QUESTION = "what objects are there?"  # training only; its words are the
 
 
 def caption_words(rng: np.random.Generator, scene: Scene) -> list[str]:
-    """Every object as "colour shape" (then its digit when the scene's digits are legible), in a
-    random order: no position words, so what follows a colour can only come from the image."""
+    """Every object as "colour shape" or "shape colour" (then its digit when the scene's digits are
+    legible), objects in a random order: no position words, so the word that follows an object's
+    first one can only come from the image, at the object that word names. Both orders, so that the
+    rows of colour words and of shape words both learn to look (a question names an object by both)."""
     words: list[str] = []
     for i in rng.permutation(len(scene.objects)):
         o = scene.objects[int(i)]
-        words += [o.color, o.shape] + ([o.digit] if scene.legible_glyphs else [])
+        pair = [o.color, o.shape] if rng.random() < 0.5 else [o.shape, o.color]
+        words += pair + ([o.digit] if scene.legible_glyphs else [])
     return words
 
 

@@ -76,13 +76,14 @@ def answer_metrics(model, tokenizer, spec: BatchSpec, recipe: Recipe) -> dict:
         _, _, correct = answer_loss(model, batch, recipe.vlm.eos_weight)
     stats["global_legible_fine_acc"] = correct[batch["fine"]].float().tolist()
     if recipe.vlm.caption_fraction > 0:
-        stats["global_caption_shape_acc"] = caption_shape_hits(model, tokenizer, spec, recipe, device)
+        stats["global_caption_look_acc"] = caption_look_hits(model, tokenizer, spec, recipe, device)
     return {k: float(np.mean(v)) for k, v in stats.items() if v}
 
 
-def caption_shape_hits(model, tokenizer, spec: BatchSpec, recipe: Recipe, device) -> list[float]:
-    """Descriptions of benchmark-like scenes (no legible digits): whether each shape word that
-    follows a colour was predicted, i.e. whether the row of a colour word looks at that object."""
+def caption_look_hits(model, tokenizer, spec: BatchSpec, recipe: Recipe, device) -> list[float]:
+    """Descriptions of benchmark-like scenes (no legible digits): whether each object's second word
+    (its shape after its colour, or its colour after its shape) was predicted, i.e. whether the row
+    of the word that names an object looks at that object."""
     spec = replace(spec, caption_fraction=1.0)
     batch = eval_batch(
         np.random.default_rng([recipe.monitor.seed, 0, 3]), spec, "global", recipe.vlm.batch, tokenizer, device
@@ -94,7 +95,7 @@ def caption_shape_hits(model, tokenizer, spec: BatchSpec, recipe: Recipe, device
     hits = []
     for i in range(len(batch["answer_pos"])):
         start, n = int(batch["answer_pos"][i]), int(batch["answer_len"][i])
-        for at in range(start + 1, start + n, 2):  # colour, shape, colour, shape, ...
+        for at in range(start + 1, start + n, 2):  # first word, second word, first word, ...
             hits.append(float(logits[i, at - 1].argmax() == batch["input_ids"][i, at]))
     return hits
 
