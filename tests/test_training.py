@@ -450,7 +450,7 @@ def test_training_curves_plot_from_a_log(tmp_path):
 
 
 def test_captions_name_every_object_and_are_labelled_token_by_token():
-    from collab.data.synthetic import tokenize_text
+    from collab.data.synthetic import COLORS, SHAPES, tokenize_text
     from collab.training.data import CAPTION_QUESTION, answer_loss
 
     assert set(tokenize_text(CAPTION_QUESTION)) <= set(VOCABULARY)  # the shipped tokenizer covers it
@@ -463,15 +463,13 @@ def test_captions_name_every_object_and_are_labelled_token_by_token():
     for i, ex in enumerate(examples):
         words = tok.convert_ids_to_tokens(ex["answer_ids"])
         assert len(words) == 2 * (2 + i % 3)  # colour and shape per object, no legible digits
-        from collab.data.synthetic import COLORS, SHAPES
-
         pairs = [set(words[j : j + 2]) for j in range(0, len(words), 2)]
         assert all(len(p & set(COLORS)) == 1 and len(p & set(SHAPES)) == 1 for p in pairs)
-    firsts = [w for ex in examples for w in tok.convert_ids_to_tokens(ex["answer_ids"])[::2]]
-    assert set(firsts) & set(COLORS) and set(firsts) & set(SHAPES)  # objects named by either word first
         p, n = int(batch["answer_pos"][i]), int(batch["answer_len"][i])
         assert batch["input_ids"][i, p : p + n].tolist() == ex["answer_ids"]
         assert batch["input_ids"][i, p + n] == tok.eos_token_id and batch["attention_mask"][i].sum() == p + n + 1
+    firsts = [w for ex in examples for w in tok.convert_ids_to_tokens(ex["answer_ids"])[::2]]
+    assert set(firsts) & set(COLORS) and set(firsts) & set(SHAPES)  # objects named by either word first
 
     class Oracle(torch.nn.Module):  # logits that are right at every answer row, wrong at one chosen position
         def __init__(self, wrong_at):
