@@ -13,22 +13,29 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-QUERY_ROW_MODES = ("last_input", "answer", "all")
+QUERY_ROW_MODES = ("last_input", "answer", "all", "question")
 
 
-def query_rows(prompt_len: int, n_answer_tokens: int, mode: str) -> list[int]:
+def query_rows(prompt_len: int, n_answer_tokens: int, mode: str, question_start: int | None = None) -> list[int]:
     """Sequence positions whose attention we read, for a pass over prompt + answer tokens.
 
     - last_input: position P-1, the token that predicts the first answer token (ViCrop).
     - answer: positions P .. P+n-2, the generated tokens that predict the rest of the answer
       (falls back to last_input for one-token answers, which have no such row).
     - all: P-1 .. P+n-2, every row that predicted an answer token.
+    - question: every prompt row after the image (`question_start`, the first position after the
+      last visual token) through P-1: the question's own words, where a model whose look forms at
+      the words that name the object reads it (the embedded model: docs/embedded_model.md).
     """
     if prompt_len < 1:
         raise ValueError("prompt_len must be >= 1")
     if mode not in QUERY_ROW_MODES:
         raise ValueError(f"unknown query rows {mode!r}; expected one of {QUERY_ROW_MODES}")
     last_input = [prompt_len - 1]
+    if mode == "question":
+        if question_start is None or not 0 <= question_start < prompt_len:
+            raise ValueError(f"question rows need the first position after the image in [0, {prompt_len})")
+        return list(range(question_start, prompt_len))
     answer = list(range(prompt_len, prompt_len + max(0, n_answer_tokens - 1)))
     if mode == "last_input":
         return last_input

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 ScoreKind = Literal["min_entropy", "shannon", "margin"]
 PolicyName = Literal["never", "always", "random", "entropy", "adaptive"]
 POLICIES: tuple[str, ...] = get_args(PolicyName)  # every CLI's choices, the API's form type, the gate
-QueryRows = Literal["last_input", "answer", "all"]
+QueryRows = Literal["last_input", "answer", "all", "question"]
 
 LLAVA15_PROMPT = "USER: <image>\n{question} Answer the question using a single word or phrase. ASSISTANT:"
 LLAVA15_REFINE_PROMPT = (
@@ -97,7 +97,8 @@ class AttentionConfig(_Strict):
     query_rows: QueryRows = Field(
         "last_input",
         description="last_input: the token that predicts the first answer token (ViCrop); "
-        "answer: the generated tokens as queries; all: both.",
+        "answer: the generated tokens as queries; all: both; question: every text row after the image "
+        "(the question's words; the generic prompt's map is read the same way).",
     )
     generic_prompt: str = GENERIC_PROMPT
     relative: bool = Field(True, description="Divide by the generic-prompt map (ViCrop's rel-att).")

@@ -83,7 +83,8 @@ class MapRequest:
 
 def capture_layers(cfg: AttentionConfig, layers: Sequence[int]) -> list[int]:
     """Layers whose question map a first pass's prefill can provide: ViCrop's `last_input` row is
-    the prefill's last row. The `answer` and `all` rows need the answer, hence a pass of their own."""
+    the prefill's last row. The `answer` and `all` rows need the answer, and `question` rows every
+    text row's map, hence a pass of their own."""
     return list(layers) if cfg.query_rows == "last_input" else []
 
 
@@ -118,9 +119,11 @@ def attention_maps_batch(
 ) -> list[list[np.ndarray]]:
     """(Relative) attention grids at several layers for several queries: one batched pass for the
     questions whose maps were not captured, one for the generic prompt (which depends only on the image)."""
-    rows_need_answer = cfg.query_rows != "last_input"
+    rows_need_answer = cfg.query_rows in ("answer", "all")
     missing = [
-        i for i, r in enumerate(requests) if rows_need_answer or not all(layer in r.captured for layer in layers)
+        i
+        for i, r in enumerate(requests)
+        if cfg.query_rows != "last_input" or not all(layer in r.captured for layer in layers)
     ]
     computed = backend.attention_grids_batch(
         [
@@ -134,8 +137,9 @@ def attention_maps_batch(
     question_maps = [question_maps.get(i) or [r.captured[layer] for layer in layers] for i, r in enumerate(requests)]
     if not cfg.relative:
         return question_maps
+    generic_rows = "question" if cfg.query_rows == "question" else "last_input"  # the same kind of row
     generic = backend.attention_grids_batch(
-        [AttentionRequest(r.features, cfg.generic_prompt) for r in requests], layers, "last_input"
+        [AttentionRequest(r.features, cfg.generic_prompt) for r in requests], layers, generic_rows
     )
     return [[relative_attention(q, g, cfg.epsilon) for q, g in zip(qs, gs)] for qs, gs in zip(question_maps, generic)]
 

@@ -89,7 +89,7 @@ def test_encoder_is_batch_invariant(tiny_backend):
     assert torch.allclose(batched, single, atol=1e-5)
 
 
-@pytest.mark.parametrize("mode", ["last_input", "answer", "all"])
+@pytest.mark.parametrize("mode", ["last_input", "answer", "all", "question"])
 def test_attention_grid_reads_the_right_rows(tiny_backend, processor, mode):
     img = images(1, seed=2)
     features = tiny_backend.encode_images(img)[0]
@@ -106,7 +106,10 @@ def test_attention_grid_reads_the_right_rows(tiny_backend, processor, mode):
         )
     att = out.attentions[-1][0]  # (heads, q, k)
     positions = (prompt[0] == processor.image_token_id).nonzero().flatten()
-    rows = query_rows(prompt.shape[1], len(answer), mode)
+    rows = query_rows(prompt.shape[1], len(answer), mode, int(positions.max()) + 1)
+    if mode == "question":  # the question's words and the template's tail, nothing of the image or before
+        words = processor.tokenizer.convert_ids_to_tokens(prompt[0, rows].tolist())
+        assert rows[-1] == prompt.shape[1] - 1 and not {"<image>", "user"} & set(words)
     expected = att[:, rows][:, :, positions].mean(dim=(0, 1)).reshape(tiny_backend.info.grid).numpy()
     assert grid.shape == tiny_backend.info.grid
     np.testing.assert_allclose(grid, expected, atol=1e-6)
@@ -326,3 +329,20 @@ def test_random_model_cli_builds_the_sizes_asked_for(tmp_path, capsys):
     with pytest.raises(SystemExit):
         tiny.main(["--out", str(tmp_path / "bad"), "--image-size", "50", "--patch-size", "8"])
     assert "multiple of --patch-size" in capsys.readouterr().err
+
+
+def test_question_rows_are_normalised_by_the_generic_prompts_own_text_rows(tiny_backend):
+    """attention.query_rows=question reads every text row after the image, for the question and for
+    the generic prompt alike, and never needs the answer."""
+    from collab import stages
+    from collab.config import AttentionConfig
+
+    features = tiny_backend.encode_images(images(1, seed=3))[0]
+    cfg = AttentionConfig(layer=-1, query_rows="question")
+    assert stages.capture_layers(cfg, [-1]) == []
+    got = stages.attention_map(tiny_backend, features, QUESTION, [], cfg)
+    q = tiny_backend.attention_grid(features, QUESTION, [], layer=-1, query_rows="question")
+    g = tiny_backend.attention_grid(features, cfg.generic_prompt, [], layer=-1, query_rows="question")
+    np.testing.assert_allclose(got, q / (g + cfg.epsilon), rtol=1e-6)
+    last = tiny_backend.attention_grid(features, QUESTION, [], layer=-1, query_rows="last_input")
+    assert not np.allclose(q, last)  # more rows than the last one

@@ -275,8 +275,8 @@ class TransformersBackend(VLMBackend):
             raise RuntimeError(
                 f"the model returned no attention maps (configured attention: {self.config.attn_implementation!r})"
             )
-        rows = select_query_rows(prompt.shape[1], answer.shape[1], query_rows)
         visual = self._visual_positions(prompt)
+        rows = select_query_rows(prompt.shape[1], answer.shape[1], query_rows, int(visual.max()) + 1)
         grid = self._grid_of(r.features)
         return [to_grid(visual_attention(out.attentions, layer, rows, visual), grid) for layer in layers]
 

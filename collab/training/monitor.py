@@ -6,7 +6,8 @@
 - the shuffled-image loss gap: loss with the batch's images rolled by one example minus loss with
   the right ones (near zero: the answers ignore the image);
 - first-pass localisation on fixed fine items, through the server's own code path (backend ->
-  attention maps -> RoI search): per decoder layer, plain and relative attention, the share of
+  attention maps -> RoI search): per decoder layer, plain and relative attention of the last
+  input row and relative attention of the question's words' rows, the share of
   RoIs on the named object (overall, on 2-object scenes where chance is about 0.5, on 4-5 objects)
   and on some object (objectness without binding), by target size, and a plot of a few maps.
 """
@@ -123,7 +124,8 @@ def in_memory_backend(model, tokenizer, recipe: Recipe) -> LlavaBackend:
 
 @torch.no_grad()
 def localisation_metrics(model, tokenizer, recipe: Recipe, items: list, plot_path: Path | None = None) -> dict:
-    """RoI hit rates per layer (plain `L{l}_plain_*` and relative `L{l}_rel_*` attention)."""
+    """RoI hit rates per layer: the last input row's attention, plain (`L{l}_plain_*`) and relative
+    (`L{l}_rel_*`), and the question's words' rows, relative (`L{l}_qrows_*`)."""
     if not items:
         return {}
     backend = in_memory_backend(model, tokenizer, recipe)
@@ -139,10 +141,14 @@ def localisation_metrics(model, tokenizer, recipe: Recipe, items: list, plot_pat
         plain = stages.attention_maps(backend, features, item.question, [], read, layers)
         generic = stages.attention_maps(backend, features, read.generic_prompt, [], read, layers)
         rel = [relative_attention(q, g, read.epsilon) for q, g in zip(plain, generic)]
+        # the question's own words as queries (where a look formed at the words that name the object)
+        words = stages.attention_maps(
+            backend, features, item.question, [], AttentionConfig(query_rows="question"), layers
+        )
         n = len(item.objects)
         small = (item.target_box[2] - item.target_box[0]) < SMALL_TARGET * max(item.image.size)
-        for layer, q, r in zip(layers, plain, rel):
-            for mode, grid in (("plain", q), ("rel", r)):
+        for layer, q, r, w in zip(layers, plain, rel, words):
+            for mode, grid in (("plain", q), ("rel", r), ("qrows", w)):
                 box = stages.locate(grid, item.image.size, info.encoder_size, "resize", roi).box
                 named, some = hit(box, item.target_box), on_some_object(box, [o["box"] for o in item.objects])
                 key = f"L{layer}_{mode}"

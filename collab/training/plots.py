@@ -89,9 +89,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True, help="PNG to write")
     p.add_argument(
         "--mode",
-        choices=["rel", "plain"],
+        choices=["rel", "plain", "qrows"],
         default="rel",
-        help="relative (ViCrop) or plain attention (default: %(default)s)",
+        help="the last input row, relative (ViCrop) or plain, or the question words' rows, relative "
+        "(default: %(default)s)",
     )
     p.add_argument(
         "--layer", type=int, help="decoder layer for the localisation panel (default: best at the last evaluation)"
