@@ -455,7 +455,7 @@ def test_captions_name_every_object_and_are_labelled_token_by_token():
 
     assert set(tokenize_text(CAPTION_QUESTION)) <= set(VOCABULARY)  # the shipped tokenizer covers it
     tok = build_tokenizer(VOCABULARY)
-    spec = toy_spec(caption_fraction=1.0)
+    spec = toy_spec(caption_fraction=1.0, caption_shape_first=0.5)
     examples = [make_example(np.random.default_rng(i), spec, 2 + i % 3, "global", tok) for i in range(6)]
     assert all(ex["kind"] == "caption" for ex in examples)
     assert not any(make_example(np.random.default_rng(i), spec, 3, "local", tok)["kind"] == "caption" for i in range(6))
@@ -470,6 +470,10 @@ def test_captions_name_every_object_and_are_labelled_token_by_token():
         assert batch["input_ids"][i, p + n] == tok.eos_token_id and batch["attention_mask"][i].sum() == p + n + 1
     firsts = [w for ex in examples for w in tok.convert_ids_to_tokens(ex["answer_ids"])[::2]]
     assert set(firsts) & set(COLORS) and set(firsts) & set(SHAPES)  # objects named by either word first
+    colour_first = [
+        make_example(np.random.default_rng(i), toy_spec(caption_fraction=1.0), 3, "global", tok) for i in range(4)
+    ]
+    assert all(w in COLORS for ex in colour_first for w in tok.convert_ids_to_tokens(ex["answer_ids"])[::2])
 
     class Oracle(torch.nn.Module):  # logits that are right at every answer row, wrong at one chosen position
         def __init__(self, wrong_at):

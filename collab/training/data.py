@@ -58,20 +58,22 @@ class BatchSpec:
     # "circle", the circle's colour): every object gives a supervised look at the object a word
     # names, where one question gives one.
     caption_fraction: float = 0.0
+    caption_shape_first: float = 0.0
 
 
 CAPTION_QUESTION = "what objects are there?"  # training only; its words are the benchmark's own
 
 
-def caption_words(rng: np.random.Generator, scene: Scene) -> list[str]:
-    """Every object as "colour shape" or "shape colour" (then its digit when the scene's digits are
-    legible), objects in a random order: no position words, so the word that follows an object's
-    first one can only come from the image, at the object that word names. Both orders, so that the
-    rows of colour words and of shape words both learn to look (a question names an object by both)."""
+def caption_words(rng: np.random.Generator, scene: Scene, spec: BatchSpec) -> list[str]:
+    """Every object as "colour shape" (or, with probability spec.caption_shape_first, "shape
+    colour"), then its digit when the scene's digits are legible, objects in a random order: no
+    position words, so the word that follows an object's first one can only come from the image,
+    at the object that word names."""
     words: list[str] = []
     for i in rng.permutation(len(scene.objects)):
         o = scene.objects[int(i)]
-        pair = [o.color, o.shape] if rng.random() < 0.5 else [o.shape, o.color]
+        shape_first = spec.caption_shape_first > 0 and rng.random() < spec.caption_shape_first
+        pair = [o.shape, o.color] if shape_first else [o.color, o.shape]
         words += pair + ([o.digit] if scene.legible_glyphs else [])
     return words
 
@@ -136,7 +138,7 @@ def example_from_scene(
     """One example about a rendered scene; `asked` holds questions already used on it (avoided
     while others remain, so that reusing a scene does not repeat an example)."""
     if kind == "global" and spec.caption_fraction > 0 and rng.random() < spec.caption_fraction:
-        question = Question(CAPTION_QUESTION, " ".join(caption_words(rng, scene)), "caption", "caption", None)
+        question = Question(CAPTION_QUESTION, " ".join(caption_words(rng, scene, spec)), "caption", "caption", None)
     else:
         fine_fraction = spec.legible_fine_fraction if scene.legible_glyphs else spec.fine_fraction
         question = pick_question(rng, scene, fine_fraction, asked)

@@ -126,6 +126,13 @@ class VLMStage(_Strict):
         "'red circle blue square ...', random order; digits too where legible): after each colour the answer "
         "is that object's shape, so every object is a supervised look at the object a word names",
     )
+    caption_shape_first: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="share of described objects named shape first ('circle red'); tried at 0.5: by step 1,000 "
+        "no row looked at the named object, where colour-first captions had the colour word's row on it",
+    )
     curriculum: list[tuple[int | None, int]] = Field(
         default_factory=lambda: [(200, 2), (800, 3), (None, 5)],
         description="[until_step, max objects per scene]; the last entry's step is null",

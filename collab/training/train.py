@@ -36,6 +36,7 @@ def batch_spec(recipe: Recipe) -> BatchSpec:
         legible_fraction=v.legible_fraction,
         legible_fine_fraction=v.legible_fine_fraction,
         caption_fraction=v.caption_fraction,
+        caption_shape_first=v.caption_shape_first,
     )
 
 
