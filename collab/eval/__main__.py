@@ -177,7 +177,11 @@ def main(argv: list[str] | None = None) -> int:
     plots.plot_separability(outcomes, report, out / "separability.png")
     plots.plot_sweep(report, out / "sweep.png")
     plots.plot_layers(report, config.attention.layer % n_layers, out / "layers.png")
-    plots.plot_examples(outcomes, by_id, out / "examples.png")
+    att = config.attention
+    label = ("rel. " if att.relative else "") + (
+        "attention, question rows" if att.query_rows == "question" else "attention"
+    )
+    plots.plot_examples(outcomes, by_id, out / "examples.png", attention=label)
     print_summary(report, out)
     return 0
 

@@ -118,7 +118,13 @@ def plot_layers(report: dict, chosen_layer: int, path: Path) -> Path | None:
     return path
 
 
-def plot_examples(outcomes: list[ItemOutcome], items: dict[str, EvalItem], path: Path, limit: int = 8) -> Path | None:
+def plot_examples(
+    outcomes: list[ItemOutcome],
+    items: dict[str, EvalItem],
+    path: Path,
+    limit: int = 8,
+    attention: str = "rel. attention",
+) -> Path | None:
     """Original with ground-truth (green) and RoI (red) boxes, and the relative-attention grid."""
     rows = [o for o in outcomes if o.attention is not None][:limit]
     if not rows:
@@ -136,7 +142,7 @@ def plot_examples(outcomes: list[ItemOutcome], items: dict[str, EvalItem], path:
         ax.set_title(f"{o.question[:34]}\n1st: {o.first_answer} → {o.refined_answer} (gt {o.answers[0]})", fontsize=6)
         ax.axis("off")
         axes[1, col].imshow(o.attention, cmap="magma")
-        axes[1, col].set_title(f"rel. attention, u={o.uncertainty('min_entropy'):.2f}", fontsize=6)
+        axes[1, col].set_title(f"{attention}, u={o.uncertainty('min_entropy'):.2f}", fontsize=6)
         axes[1, col].axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
