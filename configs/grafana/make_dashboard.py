@@ -276,7 +276,7 @@ ROWS: list[tuple[str, list[tuple[str, str, str, list[dict], str]]]] = [
                 "ms",
                 [
                     q("max by (replica) (ray_collab_adaptive_p95_ms)", "p95 {{replica}}"),
-                    q("max by (replica) (ray_collab_adaptive_backlog_ms)", "backlog {{replica}}"),
+                    q("max by (replica) (ray_collab_adaptive_backlog_ms)", "backlog {{replica}}", "B"),
                 ],
                 "timeseries",
             ),
