@@ -103,7 +103,7 @@ def test_nodes_lost_under_load_lose_no_query(tmp_path):
     the session store's node killed under an 8-agent load (about 4 minutes here)."""
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.cluster", "--agents", "8", "--duration", "40", "--out", str(tmp_path)],
+        [sys.executable, "-m", "benchmarks.cluster", "--agents", "8", "--duration", "60", "--out", str(tmp_path)],
         cwd=REPO_ROOT,
         env=env,
         capture_output=True,
