@@ -229,6 +229,13 @@ class Backlog:
         del self._started[token]
         self._done.append((now, self._busy))
         self._busy = 0.0
+        self._forget(now)
+
+    def _forget(self, now: float) -> None:
+        """Completions older than the horizon no longer count (and are not kept: a gateway whose
+        policy never reads the wait would otherwise grow this queue without bound)."""
+        while self._done and self._done[0][0] < now - self.horizon_s:
+            self._done.popleft()
 
     def __len__(self) -> int:
         return len(self._started)
@@ -239,9 +246,7 @@ class Backlog:
 
     def service_rate_per_s(self) -> float:
         """Completions per busy second over the horizon (0 with none)."""
-        now = self.clock()
-        while self._done and self._done[0][0] < now - self.horizon_s:
-            self._done.popleft()
+        self._forget(self.clock())
         busy = sum(b for _, b in self._done)
         return len(self._done) / busy if busy > 0 else 0.0
 
