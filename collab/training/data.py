@@ -65,14 +65,15 @@ CAPTION_QUESTION = "what objects are there?"  # training only; its words are the
 
 
 def caption_words(rng: np.random.Generator, scene: Scene, spec: BatchSpec) -> list[str]:
-    """Every object as "colour shape" (or, with probability spec.caption_shape_first, "shape
-    colour"), then its digit when the scene's digits are legible, objects in a random order: no
-    position words, so the word that follows an object's first one can only come from the image,
-    at the object that word names."""
+    """Every object as "colour shape" (or, for a spec.caption_shape_first share of descriptions,
+    every object as "shape colour"), then its digit when the scene's digits are legible, objects in
+    a random order: no position words, so the word that follows an object's first one can only come
+    from the image, at the object that word names. One order per description, so the first word
+    says which word comes next (an order drawn per object made every second word ambiguous)."""
+    shape_first = spec.caption_shape_first > 0 and rng.random() < spec.caption_shape_first
     words: list[str] = []
     for i in rng.permutation(len(scene.objects)):
         o = scene.objects[int(i)]
-        shape_first = spec.caption_shape_first > 0 and rng.random() < spec.caption_shape_first
         pair = [o.shape, o.color] if shape_first else [o.color, o.shape]
         words += pair + ([o.digit] if scene.legible_glyphs else [])
     return words

@@ -24,7 +24,7 @@ from collab import stages
 from collab.attention import relative_attention
 from collab.backends.llava import LlavaBackend
 from collab.config import AttentionConfig, ModelConfig, RoIConfig
-from collab.data.synthetic import MAX_OBJECTS, generate_item
+from collab.data.synthetic import MAX_OBJECTS, generate_item, has_lookalike
 from collab.eval.runner import hit, on_some_object
 from collab.imaging import make_global_image, round_trip
 from collab.training.data import BatchSpec, answer_loss, collate, make_example
@@ -78,14 +78,18 @@ def answer_metrics(model, tokenizer, spec: BatchSpec, recipe: Recipe) -> dict:
     stats["global_legible_fine_acc"] = correct[batch["fine"]].float().tolist()
     if recipe.vlm.caption_fraction > 0:
         stats["global_caption_look_acc"] = caption_look_hits(model, tokenizer, spec, recipe, device)
+    if recipe.vlm.caption_shape_first > 0:  # shape-first descriptions: does the shape word's row look?
+        stats["global_caption_shape_look_acc"] = caption_look_hits(model, tokenizer, spec, recipe, device, True)
     return {k: float(np.mean(v)) for k, v in stats.items() if v}
 
 
-def caption_look_hits(model, tokenizer, spec: BatchSpec, recipe: Recipe, device) -> list[float]:
-    """Descriptions of benchmark-like scenes (no legible digits): whether each object's second word
-    (its shape after its colour, or its colour after its shape) was predicted, i.e. whether the row
-    of the word that names an object looks at that object."""
-    spec = replace(spec, caption_fraction=1.0)
+def caption_look_hits(
+    model, tokenizer, spec: BatchSpec, recipe: Recipe, device, shape_first: bool = False
+) -> list[float]:
+    """Descriptions of benchmark-like scenes (no legible digits), colour first (or shape first):
+    whether each object's second word was predicted, i.e. whether the row of the word that names an
+    object looks at that object."""
+    spec = replace(spec, caption_fraction=1.0, caption_shape_first=1.0 if shape_first else 0.0)
     batch = eval_batch(
         np.random.default_rng([recipe.monitor.seed, 0, 3]), spec, "global", recipe.vlm.batch, tokenizer, device
     )
@@ -147,6 +151,7 @@ def localisation_metrics(model, tokenizer, recipe: Recipe, items: list, plot_pat
         )
         n = len(item.objects)
         small = (item.target_box[2] - item.target_box[0]) < SMALL_TARGET * max(item.image.size)
+        alike = has_lookalike(item.objects, item.target_box)  # a distractor shares colour or shape
         for layer, q, r, w in zip(layers, plain, rel, words):
             for mode, grid in (("plain", q), ("rel", r), ("qrows", w)):
                 box = stages.locate(grid, item.image.size, info.encoder_size, "resize", roi).box
@@ -158,6 +163,7 @@ def localisation_metrics(model, tokenizer, recipe: Recipe, items: list, plot_pat
                     named
                 )
                 hits.setdefault(f"{key}_hit_small" if small else f"{key}_hit_large", []).append(named)
+                hits.setdefault(f"{key}_hit_alike" if alike else f"{key}_hit_distinct", []).append(named)
         if len(shown) < recipe.monitor.maps:
             shown.append((image, item, plain, rel))
     out = {k: float(np.mean(v)) for k, v in hits.items()}

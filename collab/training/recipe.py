@@ -130,8 +130,8 @@ class VLMStage(_Strict):
         0.0,
         ge=0,
         le=1,
-        description="share of described objects named shape first ('circle red'); tried at 0.5: by step 1,000 "
-        "no row looked at the named object, where colour-first captions had the colour word's row on it",
+        description="share of descriptions that name every object shape first ('circle red square blue'), "
+        "so that shape words learn to look too (with colour looks, the two attributes meet on the named object)",
     )
     curriculum: list[tuple[int | None, int]] = Field(
         default_factory=lambda: [(200, 2), (800, 3), (None, 5)],
