@@ -83,6 +83,11 @@ def test_the_shipped_recipe_files_load_and_the_cpu_one_trains_two_steps(tmp_path
     assert cpu.model == gpu.model and cpu.vlm.legible_fraction == gpu.vlm.legible_fraction
     assert cpu.vlm.curriculum == gpu.vlm.curriculum and cpu.tower.object_weight == gpu.tower.object_weight
     assert cpu.runtime.device == "cpu" and gpu.runtime.device == "cuda"
+    cpu_parts, gpu_parts = cpu.stage2_parts(), gpu.stage2_parts()
+    assert len(cpu_parts) == len(gpu_parts) >= 2  # the shipped model's stage 2 came in parts
+    for c, g in zip(cpu_parts, gpu_parts):
+        assert c.seed == g.seed and c.vlm.curriculum == g.vlm.curriculum
+        assert c.vlm.caption_fraction == g.vlm.caption_fraction and c.vlm.caption_shape_first == g.vlm.caption_shape_first
     sets = [
         "tower.steps=2",
         "tower.batch=4",
@@ -104,7 +109,8 @@ def test_the_shipped_recipe_files_load_and_the_cpu_one_trains_two_steps(tmp_path
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = rows_of(tmp_path / "m" / "training_log.jsonl")
-    assert {r["stage_done"]: r["steps"] for r in rows if "stage_done" in r} == {1: 2, 2: 2}
+    done_rows = [(r["stage_done"], r["steps"]) for r in rows if "stage_done" in r]
+    assert done_rows == [(1, 2)] + [(2, 2)] * len(cpu_parts)  # every part, one command
 
 
 def test_recipe_errors_name_the_field_and_the_cli_exits_2(tmp_path, capsys):
@@ -505,3 +511,26 @@ def test_a_caption_recipe_trains_and_monitors_caption_reading(tmp_path):
     # the look-alike split of the RoI hit covers every monitored item
     assert all(("L0_qrows_hit_alike" in r) or ("L0_qrows_hit_distinct" in r) for r in evals)
     assert (out / "model.safetensors").exists()
+
+
+def test_stage2_continuations_run_in_one_go_and_count_on_in_the_plots(tmp_path):
+    from collab.training.plots import read_log
+
+    raw = json.loads(json.dumps(TOY))
+    raw["vlm"]["stop_after"] = 2  # cut short mid-schedule, as the shipped model's first part was
+    raw["continuations"] = [{"seed": 1, "vlm": {"steps": 2, "stop_after": None, "caption_fraction": 0.5}}]
+    recipe = Recipe.model_validate(raw)
+    first, second = recipe.stage2_parts()
+    assert (first.vlm.stop_after, second.vlm.steps, second.vlm.caption_fraction, second.seed) == (2, 2, 0.5, 1)
+    assert not first.continuations and not second.continuations and second.model == recipe.model
+    out = train(recipe, tmp_path / "model", tmp_path / "log.jsonl")
+    rows = rows_of(tmp_path / "log.jsonl")
+    assert [r["steps"] for r in rows if r.get("stage_done") == 2] == [2, 2]
+    assert [r.get("part", 0) for r in rows if r.get("stage_done") == 2] == [0, 1]
+    _, evals = read_log(tmp_path / "log.jsonl")
+    assert [r["step"] for r in evals] == [2, 4]  # the continuation's steps count on from the first part's
+    assert (out / "monitor" / "part1" / "maps_000002.png").exists()
+    assert json.loads((out / "training_recipe.json").read_text())["seed"] == 1  # saved by the last part
+    for bad in ({"model": {"text_layers": 3}}, {"vlm": {"nonsense": 1}}):
+        with pytest.raises(ValueError):
+            Recipe.model_validate({**raw, "continuations": [bad]})

@@ -101,11 +101,11 @@ class CosineSchedule:
             group["lr"] = base * factor
 
 
-def scheduled_batches(loader, sched: CosineSchedule, device: torch.device):
+def scheduled_batches(loader, sched: CosineSchedule, device: torch.device, stop_after: int | None = None):
     """(step, batch on the device) with the learning rates set for that step, until the schedule's
-    steps or time budget run out."""
+    steps or time budget run out (or `stop_after` steps, mid-schedule)."""
     for step, batch in enumerate(loader):
-        if sched.finished(step):
+        if sched.finished(step) or (stop_after is not None and step >= stop_after):
             return
         sched.set(step)
         yield step, to_device(batch, device)

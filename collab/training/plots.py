@@ -13,9 +13,16 @@ from pathlib import Path
 
 
 def read_log(path: Path) -> tuple[list[dict], list[dict]]:
-    """(stage-1 rows, stage-2 evaluation rows) of a training log."""
+    """(stage-1 rows, stage-2 evaluation rows) of a training log; a stage-2 continuation's steps
+    count on from where the part before it ended."""
     rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    return [r for r in rows if r.get("stage") == 1], [r for r in rows if r.get("stage") == 2 and "global_fine_acc" in r]
+    evals, offset = [], 0
+    for r in rows:
+        if r.get("stage") == 2 and "global_fine_acc" in r:
+            evals.append({**r, "step": r["step"] + offset})
+        elif r.get("stage_done") == 2:
+            offset += r.get("steps", 0)
+    return [r for r in rows if r.get("stage") == 1], evals
 
 
 def best_layer(row: dict, mode: str = "rel") -> int | None:

@@ -97,6 +97,12 @@ class VLMStage(_Strict):
     batch: int = Field(32, ge=2)
     lr: float = Field(1e-3, gt=0)
     budget_s: float | None = Field(None, gt=0)
+    stop_after: int | None = Field(
+        None,
+        ge=0,
+        description="end the stage after this many steps while the schedule still runs to steps / budget_s "
+        "(a stage cut short mid-schedule, as the shipped model's first stage-2 part was)",
+    )
     tower_lr_scale: float = Field(0.0, ge=0, description="tower learning rate / lr; 0 keeps the stage-1 tower frozen")
     freeze_tower_steps: int = Field(
         0,
@@ -191,6 +197,27 @@ class Recipe(_Strict):
     vlm: VLMStage = Field(default_factory=VLMStage)
     monitor: Monitor = Field(default_factory=Monitor)
     runtime: Runtime = Field(default_factory=Runtime)
+    continuations: list[dict] = Field(
+        default_factory=list,
+        description="further stage-2 parts, each from the weights the previous part left (fresh optimizer and "
+        "schedule), written as overrides of this recipe, e.g. {seed: 1, vlm: {budget_s: 1500, warmup: 50}}",
+    )
+
+    @model_validator(mode="after")
+    def _continuations_are_recipes(self) -> Recipe:
+        self.stage2_parts()  # each part must be a valid recipe of the same model
+        return self
+
+    def stage2_parts(self) -> list[Recipe]:
+        """This recipe's stage 2, then each continuation as a recipe of its own (no continuations)."""
+        base = self.model_dump(mode="json", exclude={"continuations"})
+        parts = [self] if not self.continuations else [Recipe.model_validate(base)]
+        for i, overrides in enumerate(self.continuations, 1):
+            bad = {"model", "continuations", "tower"} & set(overrides)
+            if bad:
+                raise ValueError(f"continuations[{i - 1}]: {sorted(bad)} cannot change in a stage-2 continuation")
+            parts.append(Recipe.model_validate(deep_merge(base, overrides)))
+        return parts
 
 
 def read_recipe_file(path: Path, seen: tuple[Path, ...] = ()) -> dict:

@@ -134,7 +134,10 @@ def train(
     if "vlm" in stages:
         from collab.training.vlm import train_vlm
 
-        train_vlm(model, tokenizer, spec, recipe, out_dir, log)
+        for part, part_recipe in enumerate(recipe.stage2_parts()):
+            if part:
+                torch.manual_seed(part_recipe.seed)
+            train_vlm(model, tokenizer, batch_spec(part_recipe), part_recipe, out_dir, log, part)
     else:
         save_checkpoint(model, tokenizer, recipe, out_dir, 0)
     log({"done": True, "minutes": round((time.time() - log.started) / 60, 1)})

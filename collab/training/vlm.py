@@ -21,8 +21,9 @@ from collab.training.monitor import answer_metrics, localisation_metrics, monito
 from collab.training.recipe import Recipe
 
 
-def train_vlm(model, tokenizer, spec: BatchSpec, recipe: Recipe, out_dir: Path, log) -> int:
-    """Stage 2 on `model`; saves a checkpoint at every evaluation and at the end. Returns steps run."""
+def train_vlm(model, tokenizer, spec: BatchSpec, recipe: Recipe, out_dir: Path, log, part: int = 0) -> int:
+    """Stage 2 (or its continuation number `part`) on `model`; saves a checkpoint at every
+    evaluation and at the end. Returns steps run."""
     from collab.training.train import save_checkpoint
 
     stage, runtime = recipe.vlm, recipe.runtime
@@ -50,18 +51,22 @@ def train_vlm(model, tokenizer, spec: BatchSpec, recipe: Recipe, out_dir: Path, 
     opt = torch.optim.AdamW(groups, weight_decay=stage.weight_decay)
     sched = CosineSchedule(opt, stage.warmup, stage.steps, stage.budget_s)
     items = monitor_items(recipe)
-    bar = progress(total=stage.steps, desc="stage 2: VLM")
+    total = stage.steps if stage.stop_after is None else min(stage.steps, stage.stop_after)
+    bar = progress(total=total, desc="stage 2: VLM" + (f", part {part + 1}" if part else ""))
+    tag = {"part": part} if part else {}
+    maps_dir = out_dir / "monitor" / (f"part{part}" if part else "")
     ema = None
 
     def evaluate(step: int) -> None:  # step: steps done
         model.eval()
         t = time.monotonic()
         metrics = answer_metrics(model, tokenizer, spec, recipe)
-        metrics |= localisation_metrics(model, tokenizer, recipe, items, out_dir / "monitor" / f"maps_{step:06d}.png")
+        metrics |= localisation_metrics(model, tokenizer, recipe, items, maps_dir / f"maps_{step:06d}.png")
         model.train()
         log(
             {
                 "stage": 2,
+                **tag,
                 "step": step,
                 "loss_ema": ema,
                 "lr": opt.param_groups[0]["lr"],
@@ -85,7 +90,7 @@ def train_vlm(model, tokenizer, spec: BatchSpec, recipe: Recipe, out_dir: Path, 
 
     model.train()
     step = -1
-    for step, batch in scheduled_batches(loader, sched, device):
+    for step, batch in scheduled_batches(loader, sched, device, stage.stop_after):
         if stage.tower_lr_scale > 0:
             for p in tower:  # no backward through a frozen tower: those steps are cheaper
                 p.requires_grad_(step >= stage.freeze_tower_steps)
@@ -106,5 +111,5 @@ def train_vlm(model, tokenizer, spec: BatchSpec, recipe: Recipe, out_dir: Path, 
         evaluate(done)  # where the step count or the budget ended the stage
     elif not done:
         save_checkpoint(model, tokenizer, recipe, out_dir, 0)
-    log({"stage_done": 2, "steps": done})
+    log({"stage_done": 2, **tag, "steps": done})
     return done
