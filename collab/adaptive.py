@@ -299,19 +299,34 @@ def edge_allows(budget: EdgeBudget, crop_bytes: float, elapsed_ms: float, refine
 
 
 class RecentTimes:
-    """The last `keep` values of a stage's time; `value` is their 90th percentile (0 before the
-    first): a deadline check that plans on a typical time misses every slower one."""
+    """The last `keep` values of a stage's time; `value` is the 90th percentile of those no older
+    than `max_age_s` (a deadline check that plans on a typical time misses every slower one).
 
-    def __init__(self, keep: int = 50, quantile: float = 90):
-        self.values: deque[float] = deque(maxlen=keep)
-        self.quantile = quantile
+    With none that recent, `value` is the fastest time ever seen: what the stage costs with no
+    queue (the backlog wait covers queueing). Without that, a stage that stopped being used under
+    overload kept its overload times as the plan, and the plan kept refusing it: after a load
+    step the adaptive gate refused every crop for the rest of the run although the server was idle."""
+
+    def __init__(
+        self, keep: int = 50, quantile: float = 90, max_age_s: float = 30.0, clock: Callable[[], float] = time.monotonic
+    ):
+        if max_age_s <= 0:
+            raise ValueError("max_age_s must be > 0")
+        self.values: deque[tuple[float, float]] = deque(maxlen=keep)  # (when, value)
+        self.quantile, self.max_age_s, self.clock = quantile, max_age_s, clock
+        self.fastest: float | None = None
 
     def add(self, value: float) -> None:
-        self.values.append(float(value))
+        self.values.append((self.clock(), float(value)))
+        self.fastest = float(value) if self.fastest is None else min(self.fastest, float(value))
 
     @property
     def value(self) -> float:
-        return float(np.percentile(list(self.values), self.quantile)) if self.values else 0.0
+        now = self.clock()
+        recent = [v for t, v in self.values if now - t <= self.max_age_s]
+        if recent:
+            return float(np.percentile(recent, self.quantile))
+        return self.fastest or 0.0
 
 
 class AdaptiveGate:

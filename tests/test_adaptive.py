@@ -158,6 +158,48 @@ def test_recent_times_plan_on_the_slow_tail():
     assert recent.value == 100.0  # only the last `keep` count
 
 
+def test_recent_times_forget_an_overload_once_the_stage_stops_being_used():
+    """A stage refused under overload records no new times; its plan must not stay at the overload's
+    (live, that refused every crop for the rest of a load step run, on an idle server)."""
+    from collab.adaptive import RecentTimes
+
+    clock = Clock()
+    recent = RecentTimes(keep=10, max_age_s=30, clock=clock)
+    for ms in (300, 320, 310):  # light load
+        recent.add(ms)
+        clock.t += 1
+    for ms in [12_000] * 10:  # an overload: the light-load times leave the last 10
+        recent.add(ms)
+        clock.t += 1
+    assert recent.value == pytest.approx(12_000)
+    clock.t += 29
+    assert recent.value == pytest.approx(12_000)  # still recent
+    clock.t += 2
+    assert recent.value == 300.0  # nothing recent: the fastest time seen, the stage without a queue
+    recent.add(500)
+    assert recent.value == 500.0  # a new time is the plan again
+    with pytest.raises(ValueError):
+        RecentTimes(max_age_s=0)
+
+
+def test_after_an_overload_the_gate_asks_for_crops_again_once_the_queue_is_gone():
+    from collab.adaptive import AdaptiveGate, RecentTimes
+
+    clock = Clock()
+    gate = AdaptiveGate(curve(), ControllerSettings(slo_p95_ms=SLO), 3.0, clock=clock)
+    refine = RecentTimes(max_age_s=30, clock=clock)
+    refine.add(400)
+    for _ in range(20):
+        refine.add(15_000)  # refines queued behind an overload
+    plan = lambda: gate.decide(0.0, 3.0, EdgeBudget(), 100.0, refine.value, wait_ms=0.0, query_ms=100.0)  # noqa: E731
+    assert plan().reason == "backlog"  # a 15 s refine does not fit a 2 s SLO
+    clock.t += 31  # no refine since, and nothing queued: the cap has climbed back meanwhile
+    for _ in range(40):
+        gate.controller.update(0.0)
+        clock.t += 5
+    assert plan().reason == "calibrated" and math.isfinite(plan().threshold)
+
+
 def test_settings_are_validated():
     for bad in ({"slo_p95_ms": 0}, {"slo_p95_ms": 1, "decrease": 1.0}, {"slo_p95_ms": 1, "headroom": 1.2}):
         with pytest.raises(ValueError):
@@ -245,7 +287,7 @@ def simulate(gate, static, rates, seed=0, first_ms=80.0, refine_ms=300.0, uplink
     events = [(a, 0, i, "arrive") for i, a in enumerate(arrivals)]
     heapq.heapify(events)
     queue, busy_until = [], 0.0
-    recent = {"query": RecentTimes(), "refine": RecentTimes()}
+    recent = {"query": RecentTimes(clock=clock), "refine": RecentTimes(clock=clock)}
     refined, first_done, done, tokens = {}, {}, {}, {}
     while events:
         clock.t, _, i, what = heapq.heappop(events)
@@ -303,5 +345,7 @@ def test_the_backlog_holds_the_slo_through_a_load_step_where_the_window_controll
 
     assert abs(refine_rate(with_backlog, 0, 60) - 0.35) < 0.1  # light load: the static gate's refines
     assert 0 < refine_rate(with_backlog, 60, 120) < 0.2  # the step: fewer, not none
-    # after the step down there is no cap to climb back: refines return at once
-    assert refine_rate(with_backlog, 130, 180) > refine_rate(without, 130, 180) + 0.1
+    # after the step down there is no cap to climb back: refines return at once (the window
+    # controller's cap is still at its floor for the first window, then climbs back)
+    assert refine_rate(with_backlog, 120, 130) > refine_rate(without, 120, 130) + 0.1
+    assert abs(refine_rate(with_backlog, 130, 180) - 0.35) < 0.1  # and stay at the static gate's share
