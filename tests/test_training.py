@@ -87,7 +87,8 @@ def test_the_shipped_recipe_files_load_and_the_cpu_one_trains_two_steps(tmp_path
     assert len(cpu_parts) == len(gpu_parts) >= 2  # the shipped model's stage 2 came in parts
     for c, g in zip(cpu_parts, gpu_parts):
         assert c.seed == g.seed and c.vlm.curriculum == g.vlm.curriculum
-        assert c.vlm.caption_fraction == g.vlm.caption_fraction and c.vlm.caption_shape_first == g.vlm.caption_shape_first
+        assert c.vlm.caption_fraction == g.vlm.caption_fraction
+        assert c.vlm.caption_shape_first == g.vlm.caption_shape_first
     sets = [
         "tower.steps=2",
         "tower.batch=4",
@@ -530,7 +531,8 @@ def test_stage2_continuations_run_in_one_go_and_count_on_in_the_plots(tmp_path):
     _, evals = read_log(tmp_path / "log.jsonl")
     assert [r["step"] for r in evals] == [2, 4]  # the continuation's steps count on from the first part's
     assert (out / "monitor" / "part1" / "maps_000002.png").exists()
-    assert json.loads((out / "training_recipe.json").read_text())["seed"] == 1  # saved by the last part
+    saved = json.loads((out / "training_recipe.json").read_text())
+    assert (saved["seed"], saved["stage2_part"], saved["saved_at_step"]) == (1, 1, 2)  # saved by the last part
     for bad in ({"model": {"text_layers": 3}}, {"vlm": {"nonsense": 1}}):
         with pytest.raises(ValueError):
             Recipe.model_validate({**raw, "continuations": [bad]})

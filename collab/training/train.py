@@ -40,12 +40,12 @@ def batch_spec(recipe: Recipe) -> BatchSpec:
     )
 
 
-def save_checkpoint(model, tokenizer, recipe: Recipe, out_dir: Path, step: int) -> None:
+def save_checkpoint(model, tokenizer, recipe: Recipe, out_dir: Path, step: int, part: int = 0) -> None:
     """save_pretrained with eager attention in the config (the served model reads attention maps)."""
     model.set_attn_implementation("eager")
     save_tiny_llava(out_dir, model, tokenizer, build_image_processor(recipe.model.spec()))
     (Path(out_dir) / "training_recipe.json").write_text(
-        json.dumps({**recipe.model_dump(mode="json"), "saved_at_step": step}, indent=2)
+        json.dumps({**recipe.model_dump(mode="json"), "saved_at_step": step, "stage2_part": part}, indent=2)
     )
     model.set_attn_implementation("sdpa")
 

@@ -86,7 +86,7 @@ def train_vlm(model, tokenizer, spec: BatchSpec, recipe: Recipe, out_dir: Path, 
                 else ""
             )
         )
-        save_checkpoint(model, tokenizer, recipe, out_dir, step)
+        save_checkpoint(model, tokenizer, recipe, out_dir, step, part)
 
     model.train()
     step = -1
@@ -110,6 +110,6 @@ def train_vlm(model, tokenizer, spec: BatchSpec, recipe: Recipe, out_dir: Path, 
     if done and done % recipe.monitor.every:
         evaluate(done)  # where the step count or the budget ended the stage
     elif not done:
-        save_checkpoint(model, tokenizer, recipe, out_dir, 0)
+        save_checkpoint(model, tokenizer, recipe, out_dir, 0, part)
     log({"stage_done": 2, **tag, "steps": done})
     return done
