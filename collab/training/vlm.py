@@ -52,7 +52,7 @@ def train_vlm(model, tokenizer, spec: BatchSpec, recipe: Recipe, out_dir: Path, 
     sched = CosineSchedule(opt, stage.warmup, stage.steps, stage.budget_s)
     items = monitor_items(recipe)
     total = stage.steps if stage.stop_after is None else min(stage.steps, stage.stop_after)
-    bar = progress(total=total, desc="stage 2: VLM" + (f", part {part + 1}" if part else ""))
+    bar = progress(total=total, desc="stage 2: VLM" + (f", continuation {part}" if part else ""))
     tag = {"part": part} if part else {}
     maps_dir = out_dir / "monitor" / (f"part{part}" if part else "")
     ema = None
