@@ -395,15 +395,16 @@ class Gateway:
         elapsed_ms = (time.perf_counter() - started) * 1000
         if budget.uplink_kbps:  # the global image's upload, before this request reached the server
             elapsed_ms += upload_bytes * 8 / budget.uplink_kbps
+        query_ms, refine_ms = self.server_ms["query"].value, self.server_ms["refine"].value  # read once a request
         decision = self.adaptive.decide(
             oldest_ms,
             spec.threshold,
             budget,
-            elapsed_ms + self.server_ms["query"].value,
-            self.server_ms["refine"].value,
+            elapsed_ms + query_ms,
+            refine_ms,
             # the requests ahead of this one (it is in flight too)
-            wait_ms=limits.IN_FLIGHT.wait_ms(len(limits.IN_FLIGHT) - 1, self.server_ms["query"].value),
-            query_ms=self.server_ms["query"].value,
+            wait_ms=limits.IN_FLIGHT.wait_ms(len(limits.IN_FLIGHT) - 1, query_ms),
+            query_ms=query_ms,
         )
         m = metrics.gateway()
         m.adaptive_cap.set(self.adaptive.controller.cap)
