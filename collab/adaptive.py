@@ -20,7 +20,8 @@ inputs decide each request's threshold here:
   so the first seconds of a load step, before any window closes, add no refines to the queue;
 - the **edge's budget** (`EdgeBudget`, optional request fields): the crop is asked for only when
   its expected bytes (the curve's 90th percentile) fit `max_extra_bytes`, and its upload at the
-  declared uplink plus the server's recent refine time and the backlog fits `deadline_ms`.
+  declared uplink plus the server's recent refine time and the backlog fits `deadline_ms`: planned
+  before the first pass, and checked again after it on the time the first pass really took.
 
 Pure Python, no Ray: each gateway replica runs its own controller on its own observations.
 """
@@ -390,3 +391,12 @@ class AdaptiveGate:
             return GateDecision(math.inf, "backlog")
         fits, reason = edge_allows(budget, self.curve.crop_bytes_p90, before_refine_ms + wait_ms, refine_ms + wait_ms)
         return decision if fits else GateDecision(math.inf, reason)
+
+    def crop_still_fits(self, budget: EdgeBudget, elapsed_ms: float, refine_ms: float, wait_ms: float = 0.0) -> bool:
+        """After the first pass, on the time it actually took: whether the crop's upload and the refine
+        (behind `wait_ms` of backlog) still fit the edge's deadline. `decide` planned the first pass at
+        its recent p90, and a first pass slower than that (a cold replica, the first seconds of a load
+        step) would otherwise send the edge a crop request it can only answer late."""
+        if budget.deadline_ms is None:
+            return True
+        return edge_allows(budget, self.curve.crop_bytes_p90, elapsed_ms + wait_ms, refine_ms + wait_ms)[0]

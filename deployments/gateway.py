@@ -392,10 +392,8 @@ class Gateway:
         if self.adaptive is None:
             raise error(422, f"the adaptive policy is not available on this server: {self.adaptive_error}")
         oldest_ms = limits.IN_FLIGHT.oldest_age_ms()
-        elapsed_ms = (time.perf_counter() - started) * 1000
-        if budget.uplink_kbps:  # the global image's upload, before this request reached the server
-            elapsed_ms += upload_bytes * 8 / budget.uplink_kbps
-        query_ms, refine_ms = self.server_ms["query"].value, self.server_ms["refine"].value  # read once a request
+        elapsed_ms = self._edge_elapsed_ms(budget, started, upload_bytes)
+        query_ms, refine_ms = self._stage_plan_ms()
         decision = self.adaptive.decide(
             oldest_ms,
             spec.threshold,
@@ -412,6 +410,33 @@ class Gateway:
         if self.adaptive.controller.last_p95 is not None:
             m.adaptive_p95.set(self.adaptive.controller.last_p95)
         return replace(spec, threshold=decision.threshold), decision.as_dict()
+
+    @staticmethod
+    def _edge_elapsed_ms(budget: EdgeBudget, started: float, upload_bytes: int) -> float:
+        """The query's time so far as the edge counts it: the server's, and the global image's
+        upload at the declared rate (before this request reached the server)."""
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        if budget.uplink_kbps:
+            elapsed_ms += upload_bytes * 8 / budget.uplink_kbps
+        return elapsed_ms
+
+    def _stage_plan_ms(self) -> tuple[float, float]:
+        """Recent first-pass and refine server times, read once a decision. Before any refine has
+        been seen, a refine is planned at the first pass's time: it decodes the same prompt with the
+        local image's tokens added, so it costs at least that (planning it at 0 let a cold server's
+        first crop miss the edge's deadline)."""
+        query_ms = self.server_ms["query"].value
+        return query_ms, self.server_ms["refine"].value or query_ms
+
+    def _crop_too_late(self, spec: PolicySpec, budget: EdgeBudget, started: float, upload_bytes: int) -> bool:
+        """Adaptive, after the first pass: the crop no longer fits the edge's deadline on the time the
+        first pass really took (its plan used the recent p90)."""
+        if spec.name != "adaptive" or self.adaptive is None or budget.deadline_ms is None:
+            return False
+        _, refine_ms = self._stage_plan_ms()
+        wait_ms = limits.IN_FLIGHT.wait_ms(len(limits.IN_FLIGHT) - 1, refine_ms)
+        elapsed_ms = self._edge_elapsed_ms(budget, started, upload_bytes)
+        return not self.adaptive.crop_still_fits(budget, elapsed_ms, refine_ms, wait_ms)
 
     def _observe(self, endpoint: str, query_ms: float, stage_ms: float | None = None) -> None:
         """A completed query's server time (first pass, or first pass + refine) for the controller,
@@ -530,6 +555,9 @@ class Gateway:
         m.uplink_bytes.inc(len(upload), tags={"stage": "global"})
         if spec.name in ("entropy", "adaptive") and math.isfinite(spec.threshold):
             m.threshold.set(spec.threshold, tags={"policy": spec.name})
+        if first.refine and self._crop_too_late(spec, budget, started, len(upload)):
+            first = replace(first, refine=False)
+            gate_used = {"threshold": None, "reason": "edge_deadline"}
         if not first.refine:
             done("query", spec.name, "answered", started, timings)
             self._observe("query", timings["total"])
@@ -577,6 +605,7 @@ class Gateway:
                 "raise sessions.max_bytes in the app args",
             ) from None
         done("query", spec.name, "need_roi", started, timings)
+        self.server_ms["query"].add(timings["total"])  # the first pass's time, for the plans (not the controller)
         return NeedRoI(
             session_id=session["session_id"],
             box=box,

@@ -232,6 +232,27 @@ def test_the_gate_never_asks_for_a_crop_past_an_edges_budget():
     assert edge_allows(EdgeBudget(deadline_ms=500, uplink_kbps=64), 2000, 200, 100) == (False, "edge_deadline")
 
 
+def test_a_first_pass_slower_than_planned_withdraws_the_crop_request():
+    """The deadline is planned before the first pass on its recent time, and checked again on the
+    time it really took: a crop that no longer fits is not asked for (the sensor's late refines at
+    the load step's start came from first passes slower than planned)."""
+    from collab.adaptive import AdaptiveGate
+
+    gate = AdaptiveGate(curve(), ControllerSettings(slo_p95_ms=SLO), 3.0, clock=Clock())
+    sensor = EdgeBudget(deadline_ms=1500, uplink_kbps=64)
+    upload_ms = gate.curve.crop_bytes_p90 * 8 / 64
+    refine_ms = 300.0
+    global_ms = 250.0  # the global image's upload: elapsed when the request reaches the server
+    planned = gate.decide(0.0, 3.0, sensor, global_ms + 100.0, refine_ms, query_ms=100.0)
+    assert planned.reason == "calibrated"  # 250 + 100 (first pass) + upload + 300 fits 1.5 s
+    assert gate.crop_still_fits(sensor, global_ms + 100.0, refine_ms)
+    slow_first_pass = 1500 - global_ms - upload_ms - refine_ms + 1  # 1 ms too slow for the crop to make it
+    assert not gate.crop_still_fits(sensor, global_ms + slow_first_pass, refine_ms)
+    assert gate.crop_still_fits(sensor, global_ms + slow_first_pass - 2, refine_ms)
+    assert not gate.crop_still_fits(sensor, global_ms + 100.0, refine_ms, wait_ms=slow_first_pass)  # a queue ahead
+    assert gate.crop_still_fits(EdgeBudget(), 10**6, 10**6)  # no deadline: nothing to miss
+
+
 def test_the_backlog_is_requests_ahead_over_the_busy_service_rate():
     from collab.adaptive import Backlog
 

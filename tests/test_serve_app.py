@@ -79,6 +79,31 @@ def test_adaptive_policy_says_its_threshold_and_never_asks_past_the_edges_budget
     assert httpx.post(f"{served}/v1/query", data=fields, files={"image": ("o.png", png.getvalue())}).status_code == 422
 
 
+def test_a_crop_request_is_withdrawn_when_the_first_pass_took_too_long_for_the_deadline():
+    """The gateway checks the edge's deadline again after the first pass, on the time it took
+    (the plan before it used the recent p90); and before any refine is seen it plans one at the
+    first pass's time, not at zero."""
+    from collab.adaptive import AdaptiveGate, CalibrationCurve, ControllerSettings, EdgeBudget, RecentTimes
+    from collab.policies import PolicySpec
+    from deployments.gateway import Gateway
+
+    gateway = object.__new__(Gateway.func_or_class)  # the replica's logic, without a cluster
+    curve = CalibrationCurve((0.0, 1.0, 2.0), (0.9, 0.5, 0.1), (0.6, 0.5, 0.4), crop_bytes_p90=1600.0)
+    gateway.adaptive = AdaptiveGate(curve, ControllerSettings(slo_p95_ms=2000), 0.5)
+    gateway.server_ms = {"query": RecentTimes(), "refine": RecentTimes()}
+    gateway.server_ms["query"].add(120.0)
+    assert gateway._stage_plan_ms() == (120.0, 120.0)  # no refine seen yet: at least a first pass
+    gateway.server_ms["refine"].add(300.0)
+    sensor = EdgeBudget(deadline_ms=1500, uplink_kbps=64)  # a 1.6 KB crop takes 200 ms to upload
+    adaptive = PolicySpec(name="adaptive", threshold=0.5)
+    now = time.perf_counter()
+    global_bytes = 2000  # 250 ms at 64 kbit/s, before the request reached the server
+    assert not gateway._crop_too_late(adaptive, sensor, now - 0.1, global_bytes)  # 250 + 100 + 200 + 300
+    assert gateway._crop_too_late(adaptive, sensor, now - 0.9, global_bytes)  # 250 + 900 + 200 + 300
+    assert not gateway._crop_too_late(PolicySpec(name="entropy", threshold=0.5), sensor, now - 0.9, global_bytes)
+    assert not gateway._crop_too_late(adaptive, EdgeBudget(), now - 60, global_bytes)  # no deadline
+
+
 def test_dag_matches_reference_pipeline(client, tiny_backend, tiny_config):
     assert_dag_matches_pipeline(client, ReferencePipeline(tiny_backend, tiny_config))
 
