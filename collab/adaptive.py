@@ -399,4 +399,4 @@ class AdaptiveGate:
         step) would otherwise send the edge a crop request it can only answer late."""
         if budget.deadline_ms is None:
             return True
-        return edge_allows(budget, self.curve.crop_bytes_p90, elapsed_ms + wait_ms, refine_ms + wait_ms)[0]
+        return edge_allows(budget, self.curve.crop_bytes_p90, elapsed_ms, refine_ms + wait_ms)[0]  # one wait left

@@ -250,6 +250,8 @@ def test_a_first_pass_slower_than_planned_withdraws_the_crop_request():
     assert not gate.crop_still_fits(sensor, global_ms + slow_first_pass, refine_ms)
     assert gate.crop_still_fits(sensor, global_ms + slow_first_pass - 2, refine_ms)
     assert not gate.crop_still_fits(sensor, global_ms + 100.0, refine_ms, wait_ms=slow_first_pass)  # a queue ahead
+    spare = 1500 - global_ms - 100.0 - upload_ms - refine_ms
+    assert gate.crop_still_fits(sensor, global_ms + 100.0, refine_ms, wait_ms=spare - 1)  # the refine's wait, once
     assert gate.crop_still_fits(EdgeBudget(), 10**6, 10**6)  # no deadline: nothing to miss
 
 
