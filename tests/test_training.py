@@ -97,6 +97,8 @@ def test_the_shipped_recipe_files_load_and_the_cpu_one_trains_two_steps(tmp_path
         "monitor.batches=1",
         "monitor.attention_items=2",
         "runtime.workers=0",
+        # each continuation writes its own steps (the recipe is in steps): 2 for each, the rest as written
+        "continuations=" + json.dumps([{**c, "vlm": {**c.get("vlm", {}), "steps": 2}} for c in cpu.continuations]),
     ]
     cmd = [
         sys.executable,
