@@ -56,8 +56,10 @@ def visual_attention(
     layer: int,
     rows: Sequence[int],
     visual_positions: torch.Tensor | Sequence[int],
+    heads: Sequence[int] | None = None,
 ) -> torch.Tensor:
-    """Mean over heads and query rows of one layer's attention to the visual positions.
+    """Mean over heads (all, or the listed ones) and query rows of one layer's attention to the
+    visual positions.
 
     attentions: per-layer tensors (batch=1, heads, queries, keys) as transformers returns them.
     Returns a float32 vector of len(visual_positions).
@@ -66,9 +68,18 @@ def visual_attention(
     att = attentions[index]
     if att.ndim != 4 or att.shape[0] != 1:
         raise ValueError(f"expected attention of shape (1, heads, q, k), got {tuple(att.shape)}")
+    if heads is not None:
+        check_heads(heads, att.shape[1])
+        att = att[:, list(heads)]
     positions = torch.as_tensor(visual_positions, dtype=torch.long, device=att.device)
     picked = att[0][:, list(rows)][:, :, positions]  # (heads, rows, n_visual)
     return picked.float().mean(dim=(0, 1)).cpu()
+
+
+def check_heads(heads: Sequence[int], num_heads: int) -> None:
+    """A non-empty list of distinct head indices of a `num_heads`-head layer."""
+    if not heads or len(set(heads)) != len(heads) or not all(0 <= h < num_heads for h in heads):
+        raise ValueError(f"attention heads {list(heads)} must be distinct indices in [0, {num_heads})")
 
 
 def to_grid(vector: torch.Tensor | np.ndarray, grid: tuple[int, int]) -> np.ndarray:

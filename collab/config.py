@@ -100,8 +100,23 @@ class AttentionConfig(_Strict):
         "answer: the generated tokens as queries; all: both; question: every text row after the image "
         "(the question's words; the generic prompt's map is read the same way).",
     )
+    heads: list[int] | None = Field(
+        None,
+        description="Decoder heads whose maps are averaged (None: every head). Some heads localise and others "
+        "attend to the same place whatever is asked; which do is the model's, chosen on a calibration split. "
+        "With last_input rows a head subset is read in a pass of its own (the prefill's capture keeps only "
+        "the mean over heads).",
+    )
     generic_prompt: str = GENERIC_PROMPT
     relative: bool = Field(True, description="Divide by the generic-prompt map (ViCrop's rel-att).")
+
+    @field_validator("heads")
+    @classmethod
+    def _heads_are_indices(cls, heads: list[int] | None) -> list[int] | None:
+        if heads is not None and (not heads or len(set(heads)) != len(heads) or min(heads) < 0):
+            raise ValueError(f"heads must be distinct non-negative indices (or null for every head), got {heads}")
+        return heads
+
     epsilon: float = Field(1e-6, gt=0, description="Added to the generic map before dividing.")
 
 

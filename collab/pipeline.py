@@ -78,6 +78,7 @@ class ReferencePipeline:
     """Runs queries through edge and server in-process with one backend and one config."""
 
     def __init__(self, backend: VLMBackend, config: CollabConfig):
+        stages.check_attention_fits(config.attention, backend.info)
         self.backend = backend
         self.config = config
 

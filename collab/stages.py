@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from collab.attention import relative_attention
-from collab.backends.base import AttentionRequest, DecodeRequest, Generation, VLMBackend
-from collab.config import AttentionConfig, RoIConfig
+from collab.attention import check_heads, relative_attention, resolve_layer
+from collab.backends.base import AttentionRequest, BackendInfo, DecodeRequest, Generation, VLMBackend
+from collab.config import AttentionConfig, ConfigError, RoIConfig
 from collab.geometry import CanvasGeometry, GlobalMode
 from collab.policies import PolicySpec, should_refine
 from collab.roi import RoIResult, search_roi
@@ -81,11 +81,22 @@ class MapRequest:
     captured: dict[int, np.ndarray] = field(default_factory=dict)
 
 
+def check_attention_fits(cfg: AttentionConfig, info: BackendInfo) -> None:
+    """The attention layer and heads exist in the loaded model: a wrong one is a configuration
+    error at start-up, not a failure of every query that asks for a crop."""
+    try:
+        resolve_layer(cfg.layer, info.num_layers)
+        if cfg.heads is not None and info.num_heads is not None:
+            check_heads(cfg.heads, info.num_heads)
+    except ValueError as exc:
+        raise ConfigError(f"attention: {exc} ({info.model_name})") from exc
+
+
 def capture_layers(cfg: AttentionConfig, layers: Sequence[int]) -> list[int]:
     """Layers whose question map a first pass's prefill can provide: ViCrop's `last_input` row is
     the prefill's last row. The `answer` and `all` rows need the answer, and `question` rows every
-    text row's map, hence a pass of their own."""
-    return list(layers) if cfg.query_rows == "last_input" else []
+    text row's map, hence a pass of their own; so does a head subset (the capture keeps the mean)."""
+    return list(layers) if cfg.query_rows == "last_input" and cfg.heads is None else []
 
 
 def first_passes(
@@ -123,7 +134,7 @@ def attention_maps_batch(
     missing = [
         i
         for i, r in enumerate(requests)
-        if cfg.query_rows != "last_input" or not all(layer in r.captured for layer in layers)
+        if cfg.query_rows != "last_input" or cfg.heads is not None or not all(layer in r.captured for layer in layers)
     ]
     computed = backend.attention_grids_batch(
         [
@@ -132,6 +143,7 @@ def attention_maps_batch(
         ],
         layers,
         cfg.query_rows,
+        cfg.heads,
     )
     question_maps = {i: maps for i, maps in zip(missing, computed)}
     question_maps = [question_maps.get(i) or [r.captured[layer] for layer in layers] for i, r in enumerate(requests)]
@@ -139,7 +151,7 @@ def attention_maps_batch(
         return question_maps
     generic_rows = "question" if cfg.query_rows == "question" else "last_input"  # the same kind of row
     generic = backend.attention_grids_batch(
-        [AttentionRequest(r.features, cfg.generic_prompt) for r in requests], layers, generic_rows
+        [AttentionRequest(r.features, cfg.generic_prompt) for r in requests], layers, generic_rows, cfg.heads
     )
     return [[relative_attention(q, g, cfg.epsilon) for q, g in zip(qs, gs)] for qs, gs in zip(question_maps, generic)]
 

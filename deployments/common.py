@@ -8,6 +8,7 @@ from typing import TypeVar
 
 import torch
 
+from collab import stages
 from collab.backends import load_backend
 from collab.config import CollabConfig, load_config
 from collab.paths import REPO_ROOT
@@ -26,6 +27,7 @@ def load_model(args: AppArgs):
     if config.model.num_threads:
         torch.set_num_threads(config.model.num_threads)
     backend = load_backend(config.model, search_roots=[REPO_ROOT])
+    stages.check_attention_fits(config.attention, backend.info)
     log.info("loaded %s on %s (%s)", backend.info.model_name, backend.info.device, backend.info.dtype)
     return config, backend
 

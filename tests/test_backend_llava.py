@@ -7,6 +7,7 @@ from PIL import Image
 
 from collab.attention import query_rows
 from collab.backends import ModelLoadError, capture, load_backend
+from collab.backends.base import AttentionRequest
 from collab.config import ModelConfig
 
 QUESTION = "what number is in the red circle ?"
@@ -114,6 +115,31 @@ def test_attention_grid_reads_the_right_rows(tiny_backend, processor, mode):
     assert grid.shape == tiny_backend.info.grid
     np.testing.assert_allclose(grid, expected, atol=1e-6)
     assert np.all(grid > 0)
+
+
+@pytest.mark.parametrize("mode", ["last_input", "question"])
+def test_a_head_subset_averages_only_those_heads(tiny_backend, processor, mode):
+    img = images(1, seed=3)
+    features = tiny_backend.encode_images(img)[0]
+    inputs = processor(text=fill(tiny_backend.config.prompt_template), images=img, return_tensors="pt")
+    prompt = inputs["input_ids"]
+    with torch.inference_mode():
+        out = tiny_backend.model(
+            input_ids=prompt, pixel_values=inputs["pixel_values"], output_attentions=True, use_cache=False
+        )
+    att = out.attentions[0][0]  # layer 0: (heads, q, k)
+    positions = (prompt[0] == processor.image_token_id).nonzero().flatten()
+    rows = query_rows(prompt.shape[1], 0, mode, int(positions.max()) + 1)
+    request = AttentionRequest(features, QUESTION, [])
+    grids = {}
+    for heads in ([1], [0, 1]):
+        (grids[len(heads)],) = tiny_backend.attention_grids_batch([request], [0], mode, heads)[0]
+        expected = att[heads][:, rows][:, :, positions].mean(dim=(0, 1)).reshape(tiny_backend.info.grid).numpy()
+        np.testing.assert_allclose(grids[len(heads)], expected, atol=1e-6)
+    (every,) = tiny_backend.attention_grids_batch([request], [0], mode)[0]
+    assert not np.allclose(every, grids[1])  # one head's map is not the mean over every head
+    with pytest.raises(ValueError, match="distinct indices"):
+        tiny_backend.attention_grids_batch([request], [0], mode, [tiny_backend.info.num_heads])
 
 
 def test_attention_layer_out_of_range(tiny_backend):

@@ -91,3 +91,24 @@ def test_serve_config_max_replicas_fit_the_cpus_it_is_sized_for():
         replicas = d.get("num_replicas") or d["autoscaling_config"]["max_replicas"]
         total += replicas * d["ray_actor_options"]["num_cpus"]
     assert total <= 2.0, f"serve_config.yaml asks for {total:.2f} CPUs at max replicas"
+
+
+def test_attention_heads_are_checked_in_the_file_and_against_the_model(tmp_path, tiny_config, tiny_backend):
+    from collab import stages
+    from collab.pipeline import ReferencePipeline
+
+    bad = tmp_path / "heads.yaml"
+    for heads in ("[]", "[1, 1]", "[-1]"):
+        bad.write_text(f"attention:\n  heads: {heads}\n")
+        with pytest.raises(ConfigError, match="attention.heads"):
+            load_config(bad)
+
+    def with_attention(**fields):
+        return tiny_config.model_copy(update={"attention": tiny_config.attention.model_copy(update=fields)})
+
+    n = tiny_backend.info.num_heads
+    with pytest.raises(ConfigError, match=rf"attention: .*\[0, {n}\)"):  # at start-up, not on the first crop
+        ReferencePipeline(tiny_backend, with_attention(heads=[n], layer=0))
+    with pytest.raises(ConfigError, match="out of range"):
+        stages.check_attention_fits(with_attention(layer=99).attention, tiny_backend.info)
+    stages.check_attention_fits(with_attention(heads=[n - 1], layer=0).attention, tiny_backend.info)

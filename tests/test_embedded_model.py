@@ -124,9 +124,9 @@ def test_coarse_questions_are_answered_from_the_global_image(embedded):
     assert right / len(items) >= 0.75, right
 
 
-@V2_TARGET
 def test_first_pass_attention_follows_the_question_on_look_alike_pairs(embedded):
-    """Two objects sharing a colour or a shape: asked about either, the RoI must hold that one (the
-    shipped model finds objects by colour: 8 of 16 here, chance)."""
+    """Two objects sharing a colour or a shape: asked about either, the RoI must hold that one. Over
+    every head the shipped model found 8 of 16 here (chance); over the two heads the config names,
+    13 (held-out look-alikes overall: 0.59, docs/embedded_model.md)."""
     hits, n = roi_hits(*embedded, 2, lookalike=True)
     assert hits >= 12, (hits, n)  # chance: about 8 of 16

@@ -538,3 +538,19 @@ def test_stage2_continuations_run_in_one_go_and_count_on_in_the_plots(tmp_path):
     for bad in ({"model": {"text_layers": 3}}, {"vlm": {"nonsense": 1}}):
         with pytest.raises(ValueError):
             Recipe.model_validate({**raw, "continuations": [bad]})
+
+
+def test_each_stage_runs_at_its_own_thread_count(tmp_path, monkeypatch):
+    import collab.training.train as train_module
+
+    calls = []
+    monkeypatch.setattr(train_module.torch, "set_num_threads", calls.append)
+    raw = json.loads(json.dumps(TOY))
+    raw["runtime"].update(threads=1, vlm_threads=2)
+    raw["continuations"] = [{"vlm": {"steps": 1}}, {"vlm": {"steps": 1}, "runtime": {"vlm_threads": 3}}]
+    train(Recipe.model_validate(raw), tmp_path / "model", tmp_path / "log.jsonl")
+    assert calls == [1, 2, 2, 3]  # the tower at `threads`; stage 2 and each continuation at their `vlm_threads`
+    raw["runtime"]["vlm_threads"] = None
+    calls.clear()
+    train(Recipe.model_validate({**raw, "continuations": []}), tmp_path / "model2", tmp_path / "log2.jsonl")
+    assert calls == [1, 1]

@@ -58,6 +58,7 @@ class BackendInfo:
     # Qwen-VL's native resolution: the global image at a token budget with the original's aspect
     # ratio (then `grid` and `tokens_per_image` are the local image's). None: at encoder_size.
     global_budget: GlobalBudget | None = None
+    num_heads: int | None = None  # attention heads per decoder layer (for a head subset's check)
 
     def global_size(self, original_size: tuple[int, int]) -> tuple[int, int]:
         """(width, height) of the global image the edge sends for an original of this size."""
@@ -148,9 +149,14 @@ class VLMBackend(ABC):
 
     @abstractmethod
     def attention_grids_batch(
-        self, requests: Sequence[AttentionRequest], layers: Sequence[int], query_rows: str
+        self,
+        requests: Sequence[AttentionRequest],
+        layers: Sequence[int],
+        query_rows: str,
+        heads: Sequence[int] | None = None,
     ) -> list[list[np.ndarray]]:
-        """attention_grids for several requests in one forward pass (one list of grids per request)."""
+        """attention_grids for several requests in one forward pass (one list of grids per request),
+        averaged over `heads` (None: every head)."""
 
     def attention_grids(
         self,

@@ -190,6 +190,7 @@ class TransformersBackend(VLMBackend):
             grid=grid,
             tokens_per_image=tokens_per_image,
             num_layers=int(text.num_hidden_layers),
+            num_heads=int(text.num_attention_heads),
             hidden_size=int(text.hidden_size),
             device=str(self.device),
             dtype=str(self.dtype).replace("torch.", ""),
@@ -246,17 +247,21 @@ class TransformersBackend(VLMBackend):
 
     @torch.inference_mode()
     def attention_grids_batch(
-        self, requests: Sequence[AttentionRequest], layers: Sequence[int], query_rows: str
+        self,
+        requests: Sequence[AttentionRequest],
+        layers: Sequence[int],
+        query_rows: str,
+        heads: Sequence[int] | None = None,
     ) -> list[list[np.ndarray]]:
-        """`last_input` rows: one batched forward with the configured kernel, the row read by the
-        capture wrapper (no attention matrices are materialised). `answer`/`all` rows need every
-        answer row's full map: eager passes with output_attentions, one request at a time (at
-        LLaVA-7B size those maps are ~0.8 GB a request)."""
+        """`last_input` rows over every head: one batched forward with the configured kernel, the row
+        read by the capture wrapper (no attention matrices are materialised; it keeps the mean over
+        heads). Other rows, or a head subset, need full maps: eager passes with output_attentions,
+        one request at a time (at LLaVA-7B size those maps are ~0.8 GB a request)."""
         if not requests:
             return []
-        if query_rows == "last_input":
+        if query_rows == "last_input" and heads is None:
             return self._last_input_grids(requests, layers)
-        return [self._eager_grids(r, layers, query_rows) for r in requests]
+        return [self._eager_grids(r, layers, query_rows, heads) for r in requests]
 
     def _last_input_grids(self, requests: Sequence[AttentionRequest], layers: Sequence[int]) -> list[list[np.ndarray]]:
         raise NotImplementedError
@@ -266,7 +271,9 @@ class TransformersBackend(VLMBackend):
         raise NotImplementedError
 
     @torch.inference_mode()
-    def _eager_grids(self, r: AttentionRequest, layers: Sequence[int], query_rows: str) -> list[np.ndarray]:
+    def _eager_grids(
+        self, r: AttentionRequest, layers: Sequence[int], query_rows: str, heads: Sequence[int] | None = None
+    ) -> list[np.ndarray]:
         prompt = self._prompt(self.config.prompt_template, r.question, [r.features])
         answer = torch.as_tensor(list(r.answer_ids), dtype=torch.long, device=self.device).reshape(1, -1)
         with self._eager_attention():
@@ -278,7 +285,7 @@ class TransformersBackend(VLMBackend):
         visual = self._visual_positions(prompt)
         rows = select_query_rows(prompt.shape[1], answer.shape[1], query_rows, int(visual.max()) + 1)
         grid = self._grid_of(r.features)
-        return [to_grid(visual_attention(out.attentions, layer, rows, visual), grid) for layer in layers]
+        return [to_grid(visual_attention(out.attentions, layer, rows, visual, heads), grid) for layer in layers]
 
     def _capture_layers(self, layers: Sequence[int]) -> list[int]:
         return sorted({resolve_layer(layer, self.info.num_layers) for layer in layers})

@@ -109,7 +109,11 @@ def main(argv: list[str] | None = None) -> int:
     layers = {"all": list(range(n_layers)), "none": []}.get(args.layers)
     if layers is None:
         layers = [int(x) % n_layers for x in args.layers.split(",")]
-    evaluator = Evaluator(backend, config, layers=layers)
+    try:
+        evaluator = Evaluator(backend, config, layers=layers)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()

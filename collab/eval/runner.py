@@ -112,6 +112,7 @@ class Evaluator:
     def __init__(
         self, backend: VLMBackend, config: CollabConfig, layers: list[int] | None = None, keep_attention: int = 8
     ):
+        stages.check_attention_fits(config.attention, backend.info)
         self.backend = backend
         self.config = config
         self.layers = layers if layers is not None else list(range(backend.info.num_layers))

@@ -183,7 +183,13 @@ class Runtime(_Strict):
 
     device: str = Field("cpu", description="cpu, cuda, cuda:N, or auto")
     amp_dtype: Literal["float32", "bfloat16"] = "float32"
-    threads: int = Field(1, ge=1, description="torch threads of the training process")
+    threads: int = Field(1, ge=1, description="torch threads of stage 1 (and of stage 2 unless vlm_threads)")
+    vlm_threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch threads in stage 2 (None: threads); on 2 cores stage 1 is bound by rendering and runs "
+        "best at 1, stage 2 by the decoder's matmuls and runs 1.37x faster at 2 (docs/embedded_model.md)",
+    )
     workers: int = Field(1, ge=0, description="data-rendering processes (0: render in the training process)")
     scene_reuse: int = Field(1, ge=1, description="examples drawn from each rendered scene")
 

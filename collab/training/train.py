@@ -137,6 +137,7 @@ def train(
         for part, part_recipe in enumerate(recipe.stage2_parts()):
             if part:
                 torch.manual_seed(part_recipe.seed)
+            torch.set_num_threads(part_recipe.runtime.vlm_threads or part_recipe.runtime.threads)
             train_vlm(model, tokenizer, batch_spec(part_recipe), part_recipe, out_dir, log, part)
     else:
         save_checkpoint(model, tokenizer, recipe, out_dir, 0)
