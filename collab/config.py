@@ -109,6 +109,7 @@ class AttentionConfig(_Strict):
     )
     generic_prompt: str = GENERIC_PROMPT
     relative: bool = Field(True, description="Divide by the generic-prompt map (ViCrop's rel-att).")
+    epsilon: float = Field(1e-6, gt=0, description="Added to the generic map before dividing.")
 
     @field_validator("heads")
     @classmethod
@@ -116,8 +117,6 @@ class AttentionConfig(_Strict):
         if heads is not None and (not heads or len(set(heads)) != len(heads) or min(heads) < 0):
             raise ValueError(f"heads must be distinct non-negative indices (or null for every head), got {heads}")
         return heads
-
-    epsilon: float = Field(1e-6, gt=0, description="Added to the generic map before dividing.")
 
 
 class AdaptiveConfig(_Strict):

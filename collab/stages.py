@@ -92,11 +92,16 @@ def check_attention_fits(cfg: AttentionConfig, info: BackendInfo) -> None:
         raise ConfigError(f"attention: {exc} ({info.model_name})") from exc
 
 
-def capture_layers(cfg: AttentionConfig, layers: Sequence[int]) -> list[int]:
-    """Layers whose question map a first pass's prefill can provide: ViCrop's `last_input` row is
+def prefill_captures(cfg: AttentionConfig) -> bool:
+    """Whether a first pass's prefill can provide the question map: ViCrop's `last_input` row is
     the prefill's last row. The `answer` and `all` rows need the answer, and `question` rows every
     text row's map, hence a pass of their own; so does a head subset (the capture keeps the mean)."""
-    return list(layers) if cfg.query_rows == "last_input" and cfg.heads is None else []
+    return cfg.query_rows == "last_input" and cfg.heads is None
+
+
+def capture_layers(cfg: AttentionConfig, layers: Sequence[int]) -> list[int]:
+    """Layers whose question map the first pass's prefill records (none where it cannot)."""
+    return list(layers) if prefill_captures(cfg) else []
 
 
 def first_passes(
@@ -134,7 +139,7 @@ def attention_maps_batch(
     missing = [
         i
         for i, r in enumerate(requests)
-        if cfg.query_rows != "last_input" or cfg.heads is not None or not all(layer in r.captured for layer in layers)
+        if not prefill_captures(cfg) or not all(layer in r.captured for layer in layers)
     ]
     computed = backend.attention_grids_batch(
         [
