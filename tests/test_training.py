@@ -505,6 +505,37 @@ def test_captions_name_every_object_and_are_labelled_token_by_token():
     assert not correct[0] and correct[1:].all() and per_ex[0] > 0.1
 
 
+def test_object_starts_can_be_left_out_of_a_descriptions_loss():
+    from collab.training.data import answer_loss
+
+    tok = build_tokenizer(VOCABULARY)
+    spec = toy_spec(caption_fraction=1.0, caption_object_starts=False)
+    examples = [make_example(np.random.default_rng(i), spec, 3, "global", tok) for i in range(4)]
+    batch = collate(examples, spec, tok.pad_token_id, tok.eos_token_id)
+    for i, ex in enumerate(examples):
+        assert ex["answer_weights"] == [0.0, 1.0] * 3  # colour (a pick among the rest) out, shape in
+        assert batch["answer_weight"][i].tolist() == ex["answer_weights"]
+    plain = [make_example(np.random.default_rng(i), toy_spec(), 3, "global", tok) for i in range(4)]
+    assert all(ex["answer_weights"] == [1.0] * len(ex["answer_ids"]) for ex in plain)
+
+    class WrongAt(torch.nn.Module):  # right at every answer row but one
+        def __init__(self, at):
+            super().__init__()
+            self.at = at
+
+        def forward(self, input_ids, attention_mask, pixel_values):
+            logits = torch.full((*input_ids.shape, len(tok)), -10.0)
+            logits[:, :-1].scatter_(2, input_ids[:, 1:, None], 10.0)
+            logits[0, self.at - 1] = 0.0
+            return type("Out", (), {"logits": logits})()
+
+    start = int(batch["answer_pos"][0])
+    _, per_ex, correct = answer_loss(WrongAt(start), batch, eos_weight=0.2)  # first object's colour: not scored
+    assert correct.all() and per_ex.max() < 1e-3
+    _, per_ex, correct = answer_loss(WrongAt(start + 1), batch, eos_weight=0.2)  # its shape: scored
+    assert not correct[0] and per_ex[0] > 0.1
+
+
 def test_a_caption_recipe_trains_and_monitors_caption_reading(tmp_path):
     recipe = toy_recipe(vlm={"caption_fraction": 0.5, "caption_shape_first": 0.5})
     out = train(recipe, tmp_path / "model", tmp_path / "log.jsonl")

@@ -59,24 +59,34 @@ class BatchSpec:
     # names, where one question gives one.
     caption_fraction: float = 0.0
     caption_shape_first: float = 0.0
+    # Each object's first word in a description is a pick among the objects not yet named: no look
+    # at the word before predicts it, and learning it teaches that word's row to read the OTHER
+    # objects. False leaves it out of the loss, so descriptions supervise only words the image decides.
+    caption_object_starts: bool = True
 
 
 CAPTION_QUESTION = "what objects are there?"  # training only; its words are the benchmark's own
 
 
-def caption_words(rng: np.random.Generator, scene: Scene, spec: BatchSpec) -> list[str]:
+def caption_words(rng: np.random.Generator, scene: Scene, spec: BatchSpec) -> tuple[list[str], list[float]]:
     """Every object as "colour shape" (or, for a spec.caption_shape_first share of descriptions,
     every object as "shape colour"), then its digit when the scene's digits are legible, objects in
     a random order: no position words, so the word that follows an object's first one can only come
     from the image, at the object that word names. One order per description, so the first word
-    says which word comes next (an order drawn per object made every second word ambiguous)."""
+    says which word comes next (an order drawn per object made every second word ambiguous).
+    Returns the words and each word's loss weight (0 for object starts unless
+    spec.caption_object_starts)."""
     shape_first = spec.caption_shape_first > 0 and rng.random() < spec.caption_shape_first
+    start_weight = 1.0 if spec.caption_object_starts else 0.0
     words: list[str] = []
+    weights: list[float] = []
     for i in rng.permutation(len(scene.objects)):
         o = scene.objects[int(i)]
         pair = [o.shape, o.color] if shape_first else [o.color, o.shape]
-        words += pair + ([o.digit] if scene.legible_glyphs else [])
-    return words
+        described = pair + ([o.digit] if scene.legible_glyphs else [])
+        words += described
+        weights += [start_weight] + [1.0] * (len(described) - 1)
+    return words, weights
 
 
 def to_pixels(images: list[Image.Image], mean: float, std: float) -> torch.Tensor:
@@ -138,8 +148,10 @@ def example_from_scene(
 ) -> dict:
     """One example about a rendered scene; `asked` holds questions already used on it (avoided
     while others remain, so that reusing a scene does not repeat an example)."""
+    weights = None
     if kind == "global" and spec.caption_fraction > 0 and rng.random() < spec.caption_fraction:
-        question = Question(CAPTION_QUESTION, " ".join(caption_words(rng, scene, spec)), "caption", "caption", None)
+        words, weights = caption_words(rng, scene, spec)
+        question = Question(CAPTION_QUESTION, " ".join(words), "caption", "caption", None)
     else:
         fine_fraction = spec.legible_fine_fraction if scene.legible_glyphs else spec.fine_fraction
         question = pick_question(rng, scene, fine_fraction, asked)
@@ -162,6 +174,7 @@ def example_from_scene(
         "ids": ids,
         "answer": answer_ids[0],
         "answer_ids": answer_ids,
+        "answer_weights": weights or [1.0] * len(answer_ids),
         "images": images,
         "kind": question.kind,
         "negative": negative,
@@ -178,16 +191,19 @@ def collate(examples: list[dict], spec: BatchSpec, pad_id: int, eos_id: int) -> 
     attention_mask = torch.zeros_like(input_ids)
     answer_pos = torch.zeros(len(seqs), dtype=torch.long)
     answer_len = torch.zeros(len(seqs), dtype=torch.long)
+    answer_weight = torch.zeros(len(seqs), max(len(a) for a in answers))
     for i, (s, a) in enumerate(zip(seqs, answers)):
         input_ids[i, : len(s)] = torch.tensor(s)
         attention_mask[i, : len(s)] = 1
         answer_pos[i], answer_len[i] = len(s) - 1 - len(a), len(a)
+        answer_weight[i, : len(a)] = torch.tensor(examples[i].get("answer_weights", [1.0] * len(a)))
     images = [im for ex in examples for im in ex["images"]]
     return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "answer_pos": answer_pos,  # position of the (first) answer token; logits at answer_pos - 1 predict it
         "answer_len": answer_len,  # answer tokens from answer_pos on (1 but for captions); EOS follows them
+        "answer_weight": answer_weight,  # (B, longest answer): each answer token's loss weight, 0 past the answer
         "pixel_values": to_pixels(images, spec.image_mean, spec.image_std),
         "n_images": len(examples[0]["images"]),
         "fine": torch.tensor([ex["kind"] == "fine" for ex in examples]),
@@ -196,8 +212,9 @@ def collate(examples: list[dict], spec: BatchSpec, pad_id: int, eos_id: int) -> 
 
 
 def answer_loss(model, batch: dict, eos_weight: float, pixel_values: torch.Tensor | None = None):
-    """Cross-entropy on the answer tokens (weight 1, averaged within each answer) and EOS
-    (eos_weight); per-example answer loss; whether every answer token of each example was predicted."""
+    """Cross-entropy on the answer tokens (each at its `answer_weight`, averaged within each answer)
+    and EOS (eos_weight); per-example answer loss; whether every weighted answer token of each
+    example was predicted."""
     out = model(
         input_ids=batch["input_ids"],
         attention_mask=batch["attention_mask"],
@@ -208,12 +225,14 @@ def answer_loss(model, batch: dict, eos_weight: float, pixel_values: torch.Tenso
     lengths = batch.get("answer_len", torch.ones_like(pos))
     offsets = torch.arange(int(lengths.max()), device=pos.device)
     in_answer = offsets[None, :] < lengths[:, None]  # (B, longest answer)
+    weight = batch.get("answer_weight")
+    weight = in_answer.float() if weight is None else weight.to(in_answer.device)[:, : in_answer.shape[1]]
     at = (pos[:, None] + offsets[None, :]).clamp(max=batch["input_ids"].shape[1] - 1)
     answer_ids = batch["input_ids"].gather(1, at)
     answer_logits = out.logits[rows[:, None], at - 1].float()  # (B, longest answer, vocab)
     token_loss = F.cross_entropy(answer_logits.transpose(1, 2), answer_ids, reduction="none")
-    per_example = (token_loss * in_answer).sum(1) / lengths
-    hit = (answer_logits.argmax(-1) == answer_ids) | ~in_answer
+    per_example = (token_loss * weight).sum(1) / weight.sum(1).clamp(min=1e-6)
+    hit = (answer_logits.argmax(-1) == answer_ids) | (weight == 0)
     end = pos + lengths
     eos_logits = out.logits[rows, end - 1]
     eos_ids = batch["input_ids"][rows, end]

@@ -139,6 +139,11 @@ class VLMStage(_Strict):
         description="share of descriptions that name every object shape first ('circle red square blue'), "
         "so that shape words learn to look too (with colour looks, the two attributes meet on the named object)",
     )
+    caption_object_starts: bool = Field(
+        True,
+        description="supervise each object's first description word; false leaves it out of the loss (a pick "
+        "among the objects not yet named, which teaches the word before it to read the other objects)",
+    )
     curriculum: list[tuple[int | None, int]] = Field(
         default_factory=lambda: [(200, 2), (800, 3), (None, 5)],
         description="[until_step, max objects per scene]; the last entry's step is null",

@@ -37,6 +37,7 @@ def batch_spec(recipe: Recipe) -> BatchSpec:
         legible_fine_fraction=v.legible_fine_fraction,
         caption_fraction=v.caption_fraction,
         caption_shape_first=v.caption_shape_first,
+        caption_object_starts=v.caption_object_starts,
     )
 
 
