@@ -203,7 +203,7 @@ def test_hit_rate_by_objects_groups_items_by_their_scene(outcomes):
 
 
 def test_hit_rate_by_lookalike_and_the_share_in_the_report(outcomes):
-    from collab.data.synthetic import generate_items, has_lookalike
+    from collab.data.synthetic import generate_items, has_lookalike, lookalike_kind
     from collab.eval.report import roi_quality
     from collab.eval.runner import hit
 
@@ -218,3 +218,13 @@ def test_hit_rate_by_lookalike_and_the_share_in_the_report(outcomes):
         assert (key in by) == bool(group)
         if group:
             assert by[key] == pytest.approx(np.mean([hit(o.roi_box, o.target_box) for o in group]))
+    kinds = roi_quality(rows, None)["by_lookalike_kind"]
+    for o in rows:
+        it = truth[o.question_id]
+        assert o.lookalike_kind == lookalike_kind(it.objects, it.target_box)
+        assert o.lookalike == (o.lookalike_kind != "none")
+    assert sum(v["n"] for v in kinds.values()) == len(rows)
+    for kind, v in kinds.items():
+        group = [o for o in rows if o.lookalike_kind == kind]
+        assert v["hit_rate"] == pytest.approx(np.mean([hit(o.roi_box, o.target_box) for o in group]))
+        assert v["refined_accuracy"] == pytest.approx(np.mean([o.refined_acc for o in group]))

@@ -212,6 +212,23 @@ def test_lookalike_distractors_are_common_and_counted():
     assert syn.lookalike_share([r for r in records if r["kind"] == "coarse"]) is None
 
 
+def test_lookalike_kind_names_the_attribute_the_distractors_share():
+    def obj(box, color, shape):
+        return {"box": box, "color": color, "shape": shape}
+
+    target = obj([0, 0, 10, 10], "red", "circle")
+    cases = {
+        "none": [obj([20, 0, 30, 10], "blue", "square")],
+        "colour": [obj([20, 0, 30, 10], "red", "square")],
+        "shape": [obj([20, 0, 30, 10], "blue", "circle")],
+        "both": [obj([20, 0, 30, 10], "red", "square"), obj([40, 0, 50, 10], "blue", "circle")],
+    }
+    for kind, others in cases.items():
+        assert syn.lookalike_kind([target, *others], target["box"]) == kind
+        assert syn.has_lookalike([target, *others], target["box"]) == (kind != "none")
+    assert syn.lookalike_kind(cases["none"], target["box"]) is None  # the target is not in the scene
+
+
 def test_legible_glyphs_are_a_training_option_that_only_enlarges_the_digit():
     plain = syn.render_scene(np.random.default_rng(5), n_objects=3)
     big = syn.render_scene(np.random.default_rng(5), n_objects=3, legible_glyphs=True)

@@ -439,13 +439,27 @@ def questions_for_scene(scene: Scene) -> list[Question]:
     return out
 
 
+LOOKALIKE_KINDS = ("colour", "shape", "both", "none")
+
+
+def lookalike_kind(objects: Sequence[dict], target_box: Sequence[int] | None) -> str | None:
+    """Which of the target's attributes other objects share: "colour" (some object has its colour,
+    none its shape), "shape", "both" (some share one, some the other) or "none"; None when no object
+    is the target. A model that finds objects by one attribute fails where the other is the only
+    one that tells them apart. `objects` as in item records."""
+    target = next((o for o in objects if list(o["box"]) == list(target_box or [])), None)
+    if target is None:
+        return None
+    others = [o for o in objects if o is not target]
+    colour = any(o["color"] == target["color"] for o in others)
+    shape = any(o["shape"] == target["shape"] for o in others)
+    return "both" if colour and shape else "colour" if colour else "shape" if shape else "none"
+
+
 def has_lookalike(objects: Sequence[dict], target_box: Sequence[int] | None) -> bool:
     """Whether another object shares the target's colour or its shape (a distractor that a model
     naming objects by one attribute only would confuse with it). `objects` as in item records."""
-    target = next((o for o in objects if list(o["box"]) == list(target_box or [])), None)
-    return target is not None and any(
-        o is not target and (o["color"] == target["color"] or o["shape"] == target["shape"]) for o in objects
-    )
+    return lookalike_kind(objects, target_box) not in (None, "none")
 
 
 def lookalike_share(records: Sequence[dict]) -> float | None:

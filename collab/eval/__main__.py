@@ -222,6 +222,14 @@ def print_summary(report: dict, out: Path) -> None:
                 "RoI hit rate with / without a look-alike distractor: "
                 + " / ".join(f"{roi['hit_rate_by_lookalike'].get(k, float('nan')):.2f}" for k in ("yes", "no"))
             )
+        if roi.get("by_lookalike_kind"):
+            print(
+                "RoI hit rate / fine + our RoI by what the look-alikes share: "
+                + "  ".join(
+                    f"{k} {v['hit_rate']:.2f} / {100 * v['refined_accuracy']:.0f}% (n={v['n']})"
+                    for k, v in roi["by_lookalike_kind"].items()
+                )
+            )
     if report["layers"]:
         print("layer hit rates: " + "  ".join(f"L{k}={v:.2f}" for k, v in report["layers"].items()))
     by_qtype = {k: v for k, v in report.get("stages_by_qtype", {}).items() if k != "all"}  # "all" is printed above

@@ -2,7 +2,8 @@
 
 Report keys are stable so runs can be compared: `policies.<name>.{accuracy, refine_rate,
 extra_bytes_mean, total_bytes_mean}`, `separability.<score>.{overlap, bhattacharyya, auc}`,
-`roi.{hit_rate, mean_iou, area_fraction, object_hit_rate, hit_rate_by_objects, hit_rate_by_lookalike}`,
+`roi.{hit_rate, mean_iou, area_fraction, object_hit_rate, hit_rate_by_objects, hit_rate_by_lookalike,
+by_lookalike_kind}`,
 `sweep` (list of points), `layers`, `aggregation`, `stages`, `n`.
 """
 
@@ -12,6 +13,7 @@ from dataclasses import replace
 
 import numpy as np
 
+from collab.data.synthetic import LOOKALIKE_KINDS
 from collab.eval.runner import ItemOutcome, decisions, length_key, policy_result
 from collab.geometry import Box
 from collab.policies import PolicySpec
@@ -110,6 +112,17 @@ def roi_quality(outcomes: list[ItemOutcome], kind: str | None = "fine") -> dict:
             key: float(np.mean([h for h, o in zip(hits, rows) if o.lookalike is flag]))
             for key, flag in (("yes", True), ("no", False))
             if any(o.lookalike is flag for o in rows)
+        },
+        # by which attribute the look-alikes share (synthetic.lookalike_kind): hit rate and accuracy
+        # with our RoI, and items; a look found by colour only fails on "colour" and "both"
+        "by_lookalike_kind": {
+            kind: {
+                "hit_rate": float(np.mean([h for h, o in zip(hits, rows) if o.lookalike_kind == kind])),
+                "refined_accuracy": float(np.mean([o.refined_acc for o in rows if o.lookalike_kind == kind])),
+                "n": sum(o.lookalike_kind == kind for o in rows),
+            }
+            for kind in LOOKALIKE_KINDS
+            if any(o.lookalike_kind == kind for o in rows)
         },
         "n": len(rows),
     }

@@ -50,8 +50,14 @@ class EvalItem:
     # every annotated object in the image (synthetic data): tells a RoI on the wrong object from
     # one on background
     object_boxes: list[list[int]] | None = None
-    # another object shares the target's colour or shape (synthetic data; None: unknown)
-    lookalike: bool | None = None
+    # which of the target's attributes other objects share, collab.data.synthetic.lookalike_kind
+    # (synthetic data; None: unknown)
+    lookalike_kind: str | None = None
+
+    @property
+    def lookalike(self) -> bool | None:
+        """Another object shares the target's colour or shape (None: unknown)."""
+        return None if self.lookalike_kind is None else self.lookalike_kind != "none"
 
 
 @dataclass
@@ -83,6 +89,7 @@ class ItemOutcome:
     object_hit: bool | None = None  # the RoI holds the centre of SOME annotated object (None: no annotations)
     n_objects: int | None = None  # annotated objects in the image (None: no annotations)
     lookalike: bool | None = None  # another object shares the target's colour or shape (None: unknown)
+    lookalike_kind: str | None = None  # which attribute it shares: colour / shape / both / none
     attention: np.ndarray | None = None  # relative map at the configured layer (kept for plots)
 
     def uncertainty(self, kind: str, length: str = "all") -> float:
@@ -172,6 +179,7 @@ class Evaluator:
             object_hit=on_some_object(roi.box, item.object_boxes),
             n_objects=None if item.object_boxes is None else len(item.object_boxes),
             lookalike=item.lookalike,
+            lookalike_kind=item.lookalike_kind,
         )
         if item.target_box is not None:
             for layer in self.layers:
@@ -226,7 +234,7 @@ def policy_result(outcomes: list[ItemOutcome], refine: np.ndarray) -> dict:
 
 
 def synthetic_items(seed: int, n: int) -> Iterator[EvalItem]:
-    from collab.data.synthetic import generate_items, has_lookalike
+    from collab.data.synthetic import generate_items, lookalike_kind
 
     for it in generate_items(seed, n):
         yield EvalItem(
@@ -238,7 +246,7 @@ def synthetic_items(seed: int, n: int) -> Iterator[EvalItem]:
             it.target_box,
             it.qtype,
             [o["box"] for o in it.objects],
-            has_lookalike(it.objects, it.target_box) if it.target_box else None,
+            lookalike_kind(it.objects, it.target_box) if it.target_box else None,
         )
 
 
@@ -250,14 +258,14 @@ def object_boxes_of(extra: dict) -> list[list[int]] | None:
     return [list(o["box"]) for o in objects]
 
 
-def lookalike_of(extra: dict, target_box) -> bool | None:
-    """has_lookalike for a record whose "objects" carry colour and shape (our layout), else None."""
-    from collab.data.synthetic import has_lookalike
+def lookalike_of(extra: dict, target_box) -> str | None:
+    """lookalike_kind for a record whose "objects" carry colour and shape (our layout), else None."""
+    from collab.data.synthetic import lookalike_kind
 
     objects = extra.get("objects")
     if not target_box or object_boxes_of(extra) is None or not all("color" in o and "shape" in o for o in objects):
         return None
-    return has_lookalike(objects, list(target_box))
+    return lookalike_kind(objects, list(target_box))
 
 
 def dataset_items(path: str | Path, limit: int | None = None) -> list[EvalItem]:
