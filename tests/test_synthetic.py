@@ -219,7 +219,7 @@ def test_lookalike_kind_names_the_attribute_the_distractors_share():
     target = obj([0, 0, 10, 10], "red", "circle")
     cases = {
         "none": [obj([20, 0, 30, 10], "blue", "square")],
-        "colour": [obj([20, 0, 30, 10], "red", "square")],
+        "color": [obj([20, 0, 30, 10], "red", "square")],
         "shape": [obj([20, 0, 30, 10], "blue", "circle")],
         "both": [obj([20, 0, 30, 10], "red", "square"), obj([40, 0, 50, 10], "blue", "circle")],
     }

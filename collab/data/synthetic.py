@@ -439,11 +439,11 @@ def questions_for_scene(scene: Scene) -> list[Question]:
     return out
 
 
-LOOKALIKE_KINDS = ("colour", "shape", "both", "none")
+LOOKALIKE_KINDS = ("color", "shape", "both", "none")
 
 
 def lookalike_kind(objects: Sequence[dict], target_box: Sequence[int] | None) -> str | None:
-    """Which of the target's attributes other objects share: "colour" (some object has its colour,
+    """Which of the target's attributes other objects share: "color" (some object has its colour,
     none its shape), "shape", "both" (some share one, some the other) or "none"; None when no object
     is the target. A model that finds objects by one attribute fails where the other is the only
     one that tells them apart. `objects` as in item records."""
@@ -453,7 +453,7 @@ def lookalike_kind(objects: Sequence[dict], target_box: Sequence[int] | None) ->
     others = [o for o in objects if o is not target]
     colour = any(o["color"] == target["color"] for o in others)
     shape = any(o["shape"] == target["shape"] for o in others)
-    return "both" if colour and shape else "colour" if colour else "shape" if shape else "none"
+    return "both" if colour and shape else "color" if colour else "shape" if shape else "none"
 
 
 def has_lookalike(objects: Sequence[dict], target_box: Sequence[int] | None) -> bool:

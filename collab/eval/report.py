@@ -114,7 +114,7 @@ def roi_quality(outcomes: list[ItemOutcome], kind: str | None = "fine") -> dict:
             if any(o.lookalike is flag for o in rows)
         },
         # by which attribute the look-alikes share (synthetic.lookalike_kind): hit rate and accuracy
-        # with our RoI, and items; a look found by colour only fails on "colour" and "both"
+        # with our RoI, and items; a look found by colour only fails on "color" and "both"
         "by_lookalike_kind": {
             kind: {
                 "hit_rate": float(np.mean([h for h, o in zip(hits, rows) if o.lookalike_kind == kind])),
