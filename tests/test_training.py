@@ -458,6 +458,22 @@ def test_training_curves_plot_from_a_log(tmp_path):
     assert main([str(tmp_path / "absent.jsonl"), "--out", str(tmp_path / "d.png")]) == 2
 
 
+class Oracle(torch.nn.Module):
+    """Logits that predict every next token of the batch, but flat at one (row, position) `wrong_at`."""
+
+    def __init__(self, vocab_size: int, wrong_at: tuple[int, int] | None = None):
+        super().__init__()
+        self.vocab_size, self.wrong_at = vocab_size, wrong_at
+
+    def forward(self, input_ids, attention_mask, pixel_values):
+        logits = torch.full((*input_ids.shape, self.vocab_size), -10.0)
+        logits[:, :-1].scatter_(2, input_ids[:, 1:, None], 10.0)
+        if self.wrong_at is not None:
+            row, at = self.wrong_at
+            logits[row, at - 1] = 0.0
+        return type("Out", (), {"logits": logits})()
+
+
 def test_captions_name_every_object_and_are_labelled_token_by_token():
     from collab.data.synthetic import COLORS, SHAPES, tokenize_text
     from collab.training.data import CAPTION_QUESTION, answer_loss
@@ -485,23 +501,10 @@ def test_captions_name_every_object_and_are_labelled_token_by_token():
     ]
     assert all(w in COLORS for ex in colour_first for w in tok.convert_ids_to_tokens(ex["answer_ids"])[::2])
 
-    class Oracle(torch.nn.Module):  # logits that are right at every answer row, wrong at one chosen position
-        def __init__(self, wrong_at):
-            super().__init__()
-            self.wrong_at = wrong_at
-
-        def forward(self, input_ids, attention_mask, pixel_values):
-            logits = torch.full((*input_ids.shape, len(tok)), -10.0)
-            logits[:, :-1].scatter_(2, input_ids[:, 1:, None], 10.0)
-            if self.wrong_at is not None:
-                row, at = self.wrong_at
-                logits[row, at - 1] = 0.0
-            return type("Out", (), {"logits": logits})()
-
-    _, per_ex, correct = answer_loss(Oracle(None), batch, eos_weight=0.2)
+    _, per_ex, correct = answer_loss(Oracle(len(tok)), batch, eos_weight=0.2)
     assert correct.all() and per_ex.max() < 1e-3
     last = int(batch["answer_pos"][0] + batch["answer_len"][0] - 1)  # the last caption token only
-    _, per_ex, correct = answer_loss(Oracle((0, last)), batch, eos_weight=0.2)
+    _, per_ex, correct = answer_loss(Oracle(len(tok), (0, last)), batch, eos_weight=0.2)
     assert not correct[0] and correct[1:].all() and per_ex[0] > 0.1
 
 
@@ -518,21 +521,10 @@ def test_object_starts_can_be_left_out_of_a_descriptions_loss():
     plain = [make_example(np.random.default_rng(i), toy_spec(), 3, "global", tok) for i in range(4)]
     assert all(ex["answer_weights"] == [1.0] * len(ex["answer_ids"]) for ex in plain)
 
-    class WrongAt(torch.nn.Module):  # right at every answer row but one
-        def __init__(self, at):
-            super().__init__()
-            self.at = at
-
-        def forward(self, input_ids, attention_mask, pixel_values):
-            logits = torch.full((*input_ids.shape, len(tok)), -10.0)
-            logits[:, :-1].scatter_(2, input_ids[:, 1:, None], 10.0)
-            logits[0, self.at - 1] = 0.0
-            return type("Out", (), {"logits": logits})()
-
     start = int(batch["answer_pos"][0])
-    _, per_ex, correct = answer_loss(WrongAt(start), batch, eos_weight=0.2)  # first object's colour: not scored
+    _, per_ex, correct = answer_loss(Oracle(len(tok), (0, start)), batch, eos_weight=0.2)  # first colour: not scored
     assert correct.all() and per_ex.max() < 1e-3
-    _, per_ex, correct = answer_loss(WrongAt(start + 1), batch, eos_weight=0.2)  # its shape: scored
+    _, per_ex, correct = answer_loss(Oracle(len(tok), (0, start + 1)), batch, eos_weight=0.2)  # its shape: scored
     assert not correct[0] and per_ex[0] > 0.1
 
 
