@@ -2,11 +2,13 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 import yaml
 
-from collab.eval.probe import ATTRIBUTES, VIEWS, main, object_token_indices, probe_table
+from collab.data.synthetic import COLORS, SHAPES, render_scene
+from collab.eval.probe import ATTRIBUTES, VIEWS, covered_cells, main, object_token_indices, probe_table
 from collab.geometry import CanvasGeometry
 
 
@@ -23,6 +25,33 @@ def test_object_tokens_are_the_cells_whose_centres_lie_in_the_box():
     padded = CanvasGeometry.create((1920, 960), (96, 96), "pad")
     assert object_token_indices([0, 0, 160, 160], padded, (12, 12), offset=0) == [3 * 12 + 0]
     assert object_token_indices([0, 0, 320, 320], padded, (12, 12), offset=0) == [36, 37, 48, 49]
+
+
+def test_single_tokens_are_the_cells_the_shape_covers_as_stage_1_labels_them():
+    """The token view's cells are those stage 1's dense labels give the object (at the same cover),
+    inside its box, and a triangle covers fewer of its box's cells than a square does."""
+    from collab.training.tower import patch_labels
+
+    for seed in range(6):
+        scene = render_scene(np.random.default_rng(seed), n_objects=4)
+        geometry = CanvasGeometry.create(scene.image.size, (96, 96), "resize")
+        colors, shapes = patch_labels(scene, 12, min_cover=0.5)
+        for obj in scene.objects:
+            cells = covered_cells(obj, scene.image.size, geometry, (12, 12), "resize")
+            own = (list(COLORS).index(obj.color), SHAPES.index(obj.shape))
+            labelled = [p for p, label in enumerate(zip(colors, shapes)) if label == own]
+            assert cells == labelled, (obj.shape, cells, labelled)
+            assert set(cells) <= set(object_token_indices(obj.box, geometry, (12, 12), 0))
+    scene = render_scene(np.random.default_rng(0), n_objects=1, size=(576, 576))
+    obj = scene.objects[0]
+    obj.box = [96, 96, 288, 288]  # 4 x 4 cells of the 96 px global image
+    geometry = CanvasGeometry.create(scene.image.size, (96, 96), "resize")
+    obj.shape = "square"
+    square = covered_cells(obj, scene.image.size, geometry, (12, 12), "resize")
+    obj.shape = "triangle"
+    triangle = covered_cells(obj, scene.image.size, geometry, (12, 12), "resize")
+    assert sorted(square) == [r * 12 + c for r in range(2, 6) for c in range(2, 6)]
+    assert set(triangle) < set(square)
 
 
 def test_probe_reads_an_encoded_attribute_and_not_noise():

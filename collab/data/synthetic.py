@@ -311,6 +311,14 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: Sequence[int], fill:
         draw.polygon(_shape_points(shape, box), fill=fill)
 
 
+def object_mask(obj: SceneObject, size: tuple[int, int]) -> Image.Image:
+    """The pixels of the original (`size`) that the object's filled shape covers, as an "L" image
+    (255 on the shape): the ground truth of which patches show the object, not just its box."""
+    mask = Image.new("L", size, 0)
+    _draw_shape(ImageDraw.Draw(mask), obj.shape, obj.box, 255)
+    return mask
+
+
 def _glyph_center(shape: str, box: Sequence[int]) -> tuple[float, float]:
     """Where the digit sits: the box centre, or the incentre for the triangle (its widest region)."""
     x0, y0, x1, y1 = box

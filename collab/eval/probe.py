@@ -11,6 +11,10 @@ tokens the decoder receives:
 
 - ``global``: the global image's tokens whose cells' centres lie inside the object's box, averaged
   (the object's own tokens; a first pass must find them);
+- ``token``: one of those tokens alone, drawn among the cells the shape itself covers (at least half
+  of the cell; the most covered cell when none is): what a single attention score can match. A
+  pooled vector holds shape when no one token does (an object's outline spans its cells), and the
+  first pass finds an object by scoring its tokens one by one;
 - ``crop``: a RoI-sized crop of the original around the object (side = the RoI search's base side
   x U(1, 2), as it picks), all tokens averaged.
 
@@ -32,8 +36,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
-from collab.data.synthetic import COLORS, DIGITS, SHAPES, render_scene
+from collab.data.synthetic import COLORS, DIGITS, SHAPES, object_mask, render_scene
 from collab.imaging import crop_local_image, make_global_image, round_trip
 from collab.progress import progress as progress_bar
 from collab.roi import box_around
@@ -64,7 +69,8 @@ def cell_of(box: Sequence[int], width: int, height: int) -> str:
 
 
 ATTRIBUTES = {"shape": list(SHAPES), "color": list(COLORS), "digit": list(DIGITS), "cell": list(CELLS)}
-VIEWS = ("global", "crop")
+VIEWS = ("global", "token", "crop")
+TOKEN_COVER = 0.5  # share of a cell the shape must cover for the token view
 
 
 def object_token_indices(box: Sequence[float], geometry, grid: tuple[int, int], offset: int) -> list[int]:
@@ -87,6 +93,18 @@ def object_token_indices(box: Sequence[float], geometry, grid: tuple[int, int], 
     return [offset + i for i in inside]
 
 
+def covered_cells(
+    obj, original_size, geometry, grid: tuple[int, int], mode, min_cover: float = TOKEN_COVER
+) -> list[int]:
+    """Grid cells (row-major) of the global image whose area the object's shape covers by at least
+    `min_cover`; the most covered cell when none is. Maps the shape as the global image maps pixels."""
+    mask, _ = make_global_image(object_mask(obj, original_size).convert("RGB"), geometry.canvas_size, mode)
+    rows, cols = grid
+    cover = np.asarray(mask.convert("L").resize((cols, rows), Image.BOX), dtype=np.float32).ravel() / 255.0
+    cells = np.flatnonzero(cover >= min_cover)
+    return cells.tolist() if len(cells) else [int(cover.argmax())]
+
+
 def collect(backend, config, n: int, seed: int, batch: int = 32, progress: bool = True) -> dict:
     """Pooled token features per view and the attribute labels of one random object per scene."""
     info = backend.info
@@ -95,6 +113,7 @@ def collect(backend, config, n: int, seed: int, batch: int = 32, progress: bool 
     im = config.imaging
     offset = info.tokens_per_image - info.grid[0] * info.grid[1]
     rng = np.random.default_rng([seed, 7])
+    token_rng = np.random.default_rng([seed, 8])  # its own stream: the other views' scenes stay as they were
     feats: dict[str, list[torch.Tensor]] = {v: [] for v in VIEWS}
     labels: dict[str, list[int]] = {a: [] for a in ATTRIBUTES}
 
@@ -105,13 +124,15 @@ def collect(backend, config, n: int, seed: int, batch: int = 32, progress: bool 
     done = 0
     while done < n:
         k = min(batch, n - done)
-        globals_, crops, token_sets = [], [], []
+        globals_, crops, token_sets, single = [], [], [], []
         for _ in range(k):
             scene = render_scene(rng)
             obj = scene.objects[int(rng.integers(len(scene.objects)))]
             image, geometry = make_global_image(scene.image, size, im.global_mode, im.pad_color)
             globals_.append(sent(image))
             token_sets.append(object_token_indices(obj.box, geometry, info.grid, offset))
+            cells = covered_cells(obj, scene.image.size, geometry, info.grid, im.global_mode)
+            single.append(offset + int(token_rng.choice(cells)))
             side = base_side * rng.uniform(1.0, 2.0)
             cx, cy = (obj.box[0] + obj.box[2]) / 2, (obj.box[1] + obj.box[3]) / 2
             crops.append(sent(crop_local_image(scene.image, box_around(cx, cy, side, scene.width, scene.height), size)))
@@ -123,6 +144,7 @@ def collect(backend, config, n: int, seed: int, batch: int = 32, progress: bool 
             g = torch.stack([backend.visual_tokens(f) for f in backend.encode_images(globals_)]).float().cpu()
             c = torch.stack([backend.visual_tokens(f) for f in backend.encode_images(crops)]).float().cpu()
         feats["global"] += [g[i, idx].mean(0) for i, idx in enumerate(token_sets)]
+        feats["token"] += [g[i, j] for i, j in enumerate(single)]
         feats["crop"] += list(c[:, offset:].mean(1))
         done += k
         bar.update(k)

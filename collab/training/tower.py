@@ -15,9 +15,9 @@ import multiprocessing as mp
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image
 
-from collab.data.synthetic import COLORS, MAX_OBJECTS, SHAPES, _draw_shape, render_scene
+from collab.data.synthetic import COLORS, MAX_OBJECTS, SHAPES, object_mask, render_scene
 from collab.imaging import crop_local_image, make_global_image, round_trip
 from collab.progress import progress
 from collab.roi import box_around
@@ -76,8 +76,7 @@ def patch_labels(scene, grid: int, min_cover: float = 0.2) -> tuple[list[int], l
     or background where no object covers `min_cover` of it. Row-major, grid x grid."""
     coverage = []
     for obj in scene.objects:
-        mask = Image.new("L", scene.image.size, 0)
-        _draw_shape(ImageDraw.Draw(mask), obj.shape, obj.box, 255)
+        mask = object_mask(obj, scene.image.size)
         coverage.append(np.asarray(mask.resize((grid, grid), Image.BOX), dtype=np.float32).ravel() / 255.0)
     cover = np.stack(coverage)
     best = cover.argmax(0)
