@@ -83,9 +83,10 @@ def test_the_shipped_recipe_files_load_and_the_cpu_one_trains_two_steps(tmp_path
     assert cpu.model == gpu.model and cpu.vlm.legible_fraction == gpu.vlm.legible_fraction
     assert cpu.vlm.curriculum == gpu.vlm.curriculum and cpu.tower.object_weight == gpu.tower.object_weight
     assert cpu.runtime.device == "cpu" and gpu.runtime.device == "cuda"
-    cpu_parts, gpu_parts = cpu.stage2_parts(), gpu.stage2_parts()
-    assert len(cpu_parts) == len(gpu_parts) >= 2  # the shipped model's stage 2 came in parts
-    for c, g in zip(cpu_parts, gpu_parts):
+    cpu_parts, gpu_parts = cpu.parts(), gpu.parts()
+    assert len(cpu_parts) == len(gpu_parts) >= 2  # the shipped model came in parts
+    for (c, c_tower), (g, g_tower) in zip(cpu_parts, gpu_parts):
+        assert c_tower == g_tower and c.tower.lr == g.tower.lr and c.tower.dense_weight == g.tower.dense_weight
         assert c.seed == g.seed and c.vlm.curriculum == g.vlm.curriculum
         assert c.vlm.caption_fraction == g.vlm.caption_fraction
         assert c.vlm.caption_shape_first == g.vlm.caption_shape_first
@@ -98,7 +99,7 @@ def test_the_shipped_recipe_files_load_and_the_cpu_one_trains_two_steps(tmp_path
         "monitor.attention_items=2",
         "runtime.workers=0",
         # each continuation writes its own steps (the recipe is in steps): 2 for each, the rest as written
-        "continuations=" + json.dumps([{**c, "vlm": {**c.get("vlm", {}), "steps": 2}} for c in cpu.continuations]),
+        "continuations=" + json.dumps([two_steps(c) for c in cpu.continuations]),
     ]
     cmd = [
         sys.executable,
@@ -113,7 +114,25 @@ def test_the_shipped_recipe_files_load_and_the_cpu_one_trains_two_steps(tmp_path
     assert done.returncode == 0, done.stderr[-2000:]
     rows = rows_of(tmp_path / "m" / "training_log.jsonl")
     done_rows = [(r["stage_done"], r["steps"]) for r in rows if "stage_done" in r]
-    assert done_rows == [(1, 2)] + [(2, 2)] * len(cpu_parts)  # every part, one command
+    expected = [stage for _, tower in cpu_parts for stage in ([(1, 2)] if tower else []) + [(2, 2)]]
+    assert done_rows == expected and (1, 2) in done_rows[1:]  # every part, one command; a later one trains the tower
+    last_part = ["--from-part", str(len(cpu_parts) - 1), "--init-model", str(tmp_path / "m")]
+    resumed = subprocess.run(
+        cmd + last_part + ["--out", str(tmp_path / "r")], capture_output=True, text=True, timeout=300
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    rows = rows_of(tmp_path / "r" / "training_log.jsonl")
+    last = cpu_parts[-1]
+    assert [(r["stage_done"], r.get("part")) for r in rows if "stage_done" in r] == (
+        [(1, len(cpu_parts) - 1)] if last.tower else []
+    ) + [(2, len(cpu_parts) - 1)]  # only the last part, from the model given
+
+
+def two_steps(continuation: dict) -> dict:
+    short = {**continuation, "vlm": {**continuation.get("vlm", {}), "steps": 2}}
+    if "tower" in continuation:
+        short["tower"] = {**continuation["tower"], "steps": 2, "batch": 4}
+    return short
 
 
 def test_recipe_errors_name_the_field_and_the_cli_exits_2(tmp_path, capsys):
@@ -539,28 +558,43 @@ def test_a_caption_recipe_trains_and_monitors_caption_reading(tmp_path):
     assert (out / "model.safetensors").exists()
 
 
-def test_stage2_continuations_run_in_one_go_and_count_on_in_the_plots(tmp_path):
+def test_continuations_run_in_one_go_and_count_on_in_the_plots(tmp_path):
     from collab.training.plots import read_log
 
     raw = json.loads(json.dumps(TOY))
     raw["vlm"]["stop_after"] = 2  # cut short mid-schedule, as the shipped model's first part was
-    raw["continuations"] = [{"seed": 1, "vlm": {"steps": 2, "stop_after": None, "caption_fraction": 0.5}}]
+    raw["continuations"] = [
+        {"seed": 1, "vlm": {"steps": 2, "stop_after": None, "caption_fraction": 0.5}},
+        {"seed": 2, "tower": {"steps": 2, "lr": 5e-4}, "vlm": {"steps": 2, "stop_after": None}},
+    ]
     recipe = Recipe.model_validate(raw)
-    first, second = recipe.stage2_parts()
+    (first, first_tower), (second, second_tower), (third, third_tower) = recipe.parts()
+    assert (first_tower, second_tower, third_tower) == (True, False, True)
     assert (first.vlm.stop_after, second.vlm.steps, second.vlm.caption_fraction, second.seed) == (2, 2, 0.5, 1)
+    assert (third.tower.steps, third.tower.lr, third.tower.batch, first.tower.steps) == (2, 5e-4, 4, 3)
     assert not first.continuations and not second.continuations and second.model == recipe.model
     out = train(recipe, tmp_path / "model", tmp_path / "log.jsonl")
     rows = rows_of(tmp_path / "log.jsonl")
-    assert [r["steps"] for r in rows if r.get("stage_done") == 2] == [2, 2]
-    assert [r.get("part", 0) for r in rows if r.get("stage_done") == 2] == [0, 1]
-    _, evals = read_log(tmp_path / "log.jsonl")
-    assert [r["step"] for r in evals] == [2, 4]  # the continuation's steps count on from the first part's
+    assert [(r["stage_done"], r.get("part", 0)) for r in rows if "stage_done" in r] == [
+        (1, 0),
+        (2, 0),
+        (2, 1),
+        (1, 2),
+        (2, 2),
+    ]
+    tower, evals = read_log(tmp_path / "log.jsonl")
+    assert [r["step"] for r in evals] == [2, 4, 6]  # each continuation's steps count on from the part before's
+    assert [r["step"] for r in tower] == [0, 2, 3, 4]  # stage 1: 3 steps (0 and the last logged), then 2 more
     assert (out / "monitor" / "part1" / "maps_000002.png").exists()
     saved = json.loads((out / "training_recipe.json").read_text())
-    assert (saved["seed"], saved["stage2_part"], saved["saved_at_step"]) == (1, 1, 2)  # saved by the last part
-    for bad in ({"model": {"text_layers": 3}}, {"vlm": {"nonsense": 1}}):
+    assert (saved["seed"], saved["stage2_part"], saved["saved_at_step"]) == (2, 2, 2)  # saved by the last part
+    for bad in ({"model": {"text_layers": 3}}, {"vlm": {"nonsense": 1}}, {"tower": {"steps": -1}}):
         with pytest.raises(ValueError):
             Recipe.model_validate({**raw, "continuations": [bad]})
+    with pytest.raises(ValueError, match="init_model"):
+        train(recipe, tmp_path / "m2", from_part=2)
+    with pytest.raises(ValueError, match="from_part"):
+        train(recipe, tmp_path / "m2", from_part=3, init_model=out)
 
 
 def test_each_stage_runs_at_its_own_thread_count(tmp_path, monkeypatch):

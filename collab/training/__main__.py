@@ -47,6 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="warm start from a saved model directory (same sizes and tokenizer): "
         "with --stages vlm, a continuation of stage 2",
     )
+    p.add_argument(
+        "--from-part",
+        type=int,
+        default=0,
+        metavar="N",
+        help="resume the recipe at its continuation N (1: the first) from --init-model, the model its parts before "
+        "N left; e.g. the shipped model's last part from the model before it (default: 0, the whole recipe)",
+    )
     return p
 
 
@@ -59,6 +67,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError(f"--stages must be a subset of {','.join(STAGES)}")
         if "tower" not in stages and "vlm" in stages and args.init_tower is None and args.init_model is None:
             raise ConfigError("--stages vlm needs --init-tower or --init-model")
+        parts = len(recipe.parts())
+        if not 0 <= args.from_part < parts:
+            raise ConfigError(f"--from-part must be in 0..{parts - 1}: the recipe has {parts} parts")
+        if args.from_part and args.init_model is None:
+            raise ConfigError("--from-part needs --init-model: the model the recipe's parts before it left")
         for name in ("init_tower", "init_model"):
             path = getattr(args, name)
             if path is not None and not path.exists():
@@ -70,7 +83,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    train(recipe, args.out, args.log or args.out / "training_log.jsonl", stages, args.init_tower, args.init_model)
+    log = args.log or args.out / "training_log.jsonl"
+    train(recipe, args.out, log, stages, args.init_tower, args.init_model, args.from_part)
     print(f"saved to {args.out}")
     return 0
 

@@ -13,16 +13,18 @@ from pathlib import Path
 
 
 def read_log(path: Path) -> tuple[list[dict], list[dict]]:
-    """(stage-1 rows, stage-2 evaluation rows) of a training log; a stage-2 continuation's steps
-    count on from where the part before it ended."""
+    """(stage-1 rows, stage-2 evaluation rows) of a training log; a continuation's steps count on
+    from where the part before it ended, in each stage."""
     rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    evals, offset = [], 0
+    tower, evals, offset = [], [], {1: 0, 2: 0}
     for r in rows:
         if r.get("stage") == 2 and "global_fine_acc" in r:
-            evals.append({**r, "step": r["step"] + offset})
-        elif r.get("stage_done") == 2:
-            offset += r.get("steps", 0)
-    return [r for r in rows if r.get("stage") == 1], evals
+            evals.append({**r, "step": r["step"] + offset[2]})
+        elif r.get("stage") == 1:
+            tower.append({**r, "step": r["step"] + offset[1]})
+        elif r.get("stage_done") in offset:
+            offset[r["stage_done"]] += r.get("steps", 0)
+    return tower, evals
 
 
 def best_layer(row: dict, mode: str = "rel") -> int | None:

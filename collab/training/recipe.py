@@ -7,7 +7,7 @@ Read with `load_recipe(path, overrides)`; overrides come from the command line's
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -210,25 +210,33 @@ class Recipe(_Strict):
     runtime: Runtime = Field(default_factory=Runtime)
     continuations: list[dict] = Field(
         default_factory=list,
-        description="further stage-2 parts, each from the weights the previous part left (fresh optimizer and "
-        "schedule), written as overrides of this recipe, e.g. {seed: 1, vlm: {budget_s: 1500, warmup: 50}}",
+        description="further parts, each from the weights the previous part left (fresh optimizer and schedule), "
+        "written as overrides of this recipe, e.g. {seed: 1, vlm: {steps: 793, warmup: 50}}; a part that states "
+        "`tower` trains the tower further (stage 1, on the tower the part before left) before its stage 2",
     )
 
     @model_validator(mode="after")
     def _continuations_are_recipes(self) -> Recipe:
-        self.stage2_parts()  # each part must be a valid recipe of the same model
+        self.parts()  # each part must be a valid recipe of the same model
         return self
 
-    def stage2_parts(self) -> list[Recipe]:
-        """This recipe's stage 2, then each continuation as a recipe of its own (no continuations)."""
+    def parts(self) -> list[RecipePart]:
+        """Stages 1 and 2 of this recipe, then each continuation as a recipe of its own (no continuations)."""
         base = self.model_dump(mode="json", exclude={"continuations"})
-        parts = [self] if not self.continuations else [Recipe.model_validate(base)]
+        parts = [RecipePart(self if not self.continuations else Recipe.model_validate(base), tower=True)]
         for i, overrides in enumerate(self.continuations, 1):
-            bad = {"model", "continuations", "tower"} & set(overrides)
+            bad = {"model", "continuations"} & set(overrides)
             if bad:
-                raise ValueError(f"continuations[{i - 1}]: {sorted(bad)} cannot change in a stage-2 continuation")
-            parts.append(Recipe.model_validate(deep_merge(base, overrides)))
+                raise ValueError(f"continuations[{i - 1}]: {sorted(bad)} cannot change in a continuation")
+            parts.append(RecipePart(Recipe.model_validate(deep_merge(base, overrides)), tower="tower" in overrides))
         return parts
+
+
+class RecipePart(NamedTuple):
+    """One part of a recipe: its stage 2 (all of the part's `vlm` fields), after a stage 1 if `tower`."""
+
+    recipe: Recipe
+    tower: bool
 
 
 def read_recipe_file(path: Path, seen: tuple[Path, ...] = ()) -> dict:

@@ -228,8 +228,9 @@ class TowerStream(torch.utils.data.IterableDataset):
             step += workers
 
 
-def train_tower(model, spec: BatchSpec, recipe: Recipe, log) -> int:
-    """Stage 1 on `model`'s vision tower; returns the number of steps run."""
+def train_tower(model, spec: BatchSpec, recipe: Recipe, log, part: int = 0) -> int:
+    """Stage 1 (of the recipe's part number `part`) on `model`'s vision tower, with fresh heads;
+    returns the number of steps run."""
     stage, runtime = recipe.tower, recipe.runtime
     device = next(model.parameters()).device
     heads = TowerHeads(recipe.model.vision_hidden).to(device)
@@ -242,7 +243,8 @@ def train_tower(model, spec: BatchSpec, recipe: Recipe, log) -> int:
         spec, stage.batch, recipe.seed, curriculum, stage.global_fraction, runtime.scene_reuse, stage.legible_fraction
     )
     loader = TimedBatches(make_loader(stream, runtime.workers, device))
-    bar = progress(total=stage.steps, desc="stage 1: vision tower")
+    bar = progress(total=stage.steps, desc="stage 1: vision tower" + (f", continuation {part}" if part else ""))
+    tag = {"part": part} if part else {}
     # objects cover a minority of the patches: down-weight background or it is all the tower learns
     color_w = torch.ones(len(COLOR_NAMES) + 1, device=device)
     shape_w = torch.ones(len(SHAPES) + 1, device=device)
@@ -318,6 +320,7 @@ def train_tower(model, spec: BatchSpec, recipe: Recipe, log) -> int:
         )
         row = {
             "stage": 1,
+            **tag,
             "step": step,
             "loss": loss.item(),
             "crop_digit_acc": acc,
@@ -335,5 +338,5 @@ def train_tower(model, spec: BatchSpec, recipe: Recipe, log) -> int:
     bar.close()
     if row is not None:  # the last step, unless it was just logged
         log(row)
-    log({"stage_done": 1, "steps": step + 1})
+    log({"stage_done": 1, **tag, "steps": step + 1})
     return step + 1

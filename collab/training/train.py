@@ -100,10 +100,12 @@ def train(
     stages: tuple[str, ...] = STAGES,
     init_tower: Path | None = None,
     init_model: Path | None = None,
+    from_part: int = 0,
 ) -> Path:
-    """Run the recipe's stages into out_dir. Without the tower stage, `init_tower` (a stage-1
-    checkpoint or a saved model) provides the tower; the vlm stage then starts from it.
-    `init_model` (a saved model directory) warm-starts every weight: a continuation of stage 2."""
+    """Run the recipe's parts (its stages, then its continuations) into out_dir, keeping to `stages`.
+    Without the tower stage, `init_tower` (a stage-1 checkpoint or a saved model) provides the
+    tower; `init_model` (a saved model directory) warm-starts every weight. `from_part` N resumes
+    the recipe at continuation N from `init_model`, the model its parts before N left."""
     from collab.training.tower import train_tower
 
     unknown = set(stages) - set(STAGES)
@@ -111,9 +113,13 @@ def train(
         raise ValueError(f"stages must be a non-empty subset of {STAGES}, got {stages}")
     if "tower" not in stages and "vlm" in stages and init_tower is None and init_model is None:
         raise ValueError("the vlm stage without the tower stage needs init_tower or init_model")
+    parts = recipe.parts()
+    if not 0 <= from_part < len(parts):
+        raise ValueError(f"from_part must be in 0..{len(parts) - 1} (the recipe has {len(parts)} parts)")
+    if from_part and init_model is None:
+        raise ValueError("from_part needs init_model: the model the parts before it left")
     device = resolve_device(recipe.runtime.device)
     torch.manual_seed(recipe.seed)
-    torch.set_num_threads(recipe.runtime.threads)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(VOCABULARY)
@@ -121,6 +127,8 @@ def train(
     model.set_attn_implementation("sdpa")  # fast training; the served model is loaded with eager
     log = JsonlLog(log_path)
     log({"recipe": recipe.model_dump(mode="json"), "device": str(device), "stages": list(stages)})
+    if from_part:
+        log({"from_part": from_part})
     if init_model is not None:
         load_saved_weights(model, Path(init_model), tokenizer)
         log({"init_model": str(init_model)})
@@ -128,19 +136,20 @@ def train(
         model.model.vision_tower.load_state_dict(tower_state(init_tower))
         log({"init_tower": str(init_tower)})
     model.to(device)
-    spec = batch_spec(recipe)
-    if "tower" in stages:
-        train_tower(model, spec, recipe, log)
-        torch.save({k: v.cpu() for k, v in model.model.vision_tower.state_dict().items()}, out_dir / TOWER_CHECKPOINT)
-    if "vlm" in stages:
-        from collab.training.vlm import train_vlm
+    for number, (part_recipe, with_tower) in enumerate(parts[from_part:], from_part):
+        if number:
+            torch.manual_seed(part_recipe.seed)
+        if with_tower and "tower" in stages:
+            torch.set_num_threads(part_recipe.runtime.threads)
+            train_tower(model, batch_spec(part_recipe), part_recipe, log, number)
+            tower = {k: v.cpu() for k, v in model.model.vision_tower.state_dict().items()}
+            torch.save(tower, out_dir / TOWER_CHECKPOINT)
+        if "vlm" in stages:
+            from collab.training.vlm import train_vlm
 
-        for part, part_recipe in enumerate(recipe.stage2_parts()):
-            if part:
-                torch.manual_seed(part_recipe.seed)
             torch.set_num_threads(part_recipe.runtime.vlm_threads or part_recipe.runtime.threads)
-            train_vlm(model, tokenizer, batch_spec(part_recipe), part_recipe, out_dir, log, part)
-    else:
+            train_vlm(model, tokenizer, batch_spec(part_recipe), part_recipe, out_dir, log, number)
+    if "vlm" not in stages:
         save_checkpoint(model, tokenizer, recipe, out_dir, 0)
     log({"done": True, "minutes": round((time.time() - log.started) / 60, 1)})
     log.close()
