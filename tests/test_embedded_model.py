@@ -22,7 +22,7 @@ from collab.eval.runner import gt_crop_box, hit
 from collab.imaging import crop_local_image, make_global_image, round_trip
 
 REPO = Path(__file__).resolve().parents[1]
-FIXED_SEED = 4242  # neither a training stream nor the calibration or held-out evaluation split
+FIXED_SEED = 6060  # 6060-6062: no training stream, calibration (1001) or evaluation split (4242, 7331, 2024)
 N = 60
 
 

@@ -99,6 +99,35 @@ def test_calibrated_threshold_meets_tolerance(outcomes):
     assert policy_result(outcomes, refine)["accuracy"] >= always
 
 
+def test_calibration_does_not_stop_refining_where_the_gain_is_only_noise():
+    """Below the top scores, refining fixes one item and breaks another in turn (net zero): the
+    point rule (confidence 0.5) stops refining them all, the 95 % bound keeps refining where one
+    more broken item would cost more than the tolerance."""
+    from collab.eval.runner import ItemOutcome
+
+    def item(i: int, score: float, first: float, refined: float) -> ItemOutcome:
+        scores = {"min_entropy": score, "shannon": score, "margin": score}
+        return ItemOutcome(
+            question_id=f"q{i}", question="q", kind="fine", answers=["1"], original_size=(10, 10), target_box=None,
+            global_bytes=1, full_bytes=1, first_answer="", first_acc=first,
+            uncertainties={k: scores for k in ("1", "2", "all")}, roi_box=[0, 0, 1, 1], roi_ratio=1.0,
+            local_bytes=1, refined_answer="", refined_acc=refined,
+        )  # fmt: skip
+
+    # 40 sure items, refining changes nothing; 40 mid-score items that refining fixes or breaks
+    # in turn; 40 unsure ones that refining fixes
+    outcomes = [item(i, 0.1 + i * 1e-3, 1.0, 1.0) for i in range(40)]
+    outcomes += [item(40 + i, 1.0 + i * 1e-3, float(i % 2), float(1 - i % 2)) for i in range(40)]
+    outcomes += [item(80 + i, 3.0 + i * 1e-3, 0.0, 1.0) for i in range(40)]
+    spec = PolicySpec(name="entropy")
+    point = calibrate_threshold(outcomes, spec, tolerance=0.005, confidence=0.5)
+    bounded = calibrate_threshold(outcomes, spec, tolerance=0.005, confidence=0.95)
+    assert point >= 1.039  # skips the coin-flip items too: their gains sum to zero
+    assert 0.1 < bounded <= 1.0  # refines them: skipping 40 coin flips is not within 0.5 pt at 95 %
+    with pytest.raises(ValueError):
+        calibrate_threshold(outcomes, spec, confidence=0.3)
+
+
 def test_set_overrides_parse_as_yaml():
     from collab.config import ConfigError, parse_sets
 

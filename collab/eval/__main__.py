@@ -74,11 +74,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--calibrate",
         type=split_spec,
         metavar="SEED:N",
-        help="pick the threshold on a separate synthetic split: "
-        "the highest threshold whose accuracy is within --tolerance of `always`",
+        help="pick the threshold on a separate synthetic split: the highest threshold whose accuracy is "
+        "within --tolerance of `always` at --confidence",
     )
     p.add_argument(
         "--tolerance", type=float, default=0.005, help="accuracy slack for --calibrate (default: %(default)s = 0.5 pt)"
+    )
+    p.add_argument(
+        "--confidence",
+        type=float,
+        default=0.95,
+        help="one-sided confidence that the calibrated threshold stays within --tolerance (default: %(default)s; "
+        "0.5: the highest threshold that looks within it on the calibration split, which overfits its noise)",
     )
     p.add_argument("--random-rate", type=float, help="refine probability of `random` (default: entropy's refine rate)")
     p.add_argument(
@@ -125,9 +132,14 @@ def main(argv: list[str] | None = None) -> int:
         cal = Evaluator(backend, config, layers=[]).run(
             synthetic_items(seed, n), total=n, desc=f"calibrating {seed}:{n}"
         )
-        threshold = calibrate_threshold(cal, spec, args.tolerance)
+        threshold = calibrate_threshold(cal, spec, args.tolerance, args.confidence)
         spec = replace(spec, threshold=threshold)
-        calibration = {"split": f"synthetic {seed}:{n}", "threshold": threshold, "tolerance": args.tolerance}
+        calibration = {
+            "split": f"synthetic {seed}:{n}",
+            "threshold": threshold,
+            "tolerance": args.tolerance,
+            "confidence": args.confidence,
+        }
 
     if args.synthetic:
         seed, n = args.synthetic

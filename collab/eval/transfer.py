@@ -3,7 +3,7 @@
     python -m collab.eval.transfer --calibrate 1001:150 --splits 4242:200,7331:200 [--dataset DIR]
 
 A static entropy threshold is calibrated once (on `--calibrate`: the highest threshold within
-`--tolerance` of `always`, as `collab.eval --calibrate` picks it). On another split the same number
+`--tolerance` of `always` at `--confidence`, as `collab.eval --calibrate` picks it). On another split the same number
 can refine far more or far less: the scores move with the images and questions. For each split this
 reports, next to the calibration split's own figures:
 
@@ -43,9 +43,11 @@ def row(outcomes, refine: np.ndarray, threshold: float) -> dict:
     }
 
 
-def transfer_table(calibration, splits: dict[str, list], spec: PolicySpec, tolerance: float) -> dict:
+def transfer_table(
+    calibration, splits: dict[str, list], spec: PolicySpec, tolerance: float, confidence: float = 0.95
+) -> dict:
     """{"threshold", "calibration": {...}, "splits": {name: {"static", "rate_held", "never", "always"}}}."""
-    threshold = calibrate_threshold(calibration, spec, tolerance)
+    threshold = calibrate_threshold(calibration, spec, tolerance, confidence)
     cal_u = gate_scores(calibration, spec)
     target = float((cal_u >= threshold).mean())
     out = {"threshold": threshold, "target_refine_rate": target, "splits": {}}
@@ -94,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="method config YAML (default: configs/default.yaml)")
     p.add_argument("--model", help="override model.path")
     p.add_argument("--tolerance", type=float, default=0.005, help="accuracy slack of the calibration (0.5 pt)")
+    p.add_argument(
+        "--confidence", type=float, default=0.95, help="one-sided confidence of that slack (collab.eval --help)"
+    )
     p.add_argument("--out", type=Path, help="write OUT/transfer.json")
     return p
 
@@ -124,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.dataset:
         items = dataset_items(args.dataset, args.limit)
         outcomes[f"dataset {Path(args.dataset).name}"] = evaluator.run(items, total=len(items), desc="dataset")
-    table = transfer_table(calibration, outcomes, spec, args.tolerance)
+    table = transfer_table(calibration, outcomes, spec, args.tolerance, args.confidence)
     table["calibration_split"] = args.calibrate
     print(render(table))
     if args.out:
