@@ -79,10 +79,10 @@ def calibrate_threshold(
 ) -> float:
     """The highest threshold (fewest refinements) whose accuracy is within `tolerance` of `always`
     at one-sided `confidence`: the mean accuracy lost by the items it leaves unrefined, plus z
-    standard errors of that mean, is at most `tolerance`. Taking the highest threshold that merely
-    looks within tolerance picks the luckiest point of a noisy curve: on 150 items it stopped
-    refining where refining still paid and lost pt on every other split. `confidence` 0.5 (z = 0)
-    is that point rule."""
+    standard errors of that mean, is at most `tolerance`. The highest threshold that merely looks
+    within tolerance is the luckiest point of a noisy curve: on 150 items of one seed it stopped
+    refining where refining still paid, and lost 1.2 pt on the same seed's next 250
+    (docs/embedded_model.md). `confidence` 0.5 (z = 0) is that point rule."""
     if not 0.5 <= confidence < 1:
         raise ValueError(f"confidence must be in [0.5, 1), got {confidence}")
     z = NormalDist().inv_cdf(confidence)
