@@ -4,10 +4,10 @@ answers near chance) and revealed by the ground-truth crop - the property the me
 and the first pass's attention (as configs/default.yaml reads it) lands on the object the question
 names.
 
-Three targets the shipped model (v2, trained with captions) still misses are written as strict
-expected failures; when a model meets them these tests fail until the marker is removed, so they
-then guard the property: crops read as well as v1 read them, coarse questions answered from the
-global image, and attention on the named object where two objects look alike in one attribute."""
+A target the shipped model still misses (coarse questions answered from the global image) is a
+strict expected failure: when a model meets it the test fails until the marker is removed, and
+then guards the property, as the crop test does since the eleventh session's tower (crops read
+as well as v1 read them) and the look-alike test since the eighth session's heads."""
 
 import os
 from pathlib import Path
@@ -75,7 +75,6 @@ V2_TARGET = pytest.mark.xfail(
 )
 
 
-@V2_TARGET
 def test_the_crop_is_read_as_well_as_v1_read_it(embedded):
     config, backend = embedded
     size = backend.info.encoder_size
