@@ -50,15 +50,18 @@ def gate_scores(outcomes: list[ItemOutcome], spec: PolicySpec) -> np.ndarray:
     return np.array([o.uncertainty(spec.score, length_key(spec.aggregation_length)) for o in outcomes])
 
 
+def sweep_thresholds(u: np.ndarray, spec: PolicySpec, points: int) -> list[float]:
+    """The thresholds a sweep visits: `points` quantiles of the scores `u`, one above them all
+    (refine nothing) and the configured threshold."""
+    return sorted(set(np.quantile(u, np.linspace(0, 1, points)).tolist()) | {float(u.max()) + 1e-9, spec.threshold})
+
+
 def threshold_sweep(outcomes: list[ItemOutcome], spec: PolicySpec, points: int = 25) -> list[dict]:
     """Accuracy vs extra bytes of `entropy` over thresholds, with random at the matched rate."""
     u = gate_scores(outcomes, spec)
-    thresholds = sorted(
-        set(np.quantile(u, np.linspace(0, 1, points)).tolist()) | {float(u.max()) + 1e-9, spec.threshold}
-    )
     local = np.array([o.local_bytes for o in outcomes])
     rows = []
-    for t in thresholds:
+    for t in sweep_thresholds(u, spec, points):
         refine = u >= t
         res = policy_result(outcomes, refine)
         rows.append(
@@ -89,11 +92,11 @@ def calibrate_threshold(
     u = gate_scores(outcomes, spec)
     gain = np.array([o.refined_acc - o.first_acc for o in outcomes], dtype=float)
     ok = []
-    for p in threshold_sweep(outcomes, spec, points=101):
-        lost = gain * (u < p["threshold"])  # what each item left unrefined costs against `always`
+    for t in sweep_thresholds(u, spec, points=101):
+        lost = gain * (u < t)  # what each item left unrefined costs against `always`
         bound = lost.mean() + (z * lost.std(ddof=1) / np.sqrt(len(lost)) if len(lost) > 1 else 0.0)
         if bound <= tolerance + 1e-12:
-            ok.append(p["threshold"])
+            ok.append(t)
     return max(ok) if ok else float("-inf")
 
 

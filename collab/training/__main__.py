@@ -9,7 +9,7 @@ from pathlib import Path
 
 from collab.config import ConfigError, parse_sets
 from collab.training.recipe import load_recipe
-from collab.training.train import STAGES, train
+from collab.training.train import STAGES, check_from_part, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,11 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError(f"--stages must be a subset of {','.join(STAGES)}")
         if "tower" not in stages and "vlm" in stages and args.init_tower is None and args.init_model is None:
             raise ConfigError("--stages vlm needs --init-tower or --init-model")
-        parts = len(recipe.parts())
-        if not 0 <= args.from_part < parts:
-            raise ConfigError(f"--from-part must be in 0..{parts - 1}: the recipe has {parts} parts")
-        if args.from_part and args.init_model is None:
-            raise ConfigError("--from-part needs --init-model: the model the recipe's parts before it left")
+        check_from_part(len(recipe.parts()), args.from_part, args.init_model)
         for name in ("init_tower", "init_model"):
             path = getattr(args, name)
             if path is not None and not path.exists():

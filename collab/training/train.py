@@ -93,6 +93,14 @@ def load_saved_weights(model, model_dir: Path, tokenizer) -> None:
     model.load_state_dict({k: saved[k] for k in mine})
 
 
+def check_from_part(parts: int, from_part: int, init_model: Path | None) -> None:
+    """A recipe of `parts` parts can resume at `from_part` only from the model its earlier parts left."""
+    if not 0 <= from_part < parts:
+        raise ValueError(f"from_part (--from-part) must be in 0..{parts - 1}: the recipe has {parts} parts")
+    if from_part and init_model is None:
+        raise ValueError("from_part needs init_model (--init-model): the model the recipe's parts before it left")
+
+
 def train(
     recipe: Recipe,
     out_dir: Path,
@@ -114,10 +122,7 @@ def train(
     if "tower" not in stages and "vlm" in stages and init_tower is None and init_model is None:
         raise ValueError("the vlm stage without the tower stage needs init_tower or init_model")
     parts = recipe.parts()
-    if not 0 <= from_part < len(parts):
-        raise ValueError(f"from_part must be in 0..{len(parts) - 1} (the recipe has {len(parts)} parts)")
-    if from_part and init_model is None:
-        raise ValueError("from_part needs init_model: the model the parts before it left")
+    check_from_part(len(parts), from_part, init_model)
     device = resolve_device(recipe.runtime.device)
     torch.manual_seed(recipe.seed)
     out_dir = Path(out_dir)
