@@ -25,6 +25,8 @@ def test_the_command_reports_every_layer_head_and_token(tmp_path, capsys):
     report = json.loads((tmp_path / "binding.json").read_text())
     assert set(report["coarse_by_objects"]) == {"color", "shape"}
     assert all(set(by_n) == {"1", "2", "3", "4", "5"} for by_n in report["coarse_by_objects"].values())
+    assert [rows["qtype"] for rows in report["rows"]] == ["shape", "color", "number"]
+    assert report["rows"][1]["tokens"][:2] == ["what", "color"]  # named by shape alone
     shape_rows = report["rows"][0]
     assert shape_rows["qtype"] == "shape" and shape_rows["tokens"][:2] == ["what", "shape"]
     assert len(shape_rows["hit"]) == 4 and set(shape_rows["hit"]["L0"]) == {"h0", "h1", "h2", "h3", "mean"}

@@ -106,7 +106,8 @@ def test_collect_labels_each_object_with_its_own_attributes_and_cell(tiny_backen
     corners = {"northwest": (8, 8), "southeast": (440, 440), "center": (230, 230), "east": (440, 230)}
     drawn = []
 
-    def one_object_scene(rng):
+    def one_object_scene(rng, legible_glyphs=False):
+        assert not legible_glyphs  # the benchmark's scenes unless asked
         name = list(corners)[len(drawn) % len(corners)]
         scene = render_scene(np.random.default_rng(len(drawn)), n_objects=1, size=(576, 576))
         obj = scene.objects[0]
@@ -124,6 +125,29 @@ def test_collect_labels_each_object_with_its_own_attributes_and_cell(tiny_backen
     assert [list(COLORS)[c] for c in labels["color"]] == [o.color for _, o in drawn]
     assert [DIGITS[d] for d in labels["digit"]] == [o.digit for _, o in drawn]
     assert {v: f.shape[0] for v, f in data["features"].items()} == {v: 8 for v in VIEWS}
+
+
+def test_legible_glyphs_draws_training_scenes_with_digits_legible_globally(tiny_backend, tiny_config, monkeypatch):
+    """--legible-glyphs probes stage 2's scale augmentation: its digits are several times taller."""
+    import collab.eval.probe as probe
+    from collab.data import synthetic
+
+    heights = {}
+    for legible in (False, True):
+        drawn = []
+
+        def recording(rng, legible_glyphs=False, _drawn=drawn):
+            scene = synthetic.render_scene(rng, legible_glyphs=legible_glyphs)
+            _drawn.append(scene)
+            return scene
+
+        monkeypatch.setattr(probe, "render_scene", recording)
+        probe.collect(tiny_backend, tiny_config, 4, seed=0, batch=2, progress=False, legible_glyphs=legible)
+        assert all(s.legible_glyphs == legible for s in drawn) and len(drawn) == 4
+        heights[legible] = min(
+            (o.glyph_box[3] - o.glyph_box[1]) / (o.box[3] - o.box[1]) for s in drawn for o in s.objects
+        )
+    assert heights[True] > 3 * heights[False]
 
 
 def test_cli_takes_model_and_set_overrides(tiny_config, tiny_model_dir, tmp_path, capsys):

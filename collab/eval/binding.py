@@ -9,7 +9,8 @@ to a few objects. Two measurements tell the look from the bag:
 
 - **coarse accuracy by objects in the scene** (colour and shape questions, 1-5 objects): a look
   reads one object whatever the count; a bag gets worse as objects are added;
-- **named-object hit per decoder layer, head and query token**: from every question token's row
+- **named-object hit per decoder layer, head and query token**, for questions that name the object
+  by colour, by shape and by both: from every question token's row
   (not only the last one, which the RoI search reads), is the named object the object with the
   most attention per cell? Chance is about 1 / objects. If no row of any head is above chance, the
   answers do not come from a look, whatever layer the RoI search reads.
@@ -34,6 +35,9 @@ from collab.imaging import make_global_image, round_trip
 from collab.progress import progress
 
 FIRST_INDEX = 10_000
+# Question types whose rows are measured: "what shape is the red object?" names by colour, "what
+# color is the circle?" by shape (the look colour cannot give), "what number is in the red circle?" by both.
+ROW_QTYPES = ("shape", "color", "number")
 
 
 def object_cells(objects: Sequence[dict], size: tuple[int, int], grid: tuple[int, int]) -> list[np.ndarray]:
@@ -179,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "model": config.model.path,
         "split": args.split,
         "coarse_by_objects": coarse_by_objects(backend, seed, max(8, n // 2)),
-        "rows": [hits_by_row(backend, template, seed, n, qtype) for qtype in ("shape", "number")],
+        "rows": [hits_by_row(backend, template, seed, n, qtype) for qtype in ROW_QTYPES],
     }
     print(render(report))
     if args.out:

@@ -18,6 +18,10 @@ tokens the decoder receives:
 - ``crop``: a RoI-sized crop of the original around the object (side = the RoI search's base side
   x U(1, 2), as it picks), all tokens averaged.
 
+``--legible-glyphs`` draws the scenes as stage 2's scale augmentation does (digits big enough to
+read in the global image, training only): whether the tower passes those digits on, without which
+a question about a legible digit rewards no look.
+
 Held-out accuracy (fit on the first `--train` share of objects, scored on the rest) against the
 held-out accuracy of always answering the training split's most frequent class. A probe is a lower
 bound of what the tokens hold (linear, on a pooled vector), so "high" is conclusive and "low" says:
@@ -105,7 +109,9 @@ def covered_cells(
     return cells.tolist() if len(cells) else [int(cover.argmax())]
 
 
-def collect(backend, config, n: int, seed: int, batch: int = 32, progress: bool = True) -> dict:
+def collect(
+    backend, config, n: int, seed: int, batch: int = 32, progress: bool = True, legible_glyphs: bool = False
+) -> dict:
     """Pooled token features per view and the attribute labels of one random object per scene."""
     info = backend.info
     size = info.encoder_size
@@ -126,7 +132,7 @@ def collect(backend, config, n: int, seed: int, batch: int = 32, progress: bool 
         k = min(batch, n - done)
         globals_, crops, token_sets, single = [], [], [], []
         for _ in range(k):
-            scene = render_scene(rng)
+            scene = render_scene(rng, legible_glyphs=legible_glyphs)
             obj = scene.objects[int(rng.integers(len(scene.objects)))]
             image, geometry = make_global_image(scene.image, size, im.global_mode, im.pad_color)
             globals_.append(sent(image))
@@ -218,6 +224,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--train", type=float, default=0.75, help="share of objects the probes are fitted on (default %(default)s)"
     )
+    p.add_argument(
+        "--legible-glyphs",
+        action="store_true",
+        help="scenes drawn with digits legible in the global image (stage 2's training-only scale augmentation)",
+    )
     p.add_argument("--out", type=Path, default=None, help="write OUT/probe.json")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -244,10 +255,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, ModelLoadError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    report = probe_table(collect(backend, config, args.n, args.seed, progress=not args.no_progress), args.train)
+    data = collect(
+        backend, config, args.n, args.seed, progress=not args.no_progress, legible_glyphs=args.legible_glyphs
+    )
+    report = probe_table(data, args.train)
     report["model"] = str(config.model.path)
     report["config"] = config.model_dump(mode="json")
     report["seed"] = args.seed
+    report["legible_glyphs"] = args.legible_glyphs
     print(
         f"linear probes on {report['n'] - report['n_train']} held-out objects (fit on {report['n_train']}); "
         "accuracy (in brackets: always the training split's most frequent class)"
