@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -34,12 +36,38 @@ def wait_ready(url: str, proc: subprocess.Popen | None, timeout: float) -> None:
         time.sleep(1)
 
 
+def port_in_use(url: str) -> bool:
+    """Whether something accepts connections at the URL's host and port."""
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parts.hostname or "127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def wait_port_free(url: str, timeout: float) -> None:
+    """Wait for the port to be free before starting an app on it. An app still shutting down (the
+    previous `--start-app` run's Ray cluster) would otherwise pass the readiness check and then
+    vanish under the load, its successor answering 404 until its routes are up."""
+    end = time.time() + timeout
+    while port_in_use(url):
+        if time.time() >= end:
+            raise RuntimeError(
+                f"something already listens at {url}; stop it (`serve shutdown -y` or `ray stop`) "
+                "or use it without --start-app"
+            )
+        time.sleep(1)
+
+
 @contextmanager
 def serve_app(
     serve_config: str | Path = DEFAULT_SERVE_CONFIG,
     url: str = "http://127.0.0.1:8000",
     timeout: float = 180,
     quiet: bool = True,
+    busy_timeout: float = 60,
 ):
     """`serve run` in its own process group; SIGTERM (which stops its Ray cluster) on exit.
 
@@ -51,6 +79,7 @@ def serve_app(
         "HF_HUB_OFFLINE": "1",
         "RAY_USAGE_STATS_ENABLED": os.environ.get("RAY_USAGE_STATS_ENABLED", "0"),
     }
+    wait_port_free(url, busy_timeout)
     serve_cli = Path(sys.executable).with_name("serve")  # the venv's CLI, even when it is not on PATH
     out = subprocess.DEVNULL if quiet else None
     print(f"starting: serve run {serve_config}", flush=True)

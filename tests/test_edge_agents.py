@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import random
+import socket
 import time
 
 import httpx
@@ -404,6 +405,7 @@ def test_started_app_inherits_the_drivers_ray_auth_mode(monkeypatch):
 
     monkeypatch.setattr(subprocess, "Popen", fake_popen)
     monkeypatch.setattr(app_process, "wait_ready", lambda *a, **k: None)
+    monkeypatch.setattr(app_process, "wait_port_free", lambda *a, **k: None)
     monkeypatch.setattr(app_process.os, "killpg", lambda *a: None)
     for mode in (None, "token", "disabled"):
         if mode is None:
@@ -414,6 +416,31 @@ def test_started_app_inherits_the_drivers_ray_auth_mode(monkeypatch):
             pass
         assert launched["env"].get("RAY_AUTH_MODE") == mode
         assert launched["env"]["HF_HUB_OFFLINE"] == "1"
+
+
+def test_start_app_waits_for_the_port_and_refuses_a_busy_one(monkeypatch):
+    """A previous app still shutting down on the port would pass the readiness check and then
+    vanish under the load (a sweep's first point once failed so, its successor answering 404)."""
+    import subprocess
+
+    from edge_agents import app_process
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    started = []
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: started.append(a))
+    try:
+        assert app_process.port_in_use(url)
+        with pytest.raises(RuntimeError, match="already listens"):
+            with app_process.serve_app(url=url, busy_timeout=1.5):
+                pass
+        assert not started  # nothing was launched on a busy port
+    finally:
+        listener.close()
+    assert not app_process.port_in_use(url)
+    app_process.wait_port_free(url, timeout=0)  # free: returns at once
 
 
 def test_step_table_counts_a_window_with_failures_as_over_the_slo():
