@@ -52,10 +52,6 @@ class BatchSpec:
     # the question names, and the look carries over to scenes whose digit cannot be read.
     legible_fraction: float = 0.0
     legible_fine_fraction: float = 0.8
-    # Of those fine questions, this share names the object by its shape alone ("what number is in
-    # the square?", asked where no other object is a square), so that the shape word's row, not
-    # only the colour word's, is rewarded for finding its object; the benchmark names by both.
-    legible_shape_names: float = 0.0
     # Dense descriptions (LLaVA's first stage trains on captions): this share of global-only examples
     # asks CAPTION_QUESTION and is answered by every object's colour and shape in a random order
     # (and its digit where legible). After "red" the next word is the red object's shape (after
@@ -70,23 +66,6 @@ class BatchSpec:
 
 
 CAPTION_QUESTION = "what objects are there?"  # training only; its words are the benchmark's own
-SHAPE_NAMED_TEMPLATE = "what number is in the {shape}?"  # training only, the benchmark's words too
-
-
-def shape_named(question: Question, scene: Scene) -> Question | None:
-    """The fine question asked of the same object by its shape alone, or None when another object
-    has that shape (the shape would not say which object is meant)."""
-    target = next(o for o in scene.objects if list(o.box) == list(question.target_box))
-    if sum(o.shape == target.shape for o in scene.objects) > 1:
-        return None
-    return Question(
-        SHAPE_NAMED_TEMPLATE.format(shape=target.shape),
-        target.digit,
-        "fine",
-        "number",
-        list(target.box),
-        list(target.glyph_box),
-    )
 
 
 def caption_words(rng: np.random.Generator, scene: Scene, spec: BatchSpec) -> tuple[list[str], list[float]]:
@@ -176,13 +155,6 @@ def example_from_scene(
     else:
         fine_fraction = spec.legible_fine_fraction if scene.legible_glyphs else spec.fine_fraction
         question = pick_question(rng, scene, fine_fraction, asked)
-        if (
-            scene.legible_glyphs
-            and question.kind == "fine"
-            and spec.legible_shape_names > 0
-            and rng.random() < spec.legible_shape_names
-        ):
-            question = shape_named(question, scene) or question
     if asked is not None:
         asked.add(question.question)
     size = (spec.image_size, spec.image_size)

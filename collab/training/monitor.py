@@ -69,23 +69,13 @@ def answer_metrics(model, tokenizer, spec: BatchSpec, recipe: Recipe) -> dict:
                 stats.setdefault(f"{kind}_{name}_gap", []).extend((per_ex_shuf - per_ex)[mask].tolist())
     # fine questions on scenes whose digits are legible at the encoder's resolution (training only):
     # answerable from the global image by looking at the named object and reading it
-    # (as the benchmark names objects, by colour and shape; and, where the recipe asks so, by shape alone)
     legible = replace(spec, legible_fraction=1.0, legible_fine_fraction=1.0, caption_fraction=0.0)
-    named = [("global_legible_fine_acc", 0.0)]
-    if recipe.vlm.legible_shape_names > 0:
-        named.append(("global_legible_shape_named_acc", 1.0))
-    for key, shape_names in named:
-        batch = eval_batch(
-            np.random.default_rng([recipe.monitor.seed, 0, 2]),
-            replace(legible, legible_shape_names=shape_names),
-            "global",
-            recipe.vlm.batch,
-            tokenizer,
-            device,
-        )
-        with autocast(device, recipe.runtime.amp_dtype):
-            _, _, correct = answer_loss(model, batch, recipe.vlm.eos_weight)
-        stats[key] = correct[batch["fine"]].float().tolist()
+    batch = eval_batch(
+        np.random.default_rng([recipe.monitor.seed, 0, 2]), legible, "global", recipe.vlm.batch, tokenizer, device
+    )
+    with autocast(device, recipe.runtime.amp_dtype):
+        _, _, correct = answer_loss(model, batch, recipe.vlm.eos_weight)
+    stats["global_legible_fine_acc"] = correct[batch["fine"]].float().tolist()
     if recipe.vlm.caption_fraction > 0:
         stats["global_caption_look_acc"] = caption_look_hits(model, tokenizer, spec, recipe, device)
     if recipe.vlm.caption_shape_first > 0:  # shape-first descriptions: does the shape word's row look?

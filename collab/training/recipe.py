@@ -123,13 +123,6 @@ class VLMStage(_Strict):
         "(scale augmentation: 'look at the named object, then read' is rewarded by plain answers)",
     )
     legible_fine_fraction: float = Field(0.8, ge=0, le=1, description="share of fine questions on those scenes")
-    legible_shape_names: float = Field(
-        0.0,
-        ge=0,
-        le=1,
-        description="share of those fine questions that name the object by its shape alone ('what number is in "
-        "the square?', where the shape is unique): the shape word's row is rewarded for finding its object",
-    )
     negative_fraction: float = Field(0.15, ge=0, le=1, description="crops of another object (hard negatives)")
     caption_fraction: float = Field(
         0.0,

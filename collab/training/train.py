@@ -35,7 +35,6 @@ def batch_spec(recipe: Recipe) -> BatchSpec:
         negative_fraction=v.negative_fraction,
         legible_fraction=v.legible_fraction,
         legible_fine_fraction=v.legible_fine_fraction,
-        legible_shape_names=v.legible_shape_names,
         caption_fraction=v.caption_fraction,
         caption_shape_first=v.caption_shape_first,
         caption_object_starts=v.caption_object_starts,
