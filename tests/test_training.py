@@ -93,7 +93,7 @@ def test_the_shipped_recipe_files_load_and_the_cpu_one_trains_two_steps(tmp_path
     sets = [
         "tower.steps=2",
         "tower.batch=4",
-        "vlm.steps=2",
+        f"vlm.steps={min(cpu.vlm.steps, 2)}",  # 0 stays 0: the first part may train the tower only
         "vlm.batch=4",
         "monitor.batches=1",
         "monitor.attention_items=2",
@@ -114,8 +114,13 @@ def test_the_shipped_recipe_files_load_and_the_cpu_one_trains_two_steps(tmp_path
     assert done.returncode == 0, done.stderr[-2000:]
     rows = rows_of(tmp_path / "m" / "training_log.jsonl")
     done_rows = [(r["stage_done"], r["steps"]) for r in rows if "stage_done" in r]
-    expected = [stage for _, tower in cpu_parts for stage in ([(1, 2)] if tower else []) + [(2, 2)]]
+    expected = [
+        stage
+        for part, tower in cpu_parts
+        for stage in ([(1, 2)] if tower else []) + ([(2, 2)] if part.vlm.steps else [])
+    ]
     assert done_rows == expected and (1, 2) in done_rows[1:]  # every part, one command; a later one trains the tower
+    assert done_rows[-1] == (2, 2)  # the recipe ends in stage 2
     last_part = ["--from-part", str(len(cpu_parts) - 1), "--init-model", str(tmp_path / "m")]
     resumed = subprocess.run(
         cmd + last_part + ["--out", str(tmp_path / "r")], capture_output=True, text=True, timeout=300
@@ -129,7 +134,10 @@ def test_the_shipped_recipe_files_load_and_the_cpu_one_trains_two_steps(tmp_path
 
 
 def two_steps(continuation: dict) -> dict:
-    short = {**continuation, "vlm": {**continuation.get("vlm", {}), "steps": 2}}
+    """A continuation cut to 2 steps a stage; a part that trains the tower only (no `vlm`) stays so."""
+    short = {**continuation}
+    if "vlm" in continuation:
+        short["vlm"] = {**continuation["vlm"], "steps": 2}
     if "tower" in continuation:
         short["tower"] = {**continuation["tower"], "steps": 2, "batch": 4}
     return short
@@ -595,6 +603,34 @@ def test_continuations_run_in_one_go_and_count_on_in_the_plots(tmp_path):
         train(recipe, tmp_path / "m2", from_part=2)
     with pytest.raises(ValueError, match="from_part"):
         train(recipe, tmp_path / "m2", from_part=3, init_model=out)
+
+
+def test_tower_only_parts_then_a_fresh_decoder_resumable_from_the_tower(tmp_path):
+    """Parts with vlm.steps 0 train the tower only; the recipe's stage 2 then starts on a decoder no
+    part has trained, so it can be resumed from the tower alone (--from-part with --init-tower)."""
+    from transformers import LlavaForConditionalGeneration
+
+    raw = json.loads(json.dumps(TOY))
+    raw["vlm"]["steps"] = 0
+    raw["continuations"] = [{"seed": 1, "tower": {"steps": 2}}, {"seed": 2, "vlm": {"steps": 2}}]
+    recipe = Recipe.model_validate(raw)
+    out = train(recipe, tmp_path / "full", tmp_path / "full.jsonl")
+    rows = rows_of(tmp_path / "full.jsonl")
+    assert [(r["stage_done"], r.get("part", 0)) for r in rows if "stage_done" in r] == [(1, 0), (1, 1), (2, 2)]
+    with pytest.raises(ValueError, match="init_tower"):
+        train(recipe, tmp_path / "none", from_part=2)
+    resumed = train(recipe, tmp_path / "resumed", tmp_path / "resumed.jsonl", init_tower=out, from_part=2)
+    rows = rows_of(tmp_path / "resumed.jsonl")
+    assert [(r["stage_done"], r.get("part", 0)) for r in rows if "stage_done" in r] == [(2, 2)]
+    full = LlavaForConditionalGeneration.from_pretrained(out).state_dict()
+    again = LlavaForConditionalGeneration.from_pretrained(resumed).state_dict()
+    tower_keys = [k for k in full if ".vision_tower." in k]
+    assert tower_keys and all(torch.equal(full[k], again[k]) for k in tower_keys)  # the tower as given, frozen
+    # a recipe whose parts all train the tower only still saves a loadable model
+    towers_only = Recipe.model_validate({**raw, "continuations": [{"seed": 1, "tower": {"steps": 1}}]})
+    saved = train(towers_only, tmp_path / "towers", tmp_path / "towers.jsonl")
+    assert (saved / "model.safetensors").exists()
+    assert [r["stage_done"] for r in rows_of(tmp_path / "towers.jsonl") if "stage_done" in r] == [1, 1]
 
 
 def test_each_stage_runs_at_its_own_thread_count(tmp_path, monkeypatch):

@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         metavar="N",
         help="resume the recipe at its continuation N (1: the first) from --init-model, the model its parts before "
-        "N left; e.g. the shipped model's last part from the model before it (default: 0, the whole recipe)",
+        "N left, or from --init-tower where they trained the tower only (vlm.steps 0); e.g. the shipped model's "
+        "stage 2 from the tower before it (default: 0, the whole recipe)",
     )
     return p
 
@@ -67,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError(f"--stages must be a subset of {','.join(STAGES)}")
         if "tower" not in stages and "vlm" in stages and args.init_tower is None and args.init_model is None:
             raise ConfigError("--stages vlm needs --init-tower or --init-model")
-        check_from_part(len(recipe.parts()), args.from_part, args.init_model)
+        check_from_part(len(recipe.parts()), args.from_part, args.init_model, args.init_tower)
         for name in ("init_tower", "init_model"):
             path = getattr(args, name)
             if path is not None and not path.exists():

@@ -93,12 +93,16 @@ def load_saved_weights(model, model_dir: Path, tokenizer) -> None:
     model.load_state_dict({k: saved[k] for k in mine})
 
 
-def check_from_part(parts: int, from_part: int, init_model: Path | None) -> None:
-    """A recipe of `parts` parts can resume at `from_part` only from the model its earlier parts left."""
+def check_from_part(parts: int, from_part: int, init_model: Path | None, init_tower: Path | None = None) -> None:
+    """A recipe of `parts` parts can resume at `from_part` only from what its earlier parts left: the
+    model, or the tower alone where those parts trained no decoder (`vlm.steps: 0`)."""
     if not 0 <= from_part < parts:
         raise ValueError(f"from_part (--from-part) must be in 0..{parts - 1}: the recipe has {parts} parts")
-    if from_part and init_model is None:
-        raise ValueError("from_part needs init_model (--init-model): the model the recipe's parts before it left")
+    if from_part and init_model is None and init_tower is None:
+        raise ValueError(
+            "from_part needs init_model (--init-model), the model the recipe's parts before it left, "
+            "or init_tower (--init-tower) where those parts trained the tower only"
+        )
 
 
 def train(
@@ -113,7 +117,8 @@ def train(
     """Run the recipe's parts (its stages, then its continuations) into out_dir, keeping to `stages`.
     Without the tower stage, `init_tower` (a stage-1 checkpoint or a saved model) provides the
     tower; `init_model` (a saved model directory) warm-starts every weight. `from_part` N resumes
-    the recipe at continuation N from `init_model`, the model its parts before N left."""
+    the recipe at continuation N from `init_model`, the model its parts before N left, or from
+    `init_tower` when they trained the tower only. A part whose `vlm.steps` is 0 trains no decoder."""
     from collab.training.tower import train_tower
 
     unknown = set(stages) - set(STAGES)
@@ -122,7 +127,7 @@ def train(
     if "tower" not in stages and "vlm" in stages and init_tower is None and init_model is None:
         raise ValueError("the vlm stage without the tower stage needs init_tower or init_model")
     parts = recipe.parts()
-    check_from_part(len(parts), from_part, init_model)
+    check_from_part(len(parts), from_part, init_model, init_tower)
     device = resolve_device(recipe.runtime.device)
     torch.manual_seed(recipe.seed)
     out_dir = Path(out_dir)
@@ -141,6 +146,7 @@ def train(
         model.model.vision_tower.load_state_dict(tower_state(init_tower))
         log({"init_tower": str(init_tower)})
     model.to(device)
+    decoder_trained = False
     for number, (part_recipe, with_tower) in enumerate(parts[from_part:], from_part):
         if number:
             torch.manual_seed(part_recipe.seed)
@@ -149,12 +155,13 @@ def train(
             train_tower(model, batch_spec(part_recipe), part_recipe, log, number)
             tower = {k: v.cpu() for k, v in model.model.vision_tower.state_dict().items()}
             torch.save(tower, out_dir / TOWER_CHECKPOINT)
-        if "vlm" in stages:
+        if "vlm" in stages and part_recipe.vlm.steps:  # steps 0: a part that trains the tower only
             from collab.training.vlm import train_vlm
 
             torch.set_num_threads(part_recipe.runtime.vlm_threads or part_recipe.runtime.threads)
             train_vlm(model, tokenizer, batch_spec(part_recipe), part_recipe, out_dir, log, number)
-    if "vlm" not in stages:
+            decoder_trained = True
+    if not decoder_trained:
         save_checkpoint(model, tokenizer, recipe, out_dir, 0)
     log({"done": True, "minutes": round((time.time() - log.started) / 60, 1)})
     log.close()
