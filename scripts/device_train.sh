@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: train the embedded model with the GPU recipe, evaluate it on the calibration
 # split, and leave three files in $OUT (model.tar, train.log, eval_1001.json): under 600 s on an
-# H200 (the recipe's budgets are 465 s). Prepared so that a session lent a GPU spends its lease
+# H200 (the recipe's budgets are 440 s). Prepared so that a session lent a GPU spends its lease
 # training, not debugging.
 #
 # The device image has torch, transformers, numpy, pillow and PyYAML but not pydantic. Once, here,

@@ -7,7 +7,8 @@ names.
 Each property here was once a strict expected failure that a shipped model went on to meet, and
 now guards it: the look-alike test since the eighth session's heads, the crop test since the
 eleventh session's tower, coarse questions from the global image since the thirteenth session's
-decoder (issue 15's own target for them, 90 %, is still missed: docs/embedded_model.md)."""
+decoder (at 85 % since the fourteenth session's part, which meets issue 15's 90 % held out:
+docs/embedded_model.md)."""
 
 import os
 from pathlib import Path
@@ -114,7 +115,7 @@ def test_coarse_questions_are_answered_from_the_global_image(embedded):
     right = sum(
         backend.generate([global_features(backend, config, it.image)], it.question).answer == it.answer for it in items
     )
-    assert right / len(items) >= 0.75, right
+    assert right / len(items) >= 0.85, right  # v29: 37 of 40; v28: 0.75 held out
 
 
 def test_first_pass_attention_follows_the_question_on_look_alike_pairs(embedded):

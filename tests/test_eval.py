@@ -51,6 +51,7 @@ def test_cli_writes_report_with_stable_keys(tiny_model_dir, tiny_config, tmp_pat
         assert (out / png).stat().st_size > 1000
     assert len((out / "items.jsonl").read_text().splitlines()) == 6
     assert report["stages_by_qtype"]["all"]["n"] == 6
+    assert set(report["reference_gates"]) == {"fine_items", "crop_helps"}
 
 
 def test_cli_rejects_calibrating_on_the_evaluated_split(capsys):
@@ -257,3 +258,20 @@ def test_hit_rate_by_lookalike_and_the_share_in_the_report(outcomes):
         group = [o for o in rows if o.lookalike_kind == kind]
         assert v["hit_rate"] == pytest.approx(np.mean([hit(o.roi_box, o.target_box) for o in group]))
         assert v["refined_accuracy"] == pytest.approx(np.mean([o.refined_acc for o in group]))
+
+
+def test_reference_gates_bound_the_bytes_of_any_gate(outcomes):
+    """`fine_items` refines exactly the fine questions, `crop_helps` exactly the items whose answer
+    the crop improves: crop_helps reaches at least `always`' accuracy, and each share is its bytes
+    over `always`' bytes."""
+    from collab.eval.report import reference_gates
+
+    gates = reference_gates(outcomes)
+    always = policy_result(outcomes, np.ones(len(outcomes), dtype=bool))
+    fine = [o.kind == "fine" for o in outcomes]
+    assert gates["fine_items"]["refine_rate"] == pytest.approx(np.mean(fine))
+    assert gates["crop_helps"]["accuracy"] >= always["accuracy"] - 1e-9
+    for r in gates.values():
+        assert r["bytes_share_of_always"] == pytest.approx(r["extra_bytes_mean"] / always["extra_bytes_mean"])
+    helped = [o.local_bytes for o in outcomes if o.refined_acc > o.first_acc]
+    assert gates["crop_helps"]["extra_bytes_mean"] == pytest.approx(sum(helped) / len(outcomes))

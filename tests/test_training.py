@@ -88,7 +88,8 @@ def test_the_shipped_recipe_files_load_and_the_cpu_one_trains_two_steps(tmp_path
     for (c, c_tower), (g, g_tower) in zip(cpu_parts, gpu_parts):
         assert c_tower == g_tower and c.tower.lr == g.tower.lr and c.tower.dense_weight == g.tower.dense_weight
         assert c.seed == g.seed and c.vlm.curriculum == g.vlm.curriculum
-        assert c.vlm.caption_fraction == g.vlm.caption_fraction
+        assert c.vlm.caption_fraction == g.vlm.caption_fraction and c.vlm.fine_fraction == g.vlm.fine_fraction
+        assert c.vlm.local_fraction == g.vlm.local_fraction and c.tower.legible_fraction == g.tower.legible_fraction
         assert c.vlm.caption_shape_first == g.vlm.caption_shape_first
     sets = [
         "tower.steps=2",

@@ -210,6 +210,15 @@ def print_summary(report: dict, out: Path) -> None:
             f"{name:10s} {100 * r['accuracy']:8.1f}% {100 * r['refine_rate']:6.1f}% "
             f"{r['extra_bytes_mean'] / 1024:10.2f} {r['total_bytes_mean'] / 1024:10.2f}"
         )
+    always = report["policies"].get("always")
+    if always and always["extra_bytes_mean"] and "entropy" in report["policies"]:
+        share = report["policies"]["entropy"]["extra_bytes_mean"] / always["extra_bytes_mean"]
+        print(f"entropy's extra bytes: {100 * share:.1f} % of always'")
+    for name, r in report.get("reference_gates", {}).items():
+        print(
+            f"reference gate {name:10s} (not deployable): accuracy {100 * r['accuracy']:.1f}%  refine "
+            f"{100 * r['refine_rate']:.1f}%  extra bytes {100 * r['bytes_share_of_always']:.1f} % of always'"
+        )
     print(f"full-resolution upload: {report['bytes']['full_resolution_mean'] / 1024:.1f} KiB/query")
     for kind, s in report["separability"].items():
         if s:

@@ -4,7 +4,8 @@ Report keys are stable so runs can be compared: `policies.<name>.{accuracy, refi
 extra_bytes_mean, total_bytes_mean}`, `separability.<score>.{overlap, bhattacharyya, auc}`,
 `roi.{hit_rate, mean_iou, area_fraction, object_hit_rate, hit_rate_by_objects, hit_rate_by_lookalike,
 by_lookalike_kind}`,
-`sweep` (list of points), `layers`, `aggregation`, `stages`, `n`.
+`sweep` (list of points), `layers`, `aggregation`, `stages`, `n`,
+`reference_gates.<fine_items|crop_helps>.{accuracy, refine_rate, bytes_share_of_always}`.
 """
 
 from __future__ import annotations
@@ -43,6 +44,23 @@ def expected_random_accuracy(outcomes: list[ItemOutcome], rate: float) -> float:
     first = np.array([o.first_acc for o in outcomes])
     refined = np.array([o.refined_acc for o in outcomes])
     return float(((1 - rate) * first + rate * refined).mean())
+
+
+def reference_gates(outcomes: list[ItemOutcome]) -> dict:
+    """Two gates no server can run, as bounds for the ones it can: `fine_items` refines exactly the
+    questions that need the detail (the best a gate that cannot foresee the RoI's success can do
+    when every fine question is unsure), `crop_helps` exactly those whose answer the crop makes
+    more right. Each with its extra bytes as a share of `always`'."""
+    always = float(np.mean([o.local_bytes for o in outcomes])) if outcomes else 0.0
+    gates = {
+        "fine_items": np.array([o.kind == "fine" for o in outcomes], dtype=bool),
+        "crop_helps": np.array([o.refined_acc > o.first_acc for o in outcomes], dtype=bool),
+    }
+    out = {}
+    for name, refine in gates.items():
+        res = policy_result(outcomes, refine)
+        out[name] = {**res, "bytes_share_of_always": res["extra_bytes_mean"] / always if always else 0.0}
+    return out
 
 
 def gate_scores(outcomes: list[ItemOutcome], spec: PolicySpec) -> np.ndarray:
@@ -205,4 +223,5 @@ def build_report(outcomes: list[ItemOutcome], spec: PolicySpec, policies: list[s
             "local_mean": float(np.mean([o.local_bytes for o in outcomes])),
             "full_resolution_mean": full,
         },
+        "reference_gates": reference_gates(outcomes),
     }
