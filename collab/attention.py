@@ -4,6 +4,12 @@ From one forward pass with attention outputs, take one decoder layer, the chosen
 the visual-token columns, average over heads and rows, and lay the result out on the encoder's
 patch grid. Dividing by the same map for a generic prompt ("Write a general description of the
 image.") cancels the positions a model attends to whatever it is asked (ViCrop's rel-att).
+
+Averaging rows and heads suits a model that looks from one row (ViCrop's last input token). A
+model whose look forms at the words that name the object looks from a different row in each
+head (the colour word's in one, the shape word's in another), and the other rows dilute it:
+`reduce_rows` keeps each head's sharpest row and `reduce_heads` can ask that a place draw every
+head's look (a geometric mean), so "the yellow circle" scores the object that is both.
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ import numpy as np
 import torch
 
 QUERY_ROW_MODES = ("last_input", "answer", "all", "question")
+ROW_REDUCTIONS = ("mean", "sharpest")
+HEAD_REDUCTIONS = ("mean", "geometric")
 
 
 def query_rows(prompt_len: int, n_answer_tokens: int, mode: str, question_start: int | None = None) -> list[int]:
@@ -64,6 +72,18 @@ def visual_attention(
     attentions: per-layer tensors (batch=1, heads, queries, keys) as transformers returns them.
     Returns a float32 vector of len(visual_positions).
     """
+    return visual_attention_rows(attentions, layer, rows, visual_positions, heads).mean(dim=(0, 1))
+
+
+def visual_attention_rows(
+    attentions: Sequence[torch.Tensor],
+    layer: int,
+    rows: Sequence[int],
+    visual_positions: torch.Tensor | Sequence[int],
+    heads: Sequence[int] | None = None,
+) -> torch.Tensor:
+    """One layer's attention of each head and query row to the visual positions, not averaged:
+    float32 (heads, rows, len(visual_positions)) on the CPU."""
     index = resolve_layer(layer, len(attentions))
     att = attentions[index]
     if att.ndim != 4 or att.shape[0] != 1:
@@ -72,8 +92,7 @@ def visual_attention(
         check_heads(heads, att.shape[1])
         att = att[:, list(heads)]
     positions = torch.as_tensor(visual_positions, dtype=torch.long, device=att.device)
-    picked = att[0][:, list(rows)][:, :, positions]  # (heads, rows, n_visual)
-    return picked.float().mean(dim=(0, 1)).cpu()
+    return att[0][:, list(rows)][:, :, positions].float().cpu()
 
 
 def check_heads(heads: Sequence[int], num_heads: int) -> None:
@@ -97,3 +116,58 @@ def relative_attention(question_map: np.ndarray, generic_map: np.ndarray, epsilo
     if q.shape != g.shape:
         raise ValueError(f"maps differ in shape: {q.shape} vs {g.shape}")
     return q / (g + epsilon)
+
+
+def _normalised(maps: np.ndarray) -> np.ndarray:
+    """Each map (last axis) scaled to sum 1; an all-zero map becomes uniform."""
+    total = maps.sum(axis=-1, keepdims=True)
+    uniform = np.full_like(maps, 1.0 / maps.shape[-1])
+    return np.divide(maps, total, out=uniform, where=total > 0)
+
+
+def reduce_rows(maps: np.ndarray, how: str) -> np.ndarray:
+    """(heads, rows, n) maps -> (heads, n): each head's mean over rows, or its sharpest row (the
+    lowest entropy once normalised: the row that looks at one place, as the word naming the
+    object does, where the other rows spread over the image)."""
+    maps = np.asarray(maps, dtype=np.float64)
+    if maps.ndim != 3 or maps.shape[1] == 0:
+        raise ValueError(f"expected (heads, rows, n) maps with at least one row, got shape {maps.shape}")
+    if how == "mean":
+        return maps.mean(axis=1)
+    if how == "sharpest":
+        p = _normalised(maps)
+        entropy = -(p * np.log(np.where(p > 0, p, 1.0))).sum(axis=-1)  # (heads, rows)
+        return p[np.arange(p.shape[0]), entropy.argmin(axis=1)]
+    raise ValueError(f"unknown row reduction {how!r}; expected one of {ROW_REDUCTIONS}")
+
+
+def reduce_heads(maps: np.ndarray, how: str, epsilon: float = 1e-12) -> np.ndarray:
+    """(heads, n) -> (n,): the mean over heads, or the geometric mean of each head's normalised map
+    (a place scores only where every head looks: a conjunction of what each head finds)."""
+    maps = np.asarray(maps, dtype=np.float64)
+    if maps.ndim != 2 or maps.shape[0] == 0:
+        raise ValueError(f"expected (heads, n) maps with at least one head, got shape {maps.shape}")
+    if how == "mean":
+        return maps.mean(axis=0)
+    if how == "geometric":
+        return np.exp(np.log(_normalised(maps) + epsilon).mean(axis=0))
+    raise ValueError(f"unknown head reduction {how!r}; expected one of {HEAD_REDUCTIONS}")
+
+
+def combine_maps(
+    question: np.ndarray,
+    generic: np.ndarray | None,
+    rows: str,
+    heads: str,
+    epsilon: float = 1e-6,
+) -> np.ndarray:
+    """One map from per-head, per-row maps (heads, rows, n) of the question and, for relative
+    attention, of the generic prompt (heads, rows', n; None: plain attention). Each head's question
+    rows are divided by that head's mean generic map, then reduced over rows, then over heads."""
+    q = np.asarray(question, dtype=np.float64)
+    if generic is not None:
+        g = np.asarray(generic, dtype=np.float64)
+        if g.ndim != 3 or g.shape[0] != q.shape[0] or g.shape[2] != q.shape[2]:
+            raise ValueError(f"generic maps {g.shape} do not match question maps {q.shape} in heads and tokens")
+        q = q / (g.mean(axis=1, keepdims=True) + epsilon)
+    return reduce_heads(reduce_rows(q, rows), heads)

@@ -19,6 +19,8 @@ ScoreKind = Literal["min_entropy", "shannon", "margin"]
 PolicyName = Literal["never", "always", "random", "entropy", "adaptive"]
 POLICIES: tuple[str, ...] = get_args(PolicyName)  # every CLI's choices, the API's form type, the gate
 QueryRows = Literal["last_input", "answer", "all", "question"]
+RowReduction = Literal["mean", "sharpest"]
+HeadReduction = Literal["mean", "geometric"]
 
 LLAVA15_PROMPT = "USER: <image>\n{question} Answer the question using a single word or phrase. ASSISTANT:"
 LLAVA15_REFINE_PROMPT = (
@@ -107,9 +109,25 @@ class AttentionConfig(_Strict):
         "With last_input rows a head subset is read in a pass of its own (the prefill's capture keeps only "
         "the mean over heads).",
     )
+    rows: RowReduction = Field(
+        "mean",
+        description="How the query rows combine: mean (ViCrop), or each head's sharpest row (its lowest-entropy "
+        "map: the word that names the object, found without parsing the question). Anything but mean for rows "
+        "and heads reads every head's rows in a pass of its own.",
+    )
+    head_reduce: HeadReduction = Field(
+        "mean",
+        description="How the heads combine: mean, or the geometric mean of each head's normalised map (a place "
+        "must draw every head's look: the colour word's head and the shape word's agree on the object that is both).",
+    )
     generic_prompt: str = GENERIC_PROMPT
     relative: bool = Field(True, description="Divide by the generic-prompt map (ViCrop's rel-att).")
     epsilon: float = Field(1e-6, gt=0, description="Added to the generic map before dividing.")
+
+    @property
+    def per_head(self) -> bool:
+        """Whether the map needs every head's rows apart (not one mean over heads and rows)."""
+        return self.rows != "mean" or self.head_reduce != "mean"
 
     @field_validator("heads")
     @classmethod

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from collab.attention import check_heads, relative_attention, resolve_layer
+from collab.attention import check_heads, combine_maps, relative_attention, resolve_layer
 from collab.backends.base import AttentionRequest, BackendInfo, DecodeRequest, Generation, VLMBackend
 from collab.config import AttentionConfig, ConfigError, RoIConfig
 from collab.geometry import CanvasGeometry, GlobalMode
@@ -96,7 +96,7 @@ def prefill_captures(cfg: AttentionConfig) -> bool:
     """Whether a first pass's prefill can provide the question map: ViCrop's `last_input` row is
     the prefill's last row. The `answer` and `all` rows need the answer, and `question` rows every
     text row's map, hence a pass of their own; so does a head subset (the capture keeps the mean)."""
-    return cfg.query_rows == "last_input" and cfg.heads is None
+    return cfg.query_rows == "last_input" and cfg.heads is None and not cfg.per_head
 
 
 def capture_layers(cfg: AttentionConfig, layers: Sequence[int]) -> list[int]:
@@ -135,6 +135,8 @@ def attention_maps_batch(
 ) -> list[list[np.ndarray]]:
     """(Relative) attention grids at several layers for several queries: one batched pass for the
     questions whose maps were not captured, one for the generic prompt (which depends only on the image)."""
+    if cfg.per_head:
+        return _per_head_maps_batch(backend, requests, cfg, layers)
     rows_need_answer = cfg.query_rows in ("answer", "all")
     missing = [
         i
@@ -154,11 +156,49 @@ def attention_maps_batch(
     question_maps = [question_maps.get(i) or [r.captured[layer] for layer in layers] for i, r in enumerate(requests)]
     if not cfg.relative:
         return question_maps
-    generic_rows = "question" if cfg.query_rows == "question" else "last_input"  # the same kind of row
     generic = backend.attention_grids_batch(
-        [AttentionRequest(r.features, cfg.generic_prompt) for r in requests], layers, generic_rows, cfg.heads
+        [AttentionRequest(r.features, cfg.generic_prompt) for r in requests], layers, _generic_rows(cfg), cfg.heads
     )
     return [[relative_attention(q, g, cfg.epsilon) for q, g in zip(qs, gs)] for qs, gs in zip(question_maps, generic)]
+
+
+def _generic_rows(cfg: AttentionConfig) -> str:
+    """The generic prompt's rows are read as the same kind of row as the question's."""
+    return "question" if cfg.query_rows == "question" else "last_input"
+
+
+def _per_head_maps_batch(
+    backend: VLMBackend, requests: Sequence[MapRequest], cfg: AttentionConfig, layers: Sequence[int]
+) -> list[list[np.ndarray]]:
+    """Maps reduced per head (cfg.rows, cfg.head_reduce): every head's rows are read in a pass."""
+    rows_need_answer = cfg.query_rows in ("answer", "all")
+    questions = backend.attention_rows_batch(
+        [AttentionRequest(r.features, r.question, r.answer_ids if rows_need_answer else []) for r in requests],
+        layers,
+        cfg.query_rows,
+        cfg.heads,
+    )
+    generic = (
+        backend.attention_rows_batch(
+            [AttentionRequest(r.features, cfg.generic_prompt) for r in requests], layers, _generic_rows(cfg), cfg.heads
+        )
+        if cfg.relative
+        else [[None] * len(layers) for _ in requests]
+    )
+    out = []
+    for qs, gs in zip(questions, generic):
+        maps = []
+        for q, g in zip(qs, gs):
+            flat = combine_maps(
+                q.reshape(*q.shape[:2], -1),
+                None if g is None else g.reshape(*g.shape[:2], -1),
+                cfg.rows,
+                cfg.head_reduce,
+                cfg.epsilon,
+            )
+            maps.append(flat.reshape(q.shape[2:]))
+        out.append(maps)
+    return out
 
 
 def attention_maps(

@@ -142,6 +142,33 @@ def test_a_head_subset_averages_only_those_heads(tiny_backend, processor, mode):
         tiny_backend.attention_grids_batch([request], [0], mode, [tiny_backend.info.num_heads])
 
 
+@pytest.mark.parametrize("mode", ["last_input", "question"])
+def test_attention_rows_keep_each_head_and_row(tiny_backend, processor, mode):
+    """The unreduced read: the model's own maps, head by head and row by row, on the token grid."""
+    img = images(1, seed=4)
+    features = tiny_backend.encode_images(img)[0]
+    inputs = processor(text=fill(tiny_backend.config.prompt_template), images=img, return_tensors="pt")
+    prompt = inputs["input_ids"]
+    with torch.inference_mode():
+        out = tiny_backend.model(
+            input_ids=prompt, pixel_values=inputs["pixel_values"], output_attentions=True, use_cache=False
+        )
+    positions = (prompt[0] == processor.image_token_id).nonzero().flatten()
+    rows = query_rows(prompt.shape[1], 0, mode, int(positions.max()) + 1)
+    request = AttentionRequest(features, QUESTION, [])
+    layers = [0, -1]
+    got = tiny_backend.attention_rows_batch([request, request], layers, mode, [2, 0])
+    assert len(got) == 2 and len(got[0]) == len(layers)
+    for layer, maps in zip(layers, got[0]):
+        att = out.attentions[layer][0]
+        assert maps.shape == (2, len(rows), *tiny_backend.info.grid)
+        expected = att[[2, 0]][:, rows][:, :, positions].reshape(2, len(rows), *tiny_backend.info.grid).numpy()
+        np.testing.assert_allclose(maps, expected, atol=1e-6)
+    np.testing.assert_allclose(got[1][0], got[0][0])
+    (mean,) = tiny_backend.attention_grids_batch([request], [0], mode, [2, 0])[0]
+    np.testing.assert_allclose(got[0][0].mean(axis=(0, 1)), mean, atol=1e-6)  # the averaged read is its mean
+
+
 def test_attention_layer_out_of_range(tiny_backend):
     features = tiny_backend.encode_images(images(1))[0]
     with pytest.raises(ValueError, match="out of range"):

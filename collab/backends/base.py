@@ -158,6 +158,18 @@ class VLMBackend(ABC):
         """attention_grids for several requests in one forward pass (one list of grids per request),
         averaged over `heads` (None: every head)."""
 
+    def attention_rows_batch(
+        self,
+        requests: Sequence[AttentionRequest],
+        layers: Sequence[int],
+        query_rows: str,
+        heads: Sequence[int] | None = None,
+    ) -> list[list[np.ndarray]]:
+        """Per request, per layer, the maps of each head and query row, not averaged: float32
+        (heads, rows, grid rows, grid cols), heads as listed (None: every head). For attention reads
+        that reduce rows and heads otherwise than by the mean (collab.attention.combine_maps)."""
+        raise NotImplementedError(f"{type(self).__name__} reads attention averaged over heads and rows only")
+
     def attention_grids(
         self,
         features: torch.Tensor,

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from collab.attention import query_rows as select_query_rows
-from collab.attention import resolve_layer, to_grid, visual_attention
+from collab.attention import resolve_layer, to_grid, visual_attention, visual_attention_rows
 from collab.backends import capture
 from collab.backends.base import (
     UNICODE_WHITESPACE,
@@ -274,6 +274,12 @@ class TransformersBackend(VLMBackend):
     def _eager_grids(
         self, r: AttentionRequest, layers: Sequence[int], query_rows: str, heads: Sequence[int] | None = None
     ) -> list[np.ndarray]:
+        attentions, rows, visual, grid = self._eager_attentions(r, query_rows)
+        return [to_grid(visual_attention(attentions, layer, rows, visual, heads), grid) for layer in layers]
+
+    def _eager_attentions(self, r: AttentionRequest, query_rows: str):
+        """One eager pass over prompt + answer: (every layer's attention, query rows, visual
+        positions, the image's token grid)."""
         prompt = self._prompt(self.config.prompt_template, r.question, [r.features])
         answer = torch.as_tensor(list(r.answer_ids), dtype=torch.long, device=self.device).reshape(1, -1)
         with self._eager_attention():
@@ -284,8 +290,27 @@ class TransformersBackend(VLMBackend):
             )
         visual = self._visual_positions(prompt)
         rows = select_query_rows(prompt.shape[1], answer.shape[1], query_rows, int(visual.max()) + 1)
-        grid = self._grid_of(r.features)
-        return [to_grid(visual_attention(out.attentions, layer, rows, visual, heads), grid) for layer in layers]
+        return out.attentions, rows, visual, self._grid_of(r.features)
+
+    @torch.inference_mode()
+    def attention_rows_batch(
+        self,
+        requests: Sequence[AttentionRequest],
+        layers: Sequence[int],
+        query_rows: str,
+        heads: Sequence[int] | None = None,
+    ) -> list[list[np.ndarray]]:
+        """Eager passes with output_attentions, one request at a time, as for a head subset."""
+        out = []
+        for r in requests:
+            attentions, rows, visual, grid = self._eager_attentions(r, query_rows)
+            out.append(
+                [
+                    visual_attention_rows(attentions, layer, rows, visual, heads).numpy().reshape(-1, len(rows), *grid)
+                    for layer in layers
+                ]
+            )
+        return out
 
     def _capture_layers(self, layers: Sequence[int]) -> list[int]:
         return sorted({resolve_layer(layer, self.info.num_layers) for layer in layers})
