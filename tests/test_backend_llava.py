@@ -117,9 +117,10 @@ def test_attention_grid_reads_the_right_rows(tiny_backend, processor, mode):
     assert np.all(grid > 0)
 
 
-@pytest.mark.parametrize("mode", ["last_input", "question"])
-def test_a_head_subset_averages_only_those_heads(tiny_backend, processor, mode):
-    img = images(1, seed=3)
+def model_attentions(tiny_backend, processor, mode: str, seed: int):
+    """The model's own forward with attentions over one image and QUESTION: (features, attentions,
+    visual positions, query rows of `mode`)."""
+    img = images(1, seed=seed)
     features = tiny_backend.encode_images(img)[0]
     inputs = processor(text=fill(tiny_backend.config.prompt_template), images=img, return_tensors="pt")
     prompt = inputs["input_ids"]
@@ -127,9 +128,14 @@ def test_a_head_subset_averages_only_those_heads(tiny_backend, processor, mode):
         out = tiny_backend.model(
             input_ids=prompt, pixel_values=inputs["pixel_values"], output_attentions=True, use_cache=False
         )
-    att = out.attentions[0][0]  # layer 0: (heads, q, k)
     positions = (prompt[0] == processor.image_token_id).nonzero().flatten()
-    rows = query_rows(prompt.shape[1], 0, mode, int(positions.max()) + 1)
+    return features, out.attentions, positions, query_rows(prompt.shape[1], 0, mode, int(positions.max()) + 1)
+
+
+@pytest.mark.parametrize("mode", ["last_input", "question"])
+def test_a_head_subset_averages_only_those_heads(tiny_backend, processor, mode):
+    features, attentions, positions, rows = model_attentions(tiny_backend, processor, mode, seed=3)
+    att = attentions[0][0]  # layer 0: (heads, q, k)
     request = AttentionRequest(features, QUESTION, [])
     grids = {}
     for heads in ([1], [0, 1]):
@@ -145,22 +151,13 @@ def test_a_head_subset_averages_only_those_heads(tiny_backend, processor, mode):
 @pytest.mark.parametrize("mode", ["last_input", "question"])
 def test_attention_rows_keep_each_head_and_row(tiny_backend, processor, mode):
     """The unreduced read: the model's own maps, head by head and row by row, on the token grid."""
-    img = images(1, seed=4)
-    features = tiny_backend.encode_images(img)[0]
-    inputs = processor(text=fill(tiny_backend.config.prompt_template), images=img, return_tensors="pt")
-    prompt = inputs["input_ids"]
-    with torch.inference_mode():
-        out = tiny_backend.model(
-            input_ids=prompt, pixel_values=inputs["pixel_values"], output_attentions=True, use_cache=False
-        )
-    positions = (prompt[0] == processor.image_token_id).nonzero().flatten()
-    rows = query_rows(prompt.shape[1], 0, mode, int(positions.max()) + 1)
+    features, attentions, positions, rows = model_attentions(tiny_backend, processor, mode, seed=4)
     request = AttentionRequest(features, QUESTION, [])
     layers = [0, -1]
     got = tiny_backend.attention_rows_batch([request, request], layers, mode, [2, 0])
     assert len(got) == 2 and len(got[0]) == len(layers)
     for layer, maps in zip(layers, got[0]):
-        att = out.attentions[layer][0]
+        att = attentions[layer][0]
         assert maps.shape == (2, len(rows), *tiny_backend.info.grid)
         expected = att[[2, 0]][:, rows][:, :, positions].reshape(2, len(rows), *tiny_backend.info.grid).numpy()
         np.testing.assert_allclose(maps, expected, atol=1e-6)
