@@ -160,3 +160,22 @@ def test_the_reference_pipeline_runs_both_stages_on_qwen(qwen):
     assert 0 <= x0 < x1 <= item.width and 0 <= y0 < y1 <= item.height
     never = pipeline.run(item.image, item.question, policy=pipeline.policy(name="never"))
     assert never.stage == 1 and never.answer == record.first_answer
+
+
+def test_unreduced_attention_rows_on_qwen_grids(qwen):
+    """Per-head, per-row maps on a non-square token grid: their mean is the averaged read, and the
+    per-head read of stages (sharpest rows, geometric heads) gives one finite map on that grid."""
+    from collab import stages
+    from collab.config import AttentionConfig
+
+    pic = global_image(qwen)
+    feats = qwen.encode_images([pic])[0]
+    request = AttentionRequest(feats, QUESTIONS[0])
+    (maps,) = qwen.attention_rows_batch([request], [-1], "question")[0]
+    (mean,) = qwen.attention_grids_batch([request], [-1], "question")[0]
+    rows, cols = pic.height // qwen.unit, pic.width // qwen.unit
+    assert maps.shape[0] == qwen.info.num_heads and maps.shape[2:] == (rows, cols) == mean.shape
+    np.testing.assert_allclose(maps.mean(axis=(0, 1)), mean, rtol=1e-5, atol=1e-7)
+    cfg = AttentionConfig(layer=-1, query_rows="question", rows="sharpest", head_reduce="geometric")
+    (grid,) = stages.attention_maps(qwen, feats, QUESTIONS[0], [], cfg, [-1])
+    assert grid.shape == (rows, cols) and np.all(np.isfinite(grid)) and np.all(grid > 0)
