@@ -95,7 +95,8 @@ def check_attention_fits(cfg: AttentionConfig, info: BackendInfo) -> None:
 def prefill_captures(cfg: AttentionConfig) -> bool:
     """Whether a first pass's prefill can provide the question map: ViCrop's `last_input` row is
     the prefill's last row. The `answer` and `all` rows need the answer, and `question` rows every
-    text row's map, hence a pass of their own; so does a head subset (the capture keeps the mean)."""
+    text row's map, hence a pass of their own; so do a head subset and a per-head reduction (the
+    capture keeps the mean over heads)."""
     return cfg.query_rows == "last_input" and cfg.heads is None and not cfg.per_head
 
 
@@ -137,17 +138,13 @@ def attention_maps_batch(
     questions whose maps were not captured, one for the generic prompt (which depends only on the image)."""
     if cfg.per_head:
         return _per_head_maps_batch(backend, requests, cfg, layers)
-    rows_need_answer = cfg.query_rows in ("answer", "all")
     missing = [
         i
         for i, r in enumerate(requests)
         if not prefill_captures(cfg) or not all(layer in r.captured for layer in layers)
     ]
     computed = backend.attention_grids_batch(
-        [
-            AttentionRequest(r.features, r.question, r.answer_ids if rows_need_answer else [])
-            for r in (requests[i] for i in missing)
-        ],
+        _question_requests([requests[i] for i in missing], cfg),
         layers,
         cfg.query_rows,
         cfg.heads,
@@ -162,6 +159,12 @@ def attention_maps_batch(
     return [[relative_attention(q, g, cfg.epsilon) for q, g in zip(qs, gs)] for qs, gs in zip(question_maps, generic)]
 
 
+def _question_requests(requests: Sequence[MapRequest], cfg: AttentionConfig) -> list[AttentionRequest]:
+    """The question's attention reads; the answer is appended only where its rows are read."""
+    with_answer = cfg.query_rows in ("answer", "all")
+    return [AttentionRequest(r.features, r.question, r.answer_ids if with_answer else []) for r in requests]
+
+
 def _generic_rows(cfg: AttentionConfig) -> str:
     """The generic prompt's rows are read as the same kind of row as the question's."""
     return "question" if cfg.query_rows == "question" else "last_input"
@@ -171,13 +174,7 @@ def _per_head_maps_batch(
     backend: VLMBackend, requests: Sequence[MapRequest], cfg: AttentionConfig, layers: Sequence[int]
 ) -> list[list[np.ndarray]]:
     """Maps reduced per head (cfg.rows, cfg.head_reduce): every head's rows are read in a pass."""
-    rows_need_answer = cfg.query_rows in ("answer", "all")
-    questions = backend.attention_rows_batch(
-        [AttentionRequest(r.features, r.question, r.answer_ids if rows_need_answer else []) for r in requests],
-        layers,
-        cfg.query_rows,
-        cfg.heads,
-    )
+    questions = backend.attention_rows_batch(_question_requests(requests, cfg), layers, cfg.query_rows, cfg.heads)
     generic = (
         backend.attention_rows_batch(
             [AttentionRequest(r.features, cfg.generic_prompt) for r in requests], layers, _generic_rows(cfg), cfg.heads
