@@ -11,6 +11,7 @@ decoder (at 85 % since the fourteenth session's part, which meets issue 15's 90 
 docs/embedded_model.md), the object named by both its colour and shape among look-alikes since
 the fifteenth session's attention read."""
 
+import json
 import os
 from pathlib import Path
 
@@ -54,6 +55,18 @@ def test_shipped_files_are_small_and_complete():
     ):
         assert (model_dir / name).exists(), name
     assert (model_dir / "model.safetensors").stat().st_size < 20 * 2**20
+
+
+def test_a_recipe_file_holds_the_shipped_weights_recipe():
+    """The recipe the shipped weights' training log records is a file in configs/training/, so the
+    model's story (which parts, which steps) can be rerun, not only read."""
+    from collab.training.recipe import load_recipe
+
+    log = REPO / "models" / "collab-tiny-llava" / "training_log.jsonl"
+    logged = json.loads(log.read_text().splitlines()[0])["recipe"]
+    files = sorted((REPO / "configs" / "training").glob("*.yaml"))
+    matches = [f.name for f in files if load_recipe(f).model_dump(mode="json") == logged]
+    assert matches, f"no file in configs/training/ is the recipe in {log}"
 
 
 def test_crop_reveals_what_the_global_image_hides(embedded):

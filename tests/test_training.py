@@ -4,6 +4,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from collab.data.synthetic import COLORS, SHAPES, VOCABULARY, make_scene, render
 from collab.models.tiny import build_tokenizer
 from collab.paths import REPO_ROOT
 from collab.training.data import BatchSpec, BatchStream, collate, crop_box, make_example
-from collab.training.loop import CosineSchedule, make_loader
+from collab.training.loop import CosineSchedule, lookahead, make_loader
 from collab.training.recipe import PROMPT, REFINE_PROMPT, Recipe, load_recipe
 from collab.training.tower import ScaleCurriculum, TowerStream, patch_labels, tower_batch
 from collab.training.train import TOWER_CHECKPOINT, tower_state, train
@@ -311,12 +312,36 @@ def test_global_only_batches_can_be_crowded_while_crop_batches_follow_the_curric
 def test_scale_curriculum_promotes_only_when_reading():
     c = ScaleCurriculum(start=2.5, end=4.5, promote_at=0.6, window=2)
     c.update(0.2), c.update(0.3)
-    assert c.get() == 2.5
+    assert c.value == 2.5
     c.update(0.9), c.update(0.8)
-    assert c.get() == 3.5
+    assert c.value == 3.5
     for _ in range(10):
         c.update(1.0)
-    assert c.get() == 4.5
+    assert c.value == 4.5
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_stage1_batches_do_not_depend_on_timing(workers):
+    """The crop scale a batch is drawn at is the one published lag steps earlier, so a slow trainer
+    (workers far ahead) and a fast one get the same batches: the scale of batch k is the start
+    value for k < lag, then start + (k - lag + 1) when every step promotes."""
+    cpu = torch.device("cpu")
+    lag = lookahead(workers) + 1
+    steps = 8
+
+    def scales(pause_s):
+        c = ScaleCurriculum(start=2.0, end=20.0, promote_at=0.0, window=1, steps=steps, lag=lag)
+        seen = []
+        for step, b in zip(range(steps), make_loader(TowerStream(toy_spec(), 2, 5, c, 0.0), workers, cpu)):
+            seen.append(b["max_scale"])
+            time.sleep(pause_s)  # a slow step: the workers render ahead meanwhile
+            c.update(1.0)
+            c.publish(step)
+        c.close()
+        return seen
+
+    expected = [2.0 + max(0, k - lag + 1) for k in range(steps)]
+    assert scales(0.0) == scales(0.05) == expected
 
 
 def test_patch_labels_follow_the_objects():
@@ -383,7 +408,8 @@ def test_streams_are_the_same_for_any_number_of_workers():
     ]
     assert all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(*stage2))
     stage1 = [
-        first(TowerStream(toy_spec(), 4, 3, ScaleCurriculum(), 0.5, scene_reuse=2), w, "crop_labels") for w in (0, 2)
+        first(TowerStream(toy_spec(), 4, 3, ScaleCurriculum(4.0, 4.0), 0.5, scene_reuse=2), w, "crop_labels")
+        for w in (0, 2)
     ]
     assert all(torch.equal(a, b) for a, b in zip(*stage1))
     assert len({tuple(map(tuple, b.tolist())) for b in stage1[0]}) > 1  # not one batch repeated

@@ -34,10 +34,20 @@ def to_device(batch: dict, device: torch.device) -> dict:
 def worker_shard() -> tuple[int, int]:
     """(this DataLoader worker's index, number of workers); (0, 1) in the main process. Streams give
     batch k to worker k mod n and the DataLoader returns batches in task order, so stage 2's batch
-    sequence is the same for any number of workers. (Stage 1's crop scale follows a live curriculum
-    that workers read when they render, so its batches also depend on timing.)"""
+    sequence is the same for any number of workers. (Stage 1's crop scale follows the trainer's
+    accuracy `lookahead(workers) + 1` steps back, so its batches depend on the number of workers
+    where the scale moves, never on timing.)"""
     info = torch.utils.data.get_worker_info()
     return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+PREFETCH = 2  # batches each worker renders ahead
+
+
+def lookahead(workers: int) -> int:
+    """How many batches past the one being trained on the loader may already be rendering: the
+    DataLoader asks for batch j + workers x PREFETCH when the trainer takes batch j."""
+    return workers * PREFETCH
 
 
 def make_loader(stream, workers: int, device: torch.device):
@@ -46,7 +56,7 @@ def make_loader(stream, workers: int, device: torch.device):
         batch_size=None,
         num_workers=workers,
         persistent_workers=False,
-        prefetch_factor=2 if workers else None,
+        prefetch_factor=PREFETCH if workers else None,
         pin_memory=device.type == "cuda",
     )
 

@@ -10,7 +10,9 @@ red circle" if the tokens over it say red and circle). No attention or box is su
 
 from __future__ import annotations
 
+import math
 import multiprocessing as mp
+import time
 
 import numpy as np
 import torch
@@ -22,7 +24,15 @@ from collab.imaging import crop_local_image, make_global_image, round_trip
 from collab.progress import progress
 from collab.roi import box_around
 from collab.training.data import BatchSpec, to_pixels
-from collab.training.loop import CosineSchedule, TimedBatches, autocast, make_loader, scheduled_batches, worker_shard
+from collab.training.loop import (
+    CosineSchedule,
+    TimedBatches,
+    autocast,
+    lookahead,
+    make_loader,
+    scheduled_batches,
+    worker_shard,
+)
 from collab.training.recipe import Recipe
 
 COLOR_NAMES = list(COLORS)
@@ -96,25 +106,62 @@ class ScaleCurriculum:
 
     A ViT from scratch does not find a 2-patch glyph in a 144-patch image by itself; the largest
     crop scale grows by `step` whenever recent crop-digit accuracy passes `promote_at`, up to
-    RoI-sized crops. Shared with the data workers through a multiprocessing value.
+    RoI-sized crops. The trainer publishes the scale after each of its `steps` steps in shared
+    memory, and batch k is drawn at the scale published after step k - `lag` (a worker that gets
+    there first waits), so a part's batches depend on its steps, not on how fast they ran. With
+    `lag` = the data loader's look-ahead + 1 (`loop.lookahead`) the scale a worker needs is always
+    published by the time it is asked for the batch, so nobody waits; a smaller lag is still
+    correct, only slower.
     """
 
     def __init__(
-        self, start: float = 2.5, end: float = 16.0, step: float = 1.0, promote_at: float = 0.6, window: int = 20
+        self,
+        start: float = 2.5,
+        end: float = 16.0,
+        step: float = 1.0,
+        promote_at: float = 0.6,
+        window: int = 20,
+        steps: int = 1,
+        lag: int = 1,
     ):
-        self.value = mp.Value("d", start)
-        self.end, self.step, self.promote_at, self.window = end, step, promote_at, window
+        if lag < 1 or steps < 1:
+            raise ValueError(f"lag and steps must be >= 1, got {lag}, {steps}")
+        self.start, self.value = start, start
+        self.end, self.step, self.promote_at, self.window, self.lag = end, step, promote_at, window, lag
         self.recent: list[float] = []
+        self.published = mp.Array("d", [math.nan] * steps, lock=False)
 
-    def get(self) -> float:
-        return self.value.value
+    @property
+    def moves(self) -> bool:
+        return self.end > self.start
 
     def update(self, accuracy: float) -> None:
+        """The trainer's side: one step's crop-digit accuracy."""
         self.recent.append(accuracy)
         if len(self.recent) >= self.window:
-            if np.mean(self.recent) >= self.promote_at and self.value.value < self.end:
-                self.value.value = min(self.end, self.value.value + self.step)
+            if np.mean(self.recent) >= self.promote_at and self.value < self.end:
+                self.value = min(self.end, self.value + self.step)
             self.recent.clear()
+
+    def publish(self, step: int) -> None:
+        """The trainer's side: the scale in force once `step` is done."""
+        if step < len(self.published):
+            self.published[step] = self.value
+
+    def close(self) -> None:
+        """The trainer stopped (steps or budget done): release any worker still waiting."""
+        for k in range(len(self.published)):
+            if math.isnan(self.published[k]):
+                self.published[k] = self.value
+
+    def scale_for(self, batch: int) -> float:
+        """The workers' side: the largest crop scale of batch number `batch`."""
+        k = min(batch - self.lag, len(self.published) - 1)
+        if not self.moves or k < 0:
+            return self.start
+        while math.isnan(value := self.published[k]):
+            time.sleep(0.001)
+        return value
 
 
 def tower_batch(
@@ -220,7 +267,7 @@ class TowerStream(torch.utils.data.IterableDataset):
                 np.random.default_rng([self.seed, 1, step]),
                 self.spec,
                 self.batch,
-                self.curriculum.get(),
+                self.curriculum.scale_for(step),
                 self.global_fraction,
                 self.scene_reuse,
                 self.legible_fraction,
@@ -238,7 +285,9 @@ def train_tower(model, spec: BatchSpec, recipe: Recipe, log, part: int = 0) -> i
     opt = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
     sched = CosineSchedule(opt, stage.warmup, stage.steps, stage.budget_s)
     model.train()
-    curriculum = ScaleCurriculum(start=stage.scale_start, end=stage.scale_end)
+    curriculum = ScaleCurriculum(
+        start=stage.scale_start, end=stage.scale_end, steps=stage.steps, lag=lookahead(runtime.workers) + 1
+    )
     stream = TowerStream(
         spec, stage.batch, recipe.seed, curriculum, stage.global_fraction, runtime.scene_reuse, stage.legible_fraction
     )
@@ -309,6 +358,7 @@ def train_tower(model, spec: BatchSpec, recipe: Recipe, log, part: int = 0) -> i
                         .mean()
                         .item()
                     )
+        curriculum.publish(step)
         bar.set_postfix(
             loss=f"{loss.item():.3f}",
             digit=f"{acc:.2f}",
@@ -336,6 +386,7 @@ def train_tower(model, spec: BatchSpec, recipe: Recipe, log, part: int = 0) -> i
             log(row)
             row = None
     bar.close()
+    curriculum.close()
     if row is not None:  # the last step, unless it was just logged
         log(row)
     log({"stage_done": 1, **tag, "steps": step + 1})
