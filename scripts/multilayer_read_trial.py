@@ -12,26 +12,26 @@ import sys
 import numpy as np
 
 import collab.stages as stages
-from collab.attention import combine_maps
 from collab.eval.__main__ import main as eval_main
 
 
-def patch(read_layers: list[int]) -> None:
-    def per_head_maps_batch(backend, requests, cfg, layers):
-        questions = stages._question_requests(requests, cfg)
-        qs = backend.attention_rows_batch(questions, read_layers, cfg.query_rows, cfg.heads)
-        gen = [stages.AttentionRequest(r.features, cfg.generic_prompt) for r in requests]
-        gs = backend.attention_rows_batch(gen, read_layers, stages._generic_rows(cfg), cfg.heads)
-        out = []
-        for q_layers, g_layers in zip(qs, gs):
-            q, g = np.concatenate(q_layers, 0), np.concatenate(g_layers, 0)  # (layers x heads, rows, h, w)
-            flat = combine_maps(
-                q.reshape(*q.shape[:2], -1), g.reshape(*g.shape[:2], -1), cfg.rows, cfg.head_reduce, cfg.epsilon
-            )
-            out.append([flat.reshape(q.shape[2:])] * len(layers))
-        return out
+class StackedLayers:
+    """A backend whose per-head rows at any one layer are those of `layers` stacked as more heads,
+    so stages' own per-head read reduces them all together."""
 
-    stages._per_head_maps_batch = per_head_maps_batch
+    def __init__(self, backend, layers: list[int]):
+        self.backend, self.layers = backend, layers
+
+    def attention_rows_batch(self, requests, layers, query_rows, heads=None):
+        rows = self.backend.attention_rows_batch(requests, self.layers, query_rows, heads)
+        return [[np.concatenate(per_layer, 0)] * len(layers) for per_layer in rows]
+
+
+def patch(read_layers: list[int]) -> None:
+    per_head_maps_batch = stages._per_head_maps_batch
+    stages._per_head_maps_batch = lambda backend, requests, cfg, layers: per_head_maps_batch(
+        StackedLayers(backend, read_layers), requests, cfg, layers
+    )
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from collab.config import load_config
 from collab.data.synthetic import generate_item, generate_items, has_lookalike, lookalike_kind
 from collab.eval.runner import gt_crop_box, hit
 from collab.imaging import crop_local_image, make_global_image, round_trip
+from collab.training.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 FIXED_SEED = 6060  # 6060-6062: no training stream, calibration (1001) or evaluation split (4242, 7331, 2024)
@@ -60,8 +61,6 @@ def test_shipped_files_are_small_and_complete():
 def test_a_recipe_file_holds_the_shipped_weights_recipe():
     """The recipe the shipped weights' training log records is a file in configs/training/, so the
     model's story (which parts, which steps) can be rerun, not only read."""
-    from collab.training.recipe import load_recipe
-
     log = REPO / "models" / "collab-tiny-llava" / "training_log.jsonl"
     logged = json.loads(log.read_text().splitlines()[0])["recipe"]
     files = sorted((REPO / "configs" / "training").glob("*.yaml"))
