@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "loadtest": ("edge_agents.loadtest", "load the app with simulated edge agents over simulated links"),
     "train": ("collab.training.__main__", "train the embedded model from a recipe file"),
     "probe": ("collab.eval.probe", "linear probes: what the visual tokens of objects and crops hold"),
+    "heads": ("collab.eval.heads", "choose the (layer, head) pairs whose attention the RoI search reads"),
     "data": ("collab.data.synthetic", "write a synthetic benchmark split to disk"),
 }
 

@@ -120,6 +120,13 @@ class AttentionConfig(_Strict):
         description="How the heads combine: mean, or the geometric mean of each head's normalised map (a place "
         "must draw every head's look: the colour word's head and the shape word's agree on the object that is both).",
     )
+    layer_heads: list[tuple[int, int]] | None = Field(
+        None,
+        description="(layer, head) pairs read together, in place of `layer` and `heads` for the RoI search: a "
+        "model may put one look in one layer and another in the next (a run of the recipe put its shape word's "
+        "look at layer 0 and its colour word's at layer 1). Chosen on a calibration split by "
+        "`python -m collab.eval.heads`; always a per-head read.",
+    )
     generic_prompt: str = GENERIC_PROMPT
     relative: bool = Field(True, description="Divide by the generic-prompt map (ViCrop's rel-att).")
     epsilon: float = Field(1e-6, gt=0, description="Added to the generic map before dividing.")
@@ -127,7 +134,7 @@ class AttentionConfig(_Strict):
     @property
     def per_head(self) -> bool:
         """Whether the map needs every head's rows apart (not one mean over heads and rows)."""
-        return self.rows != "mean" or self.head_reduce != "mean"
+        return self.rows != "mean" or self.head_reduce != "mean" or self.layer_heads is not None
 
     @field_validator("heads")
     @classmethod
@@ -135,6 +142,13 @@ class AttentionConfig(_Strict):
         if heads is not None and (not heads or len(set(heads)) != len(heads) or min(heads) < 0):
             raise ValueError(f"heads must be distinct non-negative indices (or null for every head), got {heads}")
         return heads
+
+    @field_validator("layer_heads")
+    @classmethod
+    def _pairs_are_distinct(cls, pairs: list[tuple[int, int]] | None) -> list[tuple[int, int]] | None:
+        if pairs is not None and (not pairs or len(set(pairs)) != len(pairs) or min(h for _, h in pairs) < 0):
+            raise ValueError(f"layer_heads must be distinct (layer, head) pairs, heads non-negative, got {pairs}")
+        return pairs
 
 
 class AdaptiveConfig(_Strict):

@@ -88,6 +88,10 @@ def check_attention_fits(cfg: AttentionConfig, info: BackendInfo) -> None:
         resolve_layer(cfg.layer, info.num_layers)
         if cfg.heads is not None and info.num_heads is not None:
             check_heads(cfg.heads, info.num_heads)
+        for layer, head in cfg.layer_heads or ():
+            resolve_layer(layer, info.num_layers)
+            if info.num_heads is not None:
+                check_heads([head], info.num_heads)
     except ValueError as exc:
         raise ConfigError(f"attention: {exc} ({info.model_name})") from exc
 
@@ -170,32 +174,67 @@ def _generic_rows(cfg: AttentionConfig) -> str:
     return "question" if cfg.query_rows == "question" else "last_input"
 
 
-def _per_head_maps_batch(
-    backend: VLMBackend, requests: Sequence[MapRequest], cfg: AttentionConfig, layers: Sequence[int]
-) -> list[list[np.ndarray]]:
-    """Maps reduced per head (cfg.rows, cfg.head_reduce): every head's rows are read in a pass."""
-    questions = backend.attention_rows_batch(_question_requests(requests, cfg), layers, cfg.query_rows, cfg.heads)
+def head_rows_batch(
+    backend: VLMBackend,
+    requests: Sequence[MapRequest],
+    cfg: AttentionConfig,
+    layers: Sequence[int],
+    heads: Sequence[int] | None,
+) -> tuple[list[list[np.ndarray]], list[list[np.ndarray | None]]]:
+    """Every listed head's rows at each layer, for the question and (relative reads) the generic
+    prompt: per request, per layer, (heads, rows, grid rows, grid cols); generic None if not relative."""
+    questions = backend.attention_rows_batch(_question_requests(requests, cfg), layers, cfg.query_rows, heads)
     generic = (
         backend.attention_rows_batch(
-            [AttentionRequest(r.features, cfg.generic_prompt) for r in requests], layers, _generic_rows(cfg), cfg.heads
+            [AttentionRequest(r.features, cfg.generic_prompt) for r in requests], layers, _generic_rows(cfg), heads
         )
         if cfg.relative
         else [[None] * len(layers) for _ in requests]
     )
-    out = []
-    for qs, gs in zip(questions, generic):
-        maps = []
-        for q, g in zip(qs, gs):
-            flat = combine_maps(
-                q.reshape(*q.shape[:2], -1),
-                None if g is None else g.reshape(*g.shape[:2], -1),
-                cfg.rows,
-                cfg.head_reduce,
-                cfg.epsilon,
-            )
-            maps.append(flat.reshape(q.shape[2:]))
-        out.append(maps)
-    return out
+    return questions, generic
+
+
+def _combined(question: np.ndarray, generic: np.ndarray | None, cfg: AttentionConfig) -> np.ndarray:
+    """One grid from (heads, rows, grid rows, grid cols) maps, reduced as cfg says."""
+    flat = combine_maps(
+        question.reshape(*question.shape[:2], -1),
+        None if generic is None else generic.reshape(*generic.shape[:2], -1),
+        cfg.rows,
+        cfg.head_reduce,
+        cfg.epsilon,
+    )
+    return flat.reshape(question.shape[2:])
+
+
+def _per_head_maps_batch(
+    backend: VLMBackend, requests: Sequence[MapRequest], cfg: AttentionConfig, layers: Sequence[int]
+) -> list[list[np.ndarray]]:
+    """Maps reduced per head (cfg.rows, cfg.head_reduce): every head's rows are read in a pass."""
+    questions, generic = head_rows_batch(backend, requests, cfg, layers, cfg.heads)
+    return [[_combined(q, g, cfg) for q, g in zip(qs, gs)] for qs, gs in zip(questions, generic)]
+
+
+def _layer_heads_maps_batch(
+    backend: VLMBackend, requests: Sequence[MapRequest], cfg: AttentionConfig
+) -> list[np.ndarray]:
+    """cfg.layer_heads' maps reduced together, as if the pairs were one layer's heads."""
+    n_layers = backend.info.num_layers
+    pairs = [(resolve_layer(layer, n_layers), head) for layer, head in cfg.layer_heads or []]
+    layers = sorted({layer for layer, _ in pairs})
+
+    def stacked(per_layer: list[np.ndarray]) -> np.ndarray:
+        by_layer = dict(zip(layers, per_layer))
+        return np.stack([by_layer[layer][head] for layer, head in pairs])
+
+    questions, generic = head_rows_batch(backend, requests, cfg, layers, None)
+    return [_combined(stacked(qs), None if gs[0] is None else stacked(gs), cfg) for qs, gs in zip(questions, generic)]
+
+
+def read_maps_batch(backend: VLMBackend, requests: Sequence[MapRequest], cfg: AttentionConfig) -> list[np.ndarray]:
+    """The grid the RoI search reads, per request: cfg.layer_heads' pairs together, else cfg.layer's."""
+    if cfg.layer_heads is not None:
+        return _layer_heads_maps_batch(backend, requests, cfg)
+    return [maps[0] for maps in attention_maps_batch(backend, requests, cfg, [cfg.layer])]
 
 
 def attention_maps(
@@ -221,8 +260,8 @@ def attention_map(
     cfg: AttentionConfig,
     captured: dict[int, np.ndarray] | None = None,
 ) -> np.ndarray:
-    """The (relative) attention grid that the RoI search reads, at the configured layer."""
-    return attention_maps(backend, global_features, question, answer_ids, cfg, [cfg.layer], captured)[0]
+    """The (relative) attention grid that the RoI search reads (read_maps_batch)."""
+    return read_maps_batch(backend, [MapRequest(global_features, question, answer_ids, dict(captured or {}))], cfg)[0]
 
 
 def locate(

@@ -54,17 +54,16 @@ class FirstPassDecoder:
         unsure = [(i, first.generation) for i, first in zip(valid, firsts) if first.refine]
         if unsure:  # attention only when the gate fires; the question's map came with the decode
             started = time.perf_counter()
-            maps = stages.attention_maps_batch(
+            maps = stages.read_maps_batch(
                 self.backend,
                 [
                     stages.MapRequest(features[i], questions[i], g.token_ids[: g.n_answer_tokens], g.attention)
                     for i, g in unsure
                 ],
                 cfg,
-                [cfg.layer],
             )
-            for (i, _), grids in zip(unsure, maps):
-                results[i].attention = grids[0]
+            for (i, _), grid in zip(unsure, maps):
+                results[i].attention = grid
                 metrics.record("attention", started, results[i].timings_ms)
         gate = metrics.gate()  # counted once the whole batch has succeeded (a failed one is rerun request by request)
         for i in valid:

@@ -101,6 +101,45 @@ def test_per_head_read_on_a_model(tiny_backend):
     np.testing.assert_allclose(maps[0].ravel(), expected, rtol=1e-6)
 
 
+def test_layer_heads_read_pairs_from_several_layers_as_one_set_of_heads(tiny_backend):
+    """attention.layer_heads: the listed (layer, head) maps reduced together, as one layer's heads
+    would be; one pair is the per-head read of that layer and head; a pair the model lacks is a
+    configuration error at start-up."""
+    from collab.backends.base import AttentionRequest
+
+    cfg = AttentionConfig(
+        query_rows="question", rows="sharpest", head_reduce="geometric", layer_heads=[(0, 1), (-1, 0)]
+    )
+    assert cfg.per_head and not stages.prefill_captures(cfg)
+    features = tiny_backend.encode_images([_image()])[0]
+    question = "what number is in the red circle?"
+    got = stages.attention_map(tiny_backend, features, question, [], cfg)
+    last = tiny_backend.info.num_layers - 1
+    q0, q1 = tiny_backend.attention_rows_batch([AttentionRequest(features, question)], [0, last], "question")[0]
+    g0, g1 = tiny_backend.attention_rows_batch([AttentionRequest(features, cfg.generic_prompt)], [0, last], "question")[
+        0
+    ]
+    q, g = np.stack([q0[1], q1[0]]), np.stack([g0[1], g1[0]])
+    expected = combine_maps(q.reshape(2, q.shape[1], -1), g.reshape(2, g.shape[1], -1), "sharpest", "geometric")
+    assert got.shape == tiny_backend.info.grid
+    np.testing.assert_allclose(got.ravel(), expected, rtol=1e-6)
+
+    one_pair = cfg.model_copy(update={"layer_heads": [(last, 1)]})
+    one_layer = cfg.model_copy(update={"layer_heads": None, "layer": last, "heads": [1]})
+    np.testing.assert_allclose(
+        stages.attention_map(tiny_backend, features, question, [], one_pair),
+        stages.attention_map(tiny_backend, features, question, [], one_layer),
+        rtol=1e-6,
+    )
+    n_layers, n_heads = tiny_backend.info.num_layers, tiny_backend.info.num_heads
+    for bad in ([(n_layers, 0)], [(0, n_heads)]):
+        with pytest.raises(ConfigError, match="attention"):
+            stages.check_attention_fits(cfg.model_copy(update={"layer_heads": bad}), tiny_backend.info)
+    for bad in ([], [[0, 1], [0, 1]], [[0, -1]]):
+        with pytest.raises(ConfigError, match="layer_heads"):
+            parse_config({"attention": {"layer_heads": bad}})
+
+
 def _image():
     from PIL import Image
 

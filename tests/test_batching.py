@@ -142,6 +142,25 @@ def test_captured_maps_leave_only_the_generic_pass(tiny_backend, tiny_config, fe
     assert stages.capture_layers(answer_rows, [1]) == []  # answer rows need the answer: their own pass
 
 
+def test_batched_layer_heads_reads_equal_one_by_one(tiny_backend, tiny_config, feats):
+    """The read the first-pass deployment batches (stages.read_maps_batch) with (layer, head) pairs
+    from two layers: a batch of questions of different lengths gives each query its own map."""
+    cfg = tiny_config.attention.model_copy(
+        update={
+            "query_rows": "question",
+            "rows": "sharpest",
+            "head_reduce": "geometric",
+            "layer_heads": [(0, 1), (-1, 0)],
+        }
+    )
+    requests = [stages.MapRequest(f, q, []) for f, q in zip(feats, QUESTIONS)]
+    batched = stages.read_maps_batch(tiny_backend, requests, cfg)
+    assert len(batched) == len(QUESTIONS)
+    for r, got in zip(requests, batched):
+        np.testing.assert_allclose(got, stages.attention_map(tiny_backend, r.features, r.question, [], cfg), rtol=1e-4)
+    assert not np.allclose(batched[0], batched[1])  # not one map for all
+
+
 def test_a_failing_batch_is_rerun_request_by_request():
     """One request that breaks a batch (here: a negative number) fails alone; the others answer."""
     from deployments.common import each_on_failure

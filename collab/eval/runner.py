@@ -152,7 +152,11 @@ class Evaluator:
             backend, global_features, item.question, answer_ids, cfg.attention, layers, gen.attention
         )
         by_layer = dict(zip(layers, maps))
-        chosen = by_layer[cfg.attention.layer % info.num_layers]
+        chosen = (
+            by_layer[cfg.attention.layer % info.num_layers]
+            if cfg.attention.layer_heads is None
+            else stages.attention_map(backend, global_features, item.question, answer_ids, cfg.attention)
+        )
         roi = stages.locate(chosen, original.size, global_size, cfg.imaging.global_mode, cfg.roi, size)
         local_bytes, local_features = self._send(local_payload(original, roi.box, size, im.format, im.jpeg_quality))
         refined = stages.refined_pass(backend, global_features, local_features, item.question)
