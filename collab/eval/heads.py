@@ -5,12 +5,13 @@
 A model puts its looks where its training put them: the shipped model's shape word and colour word
 look from heads 1 and 2 of layer 0; a second run of the same recipe put the colour word's look at
 layer 1. So the read is measured, not assumed. Each fine item's per-head maps are read once at
-every layer (relative to the generic prompt and reduced over rows as the config's `attention` says);
-then any set of pairs is scored without the model: its maps combined by `attention.head_reduce`,
-the RoI search run on the result, a hit when the target's centre is in the box (as `collab.eval`
-scores it). Greedy forward selection adds the pair that most raises the hits and stops when none
-by at least --min-gain. It prints each pair's hit rate alone and the selection path, and writes heads.json with the
-chosen `attention.layer_heads`.
+every layer, plain and relative to the generic prompt, and reduced over rows as the config's
+`attention.rows` says; then any set of pairs is scored without the model: its maps combined by
+`attention.head_reduce`, the RoI search run on the result, a hit when the target's centre is in
+the box (as `collab.eval` scores it). Greedy forward selection adds the pair that most raises the
+hits and stops when none does by at least --min-gain; it runs for plain and for relative maps, and
+the better read wins (a tie: the config's). It prints each pair's hit rate alone and the selection
+paths, and writes heads.json with the chosen `attention.layer_heads` and `attention.relative`.
 
 Run it on a calibration split, never on the split you report.
 """
@@ -38,10 +39,11 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 @dataclass
 class ItemMaps:
-    """One fine item's per-(layer, head) maps, row-reduced: (layers * heads, grid cells)."""
+    """One fine item's per-(layer, head) maps, row-reduced: (layers * heads, grid cells), by
+    whether they are relative to the generic prompt."""
 
     question_id: str
-    maps: np.ndarray
+    maps: dict[bool, np.ndarray]
     grid: tuple[int, int]
     original_size: tuple[int, int]
     global_size: tuple[int, int]
@@ -50,7 +52,8 @@ class ItemMaps:
 
 def collect(backend, config, seed: int, n: int, show_progress: bool = True) -> list[ItemMaps]:
     """Every layer's every head's map for the fine items among the split's first n."""
-    cfg, info, im = config.attention, backend.info, config.imaging
+    info, im = backend.info, config.imaging
+    cfg = config.attention.model_copy(update={"relative": True})  # the generic rows too: both reads are scored
     layers = list(range(info.num_layers))
     out = []
     items = [it for it in synthetic_items(seed, n) if it.kind == "fine" and it.target_box is not None]
@@ -65,24 +68,23 @@ def collect(backend, config, seed: int, n: int, show_progress: bool = True) -> l
             answer_ids = gen.token_ids[: gen.n_answer_tokens]
         request = stages.MapRequest(features, item.question, answer_ids)
         (questions,), (generic,) = stages.head_rows_batch(backend, [request], cfg, layers, None)
-        per_layer = []
+        plain, relative = [], []
         for q, g in zip(questions, generic):
             q = q.reshape(*q.shape[:2], -1).astype(np.float64)
-            if g is not None:
-                g = g.reshape(*g.shape[:2], -1).astype(np.float64)
-                q = q / (g.mean(axis=1, keepdims=True) + cfg.epsilon)
-            per_layer.append(reduce_rows(q, cfg.rows))
+            g = g.reshape(*g.shape[:2], -1).astype(np.float64)
+            plain.append(reduce_rows(q, cfg.rows))
+            relative.append(reduce_rows(q / (g.mean(axis=1, keepdims=True) + cfg.epsilon), cfg.rows))
+        maps = {False: np.concatenate(plain), True: np.concatenate(relative)}
         grid = questions[0].shape[2:]
-        maps = np.concatenate(per_layer)
         out.append(ItemMaps(item.question_id, maps, grid, original.size, global_size, item.target_box))
     return out
 
 
-def rois(items: list[ItemMaps], pairs: list[int], config, encoder_size) -> list[list[int]]:
+def rois(items: list[ItemMaps], pairs: list[int], relative: bool, config, encoder_size) -> list[list[int]]:
     """Each item's RoI box (original pixels) read from these pair indices."""
     out = []
     for it in items:
-        grid = reduce_heads(it.maps[pairs], config.attention.head_reduce).reshape(it.grid)
+        grid = reduce_heads(it.maps[relative][pairs], config.attention.head_reduce).reshape(it.grid)
         roi = stages.locate(
             grid, it.original_size, it.global_size, config.imaging.global_mode, config.roi, encoder_size
         )
@@ -90,24 +92,28 @@ def rois(items: list[ItemMaps], pairs: list[int], config, encoder_size) -> list[
     return out
 
 
-def hits(items: list[ItemMaps], pairs: list[int], config, encoder_size) -> np.ndarray:
+def hits(items: list[ItemMaps], pairs: list[int], relative: bool, config, encoder_size) -> np.ndarray:
     """Whether the RoI read from these pair indices holds each item's target."""
-    boxes = rois(items, pairs, config, encoder_size)
+    boxes = rois(items, pairs, relative, config, encoder_size)
     return np.asarray([hit(box, it.target_box) for box, it in zip(boxes, items)], dtype=bool)
 
 
-def select(items: list[ItemMaps], n_heads: int, config, encoder_size, max_pairs: int, min_gain: float) -> dict:
+def select(
+    items: list[ItemMaps], n_heads: int, relative: bool, config, encoder_size, max_pairs: int, min_gain: float
+) -> dict:
     """Each pair alone, and greedy forward selection by hit count (ties: the lower layer, head):
     the best pair first, then a pair only where it adds at least `min_gain` to the hit rate."""
-    n_pairs = items[0].maps.shape[0]
+    n_pairs = items[0].maps[relative].shape[0]
     name = [(p // n_heads, p % n_heads) for p in range(n_pairs)]
-    alone = {p: hits(items, [p], config, encoder_size) for p in range(n_pairs)}
+    alone = {p: hits(items, [p], relative, config, encoder_size) for p in range(n_pairs)}
     chosen: list[int] = []
     best = -len(items)
     path = []
     while len(chosen) < max_pairs:
         scores = {
-            p: int(hits(items, [*chosen, p], config, encoder_size).sum()) for p in range(n_pairs) if p not in chosen
+            p: int(hits(items, [*chosen, p], relative, config, encoder_size).sum())
+            for p in range(n_pairs)
+            if p not in chosen
         }
         p, score = max(scores.items(), key=lambda kv: (kv[1], -kv[0]))
         if score - best < max(min_gain * len(items), 1):
@@ -116,13 +122,21 @@ def select(items: list[ItemMaps], n_heads: int, config, encoder_size, max_pairs:
         best = score
         path.append({"add": list(name[p]), "hit_rate": score / len(items)})
     return {
+        "relative": relative,
         "items": len(items),
         "alone": [{"layer": name[p][0], "head": name[p][1], "hit_rate": float(h.mean())} for p, h in alone.items()],
         "path": path,
         "layer_heads": [list(name[p]) for p in chosen],
         "hit_rate": best / len(items),
-        "rois": {it.question_id: box for it, box in zip(items, rois(items, chosen, config, encoder_size))},
+        "rois": {it.question_id: box for it, box in zip(items, rois(items, chosen, relative, config, encoder_size))},
     }
+
+
+def choose(items: list[ItemMaps], n_heads: int, config, encoder_size, max_pairs: int, min_gain: float) -> dict:
+    """The better of the plain and the relative selection (a tie: the config's `relative`)."""
+    reads = [select(items, n_heads, r, config, encoder_size, max_pairs, min_gain) for r in (False, True)]
+    best = max(reads, key=lambda read: (read["hit_rate"], read["relative"] == config.attention.relative))
+    return {**best, "reads": [{k: v for k, v in read.items() if k != "rois"} for read in reads]}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -130,8 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m collab.eval.heads",
         description="Choose the (layer, head) pairs the RoI search reads, on a calibration split "
         "(greedy forward selection by RoI hit rate on its fine questions).",
-        epilog="Then set attention.layer_heads to the printed pairs (configs/*.yaml or --set) and evaluate "
-        "on another split.",
+        epilog="Then set attention.layer_heads and attention.relative as printed (configs/*.yaml or --set) "
+        "and evaluate on another split.",
     )
     p.add_argument("--split", required=True, metavar="SEED:N", help="calibration split, e.g. 1001:200")
     p.add_argument("--config", default=str(REPO_ROOT / "configs" / "default.yaml"), help="YAML config")
@@ -173,15 +187,18 @@ def main(argv: list[str] | None = None) -> int:
     if not items:
         print(f"error: no fine questions among {args.split}'s items", file=sys.stderr)
         return 2
-    result = select(items, info.num_heads, config, info.encoder_size, args.max_pairs, args.min_gain)
+    result = choose(items, info.num_heads, config, info.encoder_size, args.max_pairs, args.min_gain)
     result.update(split=args.split, model=info.model_name, attention=config.attention.model_dump(mode="json"))
-    print(f"{result['items']} fine questions of {args.split}; hit rate of each (layer, head) alone:")
-    for row in result["alone"]:
-        print(f"  L{row['layer']} h{row['head']}: {row['hit_rate']:.3f}")
-    print("greedy selection:")
-    for step in result["path"]:
-        print(f"  + L{step['add'][0]} h{step['add'][1]} -> {step['hit_rate']:.3f}")
+    print(f"{result['items']} fine questions of {args.split}; hit rate of each (layer, head) alone, plain / relative:")
+    plain, relative = (read["alone"] for read in result["reads"])
+    for a, b in zip(plain, relative):
+        print(f"  L{a['layer']} h{a['head']}: {a['hit_rate']:.3f} / {b['hit_rate']:.3f}")
+    for read in result["reads"]:
+        print(f"greedy selection, {'relative' if read['relative'] else 'plain'} maps:")
+        for step in read["path"]:
+            print(f"  + L{step['add'][0]} h{step['add'][1]} -> {step['hit_rate']:.3f}")
     print(f"attention.layer_heads: {json.dumps(result['layer_heads'])}")
+    print(f"attention.relative: {json.dumps(result['relative'])}")
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
