@@ -34,7 +34,8 @@ def test_chosen_pairs_score_in_the_evaluation_as_they_did_offline(tiny_config, t
     out = tmp_path / "eval"
     sets = ["--set", f"attention.layer_heads={pairs}", "--set", f"attention.relative={relative}"]
     argv = ["--synthetic", "7:40", "--config", str(cfg), *sets, "--out", str(out)]
-    assert eval_main([*argv, "--policies", "never,always", "--layers", "none"]) == 0
+    assert eval_main([*argv, "--policies", "never,always", "--layers", "all"]) == 0
+    assert (out / "layers.png").stat().st_size > 0  # each layer alone, the pairs' read as a line
     report = json.loads((out / "report.json").read_text())
     assert report["config"]["attention"]["layer_heads"] == chosen["layer_heads"]
     assert report["config"]["attention"]["relative"] == chosen["relative"]

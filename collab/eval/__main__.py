@@ -192,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     by_id = {it.question_id: it for it in items}
     plots.plot_separability(outcomes, report, out / "separability.png")
     plots.plot_sweep(report, out / "sweep.png")
-    plots.plot_layers(report, config.attention.layer % n_layers, out / "layers.png")
+    chosen_layer = None if config.attention.layer_heads is not None else config.attention.layer % n_layers
+    plots.plot_layers(report, chosen_layer, out / "layers.png")
     att = config.attention
     label = ("rel. " if att.relative else "") + (
         "attention, question rows" if att.query_rows == "question" else "attention"

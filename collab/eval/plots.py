@@ -100,16 +100,21 @@ def plot_sweep(report: dict, path: Path) -> Path:
     return path
 
 
-def plot_layers(report: dict, chosen_layer: int, path: Path) -> Path | None:
+def plot_layers(report: dict, chosen_layer: int | None, path: Path) -> Path | None:
+    """Each layer's RoI hit rate alone; `chosen_layer` (orange) is the configured one, None where
+    the RoI reads (layer, head) pairs across layers (attention.layer_heads), drawn as a line."""
     layers = report.get("layers") or {}
     if not layers:
         return None
     keys = sorted(layers, key=int)
     fig, ax = plt.subplots(figsize=(max(4, 0.5 * len(keys) + 2), 3.2))
-    colors = ["tab:orange" if int(k) == chosen_layer else "tab:blue" for k in keys]
+    colors = ["tab:orange" if chosen_layer is not None and int(k) == chosen_layer else "tab:blue" for k in keys]
     ax.bar(keys, [layers[k] for k in keys], color=colors)
     ax.set_ylim(0, 1)
-    ax.set_xlabel("decoder layer (orange: configured)")
+    if chosen_layer is None and report.get("roi", {}).get("hit_rate") is not None:
+        ax.axhline(report["roi"]["hit_rate"], color="tab:orange", linestyle="--", label="configured layer_heads")
+        ax.legend(fontsize=8, loc="upper right")
+    ax.set_xlabel("decoder layer" + (" (orange: configured)" if chosen_layer is not None else ""))
     ax.set_ylabel("RoI hit rate (fine questions)")
     ax.set_title("Where does attention localise? (layer sweep)", fontsize=9)
     fig.tight_layout()
