@@ -1,0 +1,97 @@
+"""Did two training runs of one recipe give the same model? (the recipe's determinism, checked)
+
+    python scripts/compare_runs.py runs/A runs/B
+
+Compares the runs' training logs record by record, leaving out what measures time (elapsed and
+wait seconds), and the weights they saved tensor by tensor (model.safetensors and the stage-1
+tower checkpoint, where both runs have them). Prints the first record that differs, how many
+agree, and for weights the largest absolute difference; exits 0 only where everything both runs
+hold is identical.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+TIMING_KEYS = ("elapsed_s", "data_wait_s", "seconds", "wall_s")
+
+
+def _records(log: Path) -> list[dict]:
+    out = []
+    for line in log.read_text().splitlines():
+        record = json.loads(line)
+        out.append({k: v for k, v in record.items() if k not in TIMING_KEYS and not k.endswith("_time_s")})
+    return out
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    return a == b
+
+
+def compare_logs(a: Path, b: Path) -> tuple[int, int, str | None]:
+    """(records compared, records equal, first difference or None); compared up to the shorter log."""
+    ra, rb = _records(a), _records(b)
+    n = min(len(ra), len(rb))
+    for i in range(n):
+        diff = [k for k in sorted(set(ra[i]) | set(rb[i])) if not _same(ra[i].get(k), rb[i].get(k))]
+        if diff:
+            return n, i, f"record {i} (step {ra[i].get('step')}): {', '.join(diff[:6])}"
+    return n, n, None
+
+
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def compare_weights(a: Path, b: Path) -> tuple[int, float]:
+    """(tensors, largest absolute difference); a missing or reshaped tensor is an infinite one."""
+    ta, tb = _tensors(a), _tensors(b)
+    worst = 0.0 if set(ta) == set(tb) else math.inf
+    for name in set(ta) & set(tb):
+        if ta[name].shape != tb[name].shape:
+            worst = math.inf
+        else:
+            worst = max(worst, (ta[name].double() - tb[name].double()).abs().max().item() if ta[name].numel() else 0.0)
+    return len(ta), worst
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_a", type=Path)
+    p.add_argument("run_b", type=Path)
+    args = p.parse_args(argv)
+    identical = True
+    n, equal, first = compare_logs(args.run_a / "training_log.jsonl", args.run_b / "training_log.jsonl")
+    print(
+        f"training logs: {equal} of {n} records equal (timings left out)"
+        + (f"; first difference: {first}" if first else "")
+    )
+    identical &= first is None
+    missing = 0
+    for name in ("vision_tower_stage1.pt", "model.safetensors"):
+        a, b = args.run_a / name, args.run_b / name
+        if a.exists() and b.exists():
+            count, worst = compare_weights(a, b)
+            print(f"{name}: {count} tensors, largest absolute difference {worst:.3g}")
+            identical &= worst == 0.0
+        else:
+            print(f"{name}: not in both runs")
+            missing += 1
+    print("different" if not identical else "identical" if n and missing == 0 else "identical as far as both runs go")
+    return 0 if identical else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
