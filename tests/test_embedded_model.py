@@ -152,3 +152,17 @@ def test_first_pass_attention_finds_the_object_that_has_both_named_attributes(em
     16 times here, the mean over rows and heads 9 (chance: about 4)."""
     hits, n = roi_hits(*embedded, 4, lookalike="both", seed=FIXED_SEED + 3)
     assert hits >= 13, (hits, n)
+
+
+def test_the_read_the_heads_tool_chooses_is_the_shipped_read(embedded):
+    """`python -m collab.eval.heads` on fixed items picks, among every (layer, head) pair plain and
+    relative, the heads and layer configs/default.yaml reads: the shipped read is the model's, and
+    a retrained model whose looks moved would fail here until its read is chosen again."""
+    from collab.eval import heads
+
+    config, backend = embedded
+    items = heads.collect(backend, config, FIXED_SEED + 1, 120, show_progress=False)
+    chosen = heads.choose(items, backend.info.num_heads, config, backend.info.encoder_size, max_pairs=4, min_gain=0.05)
+    shipped = {(config.attention.layer % backend.info.num_layers, h) for h in config.attention.heads}
+    assert {tuple(pair) for pair in chosen["layer_heads"]} == shipped
+    assert chosen["hit_rate"] >= 0.85
