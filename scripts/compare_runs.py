@@ -2,11 +2,11 @@
 
     python scripts/compare_runs.py runs/A runs/B
 
-Compares the runs' training logs record by record, leaving out what measures time (elapsed and
-wait seconds), and the weights they saved tensor by tensor (model.safetensors and the stage-1
-tower checkpoint, where both runs have them). Prints the first record that differs, how many
-agree, and for weights the largest absolute difference; exits 0 only where everything both runs
-hold is identical.
+Compares the runs' training logs record by record, leaving out what measures time (the keys that
+end in _s: elapsed, data wait and evaluation seconds), and the weights they saved tensor by tensor
+(model.safetensors and the stage-1 tower checkpoint, where both runs have them). Prints the first
+record that differs, how many agree, and for weights the largest absolute difference; exits 0 only
+where everything both runs hold is identical.
 """
 
 from __future__ import annotations
@@ -20,14 +20,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-TIMING_KEYS = ("elapsed_s", "data_wait_s", "seconds", "wall_s")
-
 
 def _records(log: Path) -> list[dict]:
     out = []
     for line in log.read_text().splitlines():
         record = json.loads(line)
-        out.append({k: v for k, v in record.items() if k not in TIMING_KEYS and not k.endswith("_time_s")})
+        out.append({k: v for k, v in record.items() if not k.endswith("_s")})  # seconds: elapsed, data wait, eval
     return out
 
 
