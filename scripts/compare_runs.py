@@ -3,7 +3,7 @@
     python scripts/compare_runs.py runs/A runs/B
 
 Compares the runs' training logs record by record, leaving out what measures time (the keys that
-end in _s: elapsed, data wait and evaluation seconds), and the weights they saved tensor by tensor
+end in _s: elapsed, data wait and evaluation seconds; the run's minutes), and the weights they saved tensor by tensor
 (model.safetensors and the stage-1 tower checkpoint, where both runs have them). Prints the first
 record that differs, how many agree, and for weights the largest absolute difference; exits 0 only
 where everything both runs hold is identical.
@@ -25,7 +25,7 @@ def _records(log: Path) -> list[dict]:
     out = []
     for line in log.read_text().splitlines():
         record = json.loads(line)
-        out.append({k: v for k, v in record.items() if not k.endswith("_s")})  # seconds: elapsed, data wait, eval
+        out.append({k: v for k, v in record.items() if not (k.endswith("_s") or k == "minutes")})
     return out
 
 
