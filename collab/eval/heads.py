@@ -109,7 +109,7 @@ def select(
     chosen: list[int] = []
     best = -len(items)
     path = []
-    while len(chosen) < max_pairs:
+    while len(chosen) < min(max_pairs, n_pairs):
         scores = {
             p: int(hits(items, [*chosen, p], relative, config, encoder_size).sum())
             for p in range(n_pairs)
