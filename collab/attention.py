@@ -154,6 +154,19 @@ def reduce_heads(maps: np.ndarray, how: str, epsilon: float = 1e-12) -> np.ndarr
     raise ValueError(f"unknown head reduction {how!r}; expected one of {HEAD_REDUCTIONS}")
 
 
+def per_head_maps(question: np.ndarray, generic: np.ndarray | None, rows: str, epsilon: float = 1e-6) -> np.ndarray:
+    """Each head's map, (heads, n), from per-head, per-row maps (heads, rows, n) of the question and,
+    for relative attention, of the generic prompt (heads, rows', n; None: plain attention): each
+    head's question rows divided by that head's mean generic map, then reduced over rows."""
+    q = np.asarray(question, dtype=np.float64)
+    if generic is not None:
+        g = np.asarray(generic, dtype=np.float64)
+        if g.ndim != 3 or g.shape[0] != q.shape[0] or g.shape[2] != q.shape[2]:
+            raise ValueError(f"generic maps {g.shape} do not match question maps {q.shape} in heads and tokens")
+        q = q / (g.mean(axis=1, keepdims=True) + epsilon)
+    return reduce_rows(q, rows)
+
+
 def combine_maps(
     question: np.ndarray,
     generic: np.ndarray | None,
@@ -161,13 +174,5 @@ def combine_maps(
     heads: str,
     epsilon: float = 1e-6,
 ) -> np.ndarray:
-    """One map from per-head, per-row maps (heads, rows, n) of the question and, for relative
-    attention, of the generic prompt (heads, rows', n; None: plain attention). Each head's question
-    rows are divided by that head's mean generic map, then reduced over rows, then over heads."""
-    q = np.asarray(question, dtype=np.float64)
-    if generic is not None:
-        g = np.asarray(generic, dtype=np.float64)
-        if g.ndim != 3 or g.shape[0] != q.shape[0] or g.shape[2] != q.shape[2]:
-            raise ValueError(f"generic maps {g.shape} do not match question maps {q.shape} in heads and tokens")
-        q = q / (g.mean(axis=1, keepdims=True) + epsilon)
-    return reduce_heads(reduce_rows(q, rows), heads)
+    """One map from per-head, per-row maps: each head's (head_rows), then reduced over heads."""
+    return reduce_heads(per_head_maps(question, generic, rows, epsilon), heads)

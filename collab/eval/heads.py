@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from collab import stages
-from collab.attention import reduce_heads, reduce_rows
+from collab.attention import per_head_maps, reduce_heads
 from collab.config import ConfigError, load_config, parse_sets
 from collab.data.synthetic import parse_split
 from collab.eval.runner import hit, synthetic_items
@@ -68,13 +68,13 @@ def collect(backend, config, seed: int, n: int, show_progress: bool = True) -> l
             answer_ids = gen.token_ids[: gen.n_answer_tokens]
         request = stages.MapRequest(features, item.question, answer_ids)
         (questions,), (generic,) = stages.head_rows_batch(backend, [request], cfg, layers, None)
-        plain, relative = [], []
-        for q, g in zip(questions, generic):
-            q = q.reshape(*q.shape[:2], -1).astype(np.float64)
-            g = g.reshape(*g.shape[:2], -1).astype(np.float64)
-            plain.append(reduce_rows(q, cfg.rows))
-            relative.append(reduce_rows(q / (g.mean(axis=1, keepdims=True) + cfg.epsilon), cfg.rows))
-        maps = {False: np.concatenate(plain), True: np.concatenate(relative)}
+        flat = [(q.reshape(*q.shape[:2], -1), g.reshape(*g.shape[:2], -1)) for q, g in zip(questions, generic)]
+        maps = {
+            relative: np.concatenate(
+                [per_head_maps(q, g if relative else None, cfg.rows, cfg.epsilon) for q, g in flat]
+            )
+            for relative in (False, True)
+        }
         grid = questions[0].shape[2:]
         out.append(ItemMaps(item.question_id, maps, grid, original.size, global_size, item.target_box))
     return out
