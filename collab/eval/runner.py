@@ -141,15 +141,20 @@ class Evaluator:
         )
         full_bytes = full_resolution_bytes(original, cfg.imaging.format, cfg.imaging.jpeg_quality)
 
-        layers = sorted(set(self.layers) | {cfg.attention.layer % info.num_layers})
+        read_layer = {cfg.attention.layer % info.num_layers} if cfg.attention.layer_heads is None else set()
+        layers = sorted(set(self.layers) | read_layer)
         gen = backend.generate([global_features], item.question, stages.capture_layers(cfg.attention, layers))
         lengths = {**AGGREGATIONS, length_key(cfg.gate.aggregation_length): cfg.gate.aggregation_length}
         uncertainties = {
             name: answer_uncertainties(gen.scores, gen.n_answer_tokens, length) for name, length in lengths.items()
         }
         answer_ids = gen.token_ids[: gen.n_answer_tokens]
-        maps = stages.attention_maps(
-            backend, global_features, item.question, answer_ids, cfg.attention, layers, gen.attention
+        maps = (
+            stages.attention_maps(
+                backend, global_features, item.question, answer_ids, cfg.attention, layers, gen.attention
+            )
+            if layers
+            else []
         )
         by_layer = dict(zip(layers, maps))
         chosen = (
