@@ -674,3 +674,32 @@ def test_each_stage_runs_at_its_own_thread_count(tmp_path, monkeypatch):
     calls.clear()
     train(Recipe.model_validate({**raw, "continuations": []}), tmp_path / "model2", tmp_path / "log2.jsonl")
     assert calls == [1, 1]
+
+
+def test_stage1_releases_waiting_workers_when_it_fails(tmp_path, monkeypatch):
+    """A stage-1 part that raises mid-loop still publishes every step's crop scale, so a data worker
+    waiting on one is released at once rather than left for the loader's shutdown timeout."""
+    import collab.training.tower as tower_module
+
+    made = []
+
+    class Recording(ScaleCurriculum):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(tower_module, "ScaleCurriculum", Recording)
+    recipe = toy_recipe(tower={"steps": 5, "batch": 4, "scale_start": 2.0, "scale_end": 8.0})
+    tokenizer = build_tokenizer(VOCABULARY)
+    from collab.models.tiny import build_tiny_llava
+    from collab.training.train import batch_spec
+
+    model = build_tiny_llava(tokenizer, recipe.model.spec(), seed=0)
+
+    def failing_log(row):
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        tower_module.train_tower(model, batch_spec(recipe), recipe, failing_log)
+    (curriculum,) = made
+    assert curriculum.moves and not any(math.isnan(v) for v in curriculum.published)

@@ -299,94 +299,98 @@ def train_tower(model, spec: BatchSpec, recipe: Recipe, log, part: int = 0) -> i
     shape_w = torch.ones(len(SHAPES) + 1, device=device)
     color_w[-1] = shape_w[-1] = stage.background_weight
     step, row = -1, None
-    for step, b in scheduled_batches(loader, sched, device):
-        loss = torch.zeros((), device=device)
-        acc = color_acc = shape_acc = object_shape_acc = object_digit_acc = float("nan")
-        with autocast(device, runtime.amp_dtype):
-            if len(b["crops"]):
-                fc = patch_features(model, b["crops"]).float().mean(1)
-                digit, color, shape = b["crop_labels"].T
-                loss = (
-                    loss
-                    + 2.0 * F.cross_entropy(heads.digit(fc), digit)
-                    + F.cross_entropy(heads.color(fc), color)
-                    + F.cross_entropy(heads.shape(fc), shape)
-                )  # reading the glyph is the hard part: weight 2
-            if len(b["globals"]):
-                pg = patch_features(model, b["globals"]).float()
-                fg = pg.mean(1)
-                loss = (
-                    loss
-                    + F.binary_cross_entropy_with_logits(heads.present(fg), b["present"])
-                    + F.cross_entropy(heads.count(fg), b["count"])
-                )
-                dense = F.cross_entropy(
-                    heads.patch_color(pg).flatten(0, 1), b["patch_color"].flatten(), weight=color_w
-                ) + F.cross_entropy(heads.patch_shape(pg).flatten(0, 1), b["patch_shape"].flatten(), weight=shape_w)
-                loss = loss + stage.dense_weight * dense
-                # each object's own tokens, pooled (what the decoder's attention to the object reads
-                # and what collab.eval.probe measures): colour and shape
-                cells = b["object_cells"]
-                pooled = (cells[:, :, None] * pg[b["object_image"]]).sum(1) / cells.sum(1, keepdim=True)
-                loss = loss + stage.object_weight * (
-                    F.cross_entropy(heads.object_color(pooled), b["object_color"])
-                    + F.cross_entropy(heads.object_shape(pooled), b["object_shape"])
-                )
-                legible = b["object_digit"] != IGNORE
-                if legible.any():  # digits legible in this global image: each object's own tokens read its digit
-                    loss = loss + stage.object_weight * F.cross_entropy(
-                        heads.object_digit(pooled[legible]), b["object_digit"][legible]
+    try:  # a worker waiting on a scale must be released however the loop ends
+        for step, b in scheduled_batches(loader, sched, device):
+            loss = torch.zeros((), device=device)
+            acc = color_acc = shape_acc = object_shape_acc = object_digit_acc = float("nan")
+            with autocast(device, runtime.amp_dtype):
+                if len(b["crops"]):
+                    fc = patch_features(model, b["crops"]).float().mean(1)
+                    digit, color, shape = b["crop_labels"].T
+                    loss = (
+                        loss
+                        + 2.0 * F.cross_entropy(heads.digit(fc), digit)
+                        + F.cross_entropy(heads.color(fc), color)
+                        + F.cross_entropy(heads.shape(fc), shape)
+                    )  # reading the glyph is the hard part: weight 2
+                if len(b["globals"]):
+                    pg = patch_features(model, b["globals"]).float()
+                    fg = pg.mean(1)
+                    loss = (
+                        loss
+                        + F.binary_cross_entropy_with_logits(heads.present(fg), b["present"])
+                        + F.cross_entropy(heads.count(fg), b["count"])
                     )
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        bar.update(1)
-        with torch.no_grad():
-            if len(b["crops"]):
-                acc = (heads.digit(fc).argmax(-1) == digit).float().mean().item()
-                curriculum.update(acc)
-            if len(b["globals"]):
-                on_object = b["patch_color"] < len(COLOR_NAMES)
-                color_acc = (heads.patch_color(pg).argmax(-1) == b["patch_color"])[on_object].float().mean().item()
-                shape_acc = (heads.patch_shape(pg).argmax(-1) == b["patch_shape"])[on_object].float().mean().item()
-                object_shape_acc = (heads.object_shape(pooled).argmax(-1) == b["object_shape"]).float().mean().item()
-                if legible.any():
-                    object_digit_acc = (
-                        (heads.object_digit(pooled[legible]).argmax(-1) == b["object_digit"][legible])
-                        .float()
-                        .mean()
-                        .item()
+                    dense = F.cross_entropy(
+                        heads.patch_color(pg).flatten(0, 1), b["patch_color"].flatten(), weight=color_w
+                    ) + F.cross_entropy(heads.patch_shape(pg).flatten(0, 1), b["patch_shape"].flatten(), weight=shape_w)
+                    loss = loss + stage.dense_weight * dense
+                    # each object's own tokens, pooled (what the decoder's attention to the object reads
+                    # and what collab.eval.probe measures): colour and shape
+                    cells = b["object_cells"]
+                    pooled = (cells[:, :, None] * pg[b["object_image"]]).sum(1) / cells.sum(1, keepdim=True)
+                    loss = loss + stage.object_weight * (
+                        F.cross_entropy(heads.object_color(pooled), b["object_color"])
+                        + F.cross_entropy(heads.object_shape(pooled), b["object_shape"])
                     )
-        curriculum.publish(step)
-        bar.set_postfix(
-            loss=f"{loss.item():.3f}",
-            digit=f"{acc:.2f}",
-            color=f"{color_acc:.2f}",
-            shape=f"{shape_acc:.2f}",
-            obj_shape=f"{object_shape_acc:.2f}",
-            obj_digit=f"{object_digit_acc:.2f}",
-            scale=f"{b['max_scale']:.1f}",
-        )
-        row = {
-            "stage": 1,
-            **tag,
-            "step": step,
-            "loss": loss.item(),
-            "crop_digit_acc": acc,
-            "object_patch_color_acc": color_acc,
-            "object_patch_shape_acc": shape_acc,
-            "object_shape_acc": object_shape_acc,
-            "legible_object_digit_acc": object_digit_acc,
-            "max_scale": b["max_scale"],
-            "lr": opt.param_groups[0]["lr"],
-            "data_wait_s": round(loader.wait_s, 1),
-        }
-        if step % 50 == 0:
-            log(row)
-            row = None
-    bar.close()
-    curriculum.close()
+                    legible = b["object_digit"] != IGNORE
+                    if legible.any():  # digits legible in this global image: each object's own tokens read its digit
+                        loss = loss + stage.object_weight * F.cross_entropy(
+                            heads.object_digit(pooled[legible]), b["object_digit"][legible]
+                        )
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            bar.update(1)
+            with torch.no_grad():
+                if len(b["crops"]):
+                    acc = (heads.digit(fc).argmax(-1) == digit).float().mean().item()
+                    curriculum.update(acc)
+                if len(b["globals"]):
+                    on_object = b["patch_color"] < len(COLOR_NAMES)
+                    color_acc = (heads.patch_color(pg).argmax(-1) == b["patch_color"])[on_object].float().mean().item()
+                    shape_acc = (heads.patch_shape(pg).argmax(-1) == b["patch_shape"])[on_object].float().mean().item()
+                    object_shape_acc = (
+                        (heads.object_shape(pooled).argmax(-1) == b["object_shape"]).float().mean().item()
+                    )
+                    if legible.any():
+                        object_digit_acc = (
+                            (heads.object_digit(pooled[legible]).argmax(-1) == b["object_digit"][legible])
+                            .float()
+                            .mean()
+                            .item()
+                        )
+            curriculum.publish(step)
+            bar.set_postfix(
+                loss=f"{loss.item():.3f}",
+                digit=f"{acc:.2f}",
+                color=f"{color_acc:.2f}",
+                shape=f"{shape_acc:.2f}",
+                obj_shape=f"{object_shape_acc:.2f}",
+                obj_digit=f"{object_digit_acc:.2f}",
+                scale=f"{b['max_scale']:.1f}",
+            )
+            row = {
+                "stage": 1,
+                **tag,
+                "step": step,
+                "loss": loss.item(),
+                "crop_digit_acc": acc,
+                "object_patch_color_acc": color_acc,
+                "object_patch_shape_acc": shape_acc,
+                "object_shape_acc": object_shape_acc,
+                "legible_object_digit_acc": object_digit_acc,
+                "max_scale": b["max_scale"],
+                "lr": opt.param_groups[0]["lr"],
+                "data_wait_s": round(loader.wait_s, 1),
+            }
+            if step % 50 == 0:
+                log(row)
+                row = None
+    finally:
+        bar.close()
+        curriculum.close()
     if row is not None:  # the last step, unless it was just logged
         log(row)
     log({"stage_done": 1, **tag, "steps": step + 1})
