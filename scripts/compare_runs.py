@@ -6,7 +6,8 @@ Compares the runs' training logs record by record, leaving out what measures tim
 end in _s: elapsed, data wait and evaluation seconds; the run's minutes), and the weights they saved tensor by tensor
 (model.safetensors and the stage-1 tower checkpoint, where both runs have them). Prints the first
 record that differs, how many agree, and for weights the largest absolute difference; exits 0 only
-where everything both runs hold is identical.
+where everything both runs hold is identical. It also prints the library versions each log
+records (`software`): runs made with different ones are not expected to agree.
 """
 
 from __future__ import annotations
@@ -25,8 +26,24 @@ def _records(log: Path) -> list[dict]:
     out = []
     for line in log.read_text().splitlines():
         record = json.loads(line)
-        out.append({k: v for k, v in record.items() if not (k.endswith("_s") or k == "minutes")})
+        out.append({k: v for k, v in record.items() if not (k.endswith("_s") or k in ("minutes", "software"))})
     return out
+
+
+def _software(log: Path) -> dict | None:
+    lines = log.read_text().splitlines()
+    return json.loads(lines[0]).get("software") if lines else None
+
+
+def software_difference(a: Path, b: Path) -> str:
+    """A line on the library versions the two logs record (logs before 2026-12-06 record none)."""
+    sa, sb = _software(a), _software(b)
+    if sa is None or sb is None:
+        return "software: not recorded in " + " and ".join(str(p) for p, s in ((a, sa), (b, sb)) if s is None)
+    diff = [f"{k} {sa.get(k)} / {sb.get(k)}" for k in sorted(set(sa) | set(sb)) if sa.get(k) != sb.get(k)]
+    if not diff:
+        return "software: the same (" + ", ".join(f"{k} {v}" for k, v in sa.items()) + ")"
+    return "software differs, so the weights may too: " + "; ".join(diff)
 
 
 def _same(a, b) -> bool:
@@ -71,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run_b", type=Path)
     args = p.parse_args(argv)
     identical = True
+    print(software_difference(args.run_a / "training_log.jsonl", args.run_b / "training_log.jsonl"))
     n, equal, first = compare_logs(args.run_a / "training_log.jsonl", args.run_b / "training_log.jsonl")
     print(
         f"training logs: {equal} of {n} records equal (timings left out)"

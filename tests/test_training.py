@@ -19,7 +19,7 @@ from collab.training.data import BatchSpec, BatchStream, collate, crop_box, make
 from collab.training.loop import CosineSchedule, lookahead, make_loader
 from collab.training.recipe import PROMPT, REFINE_PROMPT, Recipe, load_recipe
 from collab.training.tower import ScaleCurriculum, TowerStream, patch_labels, tower_batch
-from collab.training.train import TOWER_CHECKPOINT, tower_state, train
+from collab.training.train import TOWER_CHECKPOINT, WEIGHT_LIBRARIES, tower_state, train
 
 TOY = {
     "model": {
@@ -66,6 +66,8 @@ def test_train_saves_a_loadable_model_and_monitors_localisation(tmp_path):
     assert feats.shape == (1, 16, 32)
     assert len(backend.generate([feats[0]], "what number is in the red circle?").token_ids) >= 1
     rows = rows_of(tmp_path / "log.jsonl")
+    assert rows[0]["software"]["torch"] == torch.__version__  # what decides the weights besides the recipe
+    assert set(WEIGHT_LIBRARIES) <= set(rows[0]["software"])
     assert any(r.get("stage") == 1 for r in rows)
     evals = [r for r in rows if r.get("stage") == 2]
     assert [r["step"] for r in evals] == [2, 3]  # after 2 steps, then where the stage ended

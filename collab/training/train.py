@@ -8,7 +8,9 @@ Seeded; the checkpoint is saved with save_pretrained and loads through LlavaBack
 from __future__ import annotations
 
 import json
+import platform
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 import torch
@@ -21,6 +23,20 @@ from collab.training.recipe import Recipe
 
 STAGES = ("tower", "vlm")
 TOWER_CHECKPOINT = "vision_tower_stage1.pt"
+# Besides the recipe, what decides the weights: the libraries that draw the fresh weights (transformers'
+# initialisers), render and encode the images (pillow, numpy) and do the arithmetic (torch, and the
+# CPU kernels it picks). configs/training/constraints.txt pins the versions the documented runs used.
+WEIGHT_LIBRARIES = ("torch", "transformers", "tokenizers", "pillow", "numpy")
+
+
+def software() -> dict:
+    """The versions and CPU kernels a run trained with, for its log: two runs of one recipe give the
+    same weights only where these agree (scripts/compare_runs.py reports them)."""
+    return {
+        "python": platform.python_version(),
+        **{name: version(name) for name in WEIGHT_LIBRARIES},
+        "cpu_kernels": torch.backends.cpu.get_cpu_capability(),
+    }
 
 
 def batch_spec(recipe: Recipe) -> BatchSpec:
@@ -136,7 +152,14 @@ def train(
     model = build_tiny_llava(tokenizer, recipe.model.spec(), seed=recipe.seed)
     model.set_attn_implementation("sdpa")  # fast training; the served model is loaded with eager
     log = JsonlLog(log_path)
-    log({"recipe": recipe.model_dump(mode="json"), "device": str(device), "stages": list(stages)})
+    log(
+        {
+            "recipe": recipe.model_dump(mode="json"),
+            "device": str(device),
+            "stages": list(stages),
+            "software": software(),
+        }
+    )
     if from_part:
         log({"from_part": from_part})
     if init_model is not None:
