@@ -705,3 +705,42 @@ def test_stage1_releases_waiting_workers_when_it_fails(tmp_path, monkeypatch):
         tower_module.train_tower(model, batch_spec(recipe), recipe, failing_log)
     (curriculum,) = made
     assert curriculum.moves and not any(math.isnan(v) for v in curriculum.published)
+
+
+def test_a_recipe_file_can_start_from_a_saved_tower_with_its_own_decoder_seed(tmp_path):
+    """`start` and `decoder_seed` put in the file what a reproduction needs: a plain run of a file
+    that starts at part 1 from a saved tower, with the decoder drawn at another seed, gives the
+    weights of the same run asked for with flags, and its fresh decoder is the one that seed draws."""
+    import yaml
+    from safetensors.torch import load_file
+
+    from collab.models.tiny import build_tiny_llava
+    from collab.training.train import initial_model
+
+    raw = json.loads(json.dumps(TOY))
+    raw["vlm"]["steps"] = 0
+    raw["continuations"] = [{"seed": 2, "vlm": {"steps": 2}}]
+    tower_run = train(Recipe.model_validate(raw), tmp_path / "tower")  # part 0: the tower only
+    flags = train(
+        Recipe.model_validate({**raw, "decoder_seed": 5}), tmp_path / "flags", init_tower=tower_run, from_part=1
+    )
+    (tmp_path / "recipes").mkdir()
+    path = tmp_path / "recipes" / "start.yaml"
+    path.write_text(yaml.safe_dump({**raw, "decoder_seed": 5, "start": {"part": 1, "tower": "../tower"}}))
+    recipe = load_recipe(path)
+    assert recipe.start.tower == str(tower_run.resolve())  # relative to the file
+    plain = train(recipe, tmp_path / "plain", tmp_path / "plain.jsonl")
+    log = rows_of(tmp_path / "plain.jsonl")
+    assert log[1]["from_part"] == 1 and log[2]["init_tower"] == str(tower_run.resolve())
+    a, b = load_file(str(flags / "model.safetensors")), load_file(str(plain / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    tokenizer = build_tokenizer(VOCABULARY)
+    model = initial_model(tokenizer, Recipe.model_validate({**raw, "decoder_seed": 5})).state_dict()
+    at0 = build_tiny_llava(tokenizer, Recipe.model_validate(raw).model.spec(), seed=0).state_dict()
+    at5 = build_tiny_llava(tokenizer, Recipe.model_validate(raw).model.spec(), seed=5).state_dict()
+    for key, value in model.items():
+        assert torch.equal(value, (at0 if ".vision_tower." in key else at5)[key]), key
+    assert not torch.equal(at0["lm_head.weight"], at5["lm_head.weight"])
+    with pytest.raises(ValueError, match="cannot change in a continuation"):
+        Recipe.model_validate({**raw, "continuations": [{"start": {"part": 1}}]})

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from collab.config import ConfigError, parse_sets
 from collab.training.recipe import load_recipe
-from collab.training.train import STAGES, check_from_part, train
+from collab.training.train import STAGES, check_from_part, starting_point, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,11 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--from-part",
         type=int,
-        default=0,
+        default=None,
         metavar="N",
         help="resume the recipe at its continuation N (1: the first) from --init-model, the model its parts before "
         "N left, or from --init-tower where they trained the tower only (vlm.steps 0); e.g. the shipped model's "
-        "stage 2 from the tower before it (default: 0, the whole recipe)",
+        "stage 2 from the tower before it (default: 0, the whole recipe). Where none of --from-part, --init-tower and "
+        "--init-model is given, the recipe's `start` gives them",
     )
     return p
 
@@ -66,13 +67,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         recipe = load_recipe(args.recipe, parse_sets(args.set) or None)
         if set(stages) - set(STAGES) or not stages:
             raise ConfigError(f"--stages must be a subset of {','.join(STAGES)}")
+        args.from_part, args.init_tower, args.init_model = starting_point(
+            recipe, args.from_part, args.init_tower, args.init_model
+        )
         if "tower" not in stages and "vlm" in stages and args.init_tower is None and args.init_model is None:
             raise ConfigError("--stages vlm needs --init-tower or --init-model")
         check_from_part(len(recipe.parts()), args.from_part, args.init_model, args.init_tower)
         for name in ("init_tower", "init_model"):
             path = getattr(args, name)
             if path is not None and not path.exists():
-                raise ConfigError(f"--{name.replace('_', '-')}: {path} does not exist")
+                flag = "--" + name.replace("_", "-")
+                key = f"start.{name[5:]}" if getattr(recipe.start, name[5:]) == str(path) else flag
+                raise ConfigError(f"{key}: {path} does not exist")
         from collab.training.loop import resolve_device
 
         resolve_device(recipe.runtime.device)

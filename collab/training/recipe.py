@@ -192,15 +192,29 @@ class Runtime(_Strict):
     vlm_threads: int | None = Field(
         None,
         ge=1,
-        description="torch threads in stage 2 (None: threads); on 2 cores stage 1 is bound by rendering and runs "
-        "best at 1, stage 2 by the decoder's matmuls and runs 1.37x faster at 2 (docs/embedded_model.md)",
+        description="torch threads in stage 2 (None: threads); on 2 cores stage 1 runs best at 1 (the data worker "
+        "renders on the other core), stage 2 (matmul-bound) 1.37x faster at 2 (docs/embedded_model.md)",
     )
     workers: int = Field(1, ge=0, description="data-rendering processes (0: render in the training process)")
     scene_reuse: int = Field(1, ge=1, description="examples drawn from each rendered scene")
 
 
+class Start(_Strict):
+    """Where a plain run of the recipe begins; the CLI's --from-part, --init-tower and --init-model
+    override it. A path is relative to the file that states it (the loader makes it absolute)."""
+
+    part: int = Field(0, ge=0, description="the first part to run (0: the whole recipe), as --from-part")
+    tower: str | None = Field(None, description="a saved model directory or stage-1 checkpoint: its tower")
+    model: str | None = Field(None, description="a saved model directory: every weight to start from")
+
+
 class Recipe(_Strict):
     seed: int = 0
+    decoder_seed: int | None = Field(
+        None,
+        description="seed of the fresh projector's and decoder's initial weights (None: seed; the tower's: seed)",
+    )
+    start: Start = Field(default_factory=Start)
     model: ModelSizes = Field(default_factory=ModelSizes)
     prompt_template: str = PROMPT
     refine_template: str = REFINE_PROMPT
@@ -225,7 +239,7 @@ class Recipe(_Strict):
         base = self.model_dump(mode="json", exclude={"continuations"})
         parts = [RecipePart(self if not self.continuations else Recipe.model_validate(base), tower=True)]
         for i, overrides in enumerate(self.continuations, 1):
-            bad = {"model", "continuations"} & set(overrides)
+            bad = {"model", "continuations", "start", "decoder_seed"} & set(overrides)
             if bad:
                 raise ValueError(f"continuations[{i - 1}]: {sorted(bad)} cannot change in a continuation")
             parts.append(RecipePart(Recipe.model_validate(deep_merge(base, overrides)), tower="tower" in overrides))
@@ -245,6 +259,11 @@ def read_recipe_file(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     if path.resolve() in seen:
         raise ConfigError(f"{path}: base files form a cycle")
     raw = read_yaml_mapping(path, "recipe")
+    start = raw.get("start")
+    if isinstance(start, dict):  # paths relative to this file, as `base` is
+        for key in ("tower", "model"):
+            if isinstance(start.get(key), str):
+                start[key] = str((path.parent / start[key]).resolve())
     base = raw.pop("base", None)
     if base is None:
         return raw

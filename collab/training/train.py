@@ -23,6 +23,7 @@ from collab.training.recipe import Recipe
 
 STAGES = ("tower", "vlm")
 TOWER_CHECKPOINT = "vision_tower_stage1.pt"
+TOWER_KEYS = "model.vision_tower."
 # Besides the recipe, what decides the weights: the libraries that draw the fresh weights (transformers'
 # initialisers), render and encode the images (pillow, numpy) and do the arithmetic (torch, and the
 # CPU kernels it picks). configs/training/constraints.txt pins the versions the documented runs used.
@@ -109,6 +110,27 @@ def load_saved_weights(model, model_dir: Path, tokenizer) -> None:
     model.load_state_dict({k: saved[k] for k in mine})
 
 
+def starting_point(
+    recipe: Recipe, from_part: int | None = None, init_tower: Path | None = None, init_model: Path | None = None
+) -> tuple[int, Path | None, Path | None]:
+    """(first part, tower, model) a run starts from: the caller's, where it gives any, else the
+    recipe's `start`."""
+    if from_part is None and init_tower is None and init_model is None:
+        start = recipe.start
+        return start.part, Path(start.tower) if start.tower else None, Path(start.model) if start.model else None
+    return from_part or 0, init_tower, init_model
+
+
+def initial_model(tokenizer, recipe: Recipe):
+    """The untrained model: the tower drawn at `seed`, the projector and decoder at `decoder_seed`
+    (as a model built at that seed draws them)."""
+    model = build_tiny_llava(tokenizer, recipe.model.spec(), seed=recipe.seed)
+    if recipe.decoder_seed is not None and recipe.decoder_seed != recipe.seed:
+        drawn = build_tiny_llava(tokenizer, recipe.model.spec(), seed=recipe.decoder_seed).state_dict()
+        model.load_state_dict({k: v for k, v in drawn.items() if not k.startswith(TOWER_KEYS)}, strict=False)
+    return model
+
+
 def check_from_part(parts: int, from_part: int, init_model: Path | None, init_tower: Path | None = None) -> None:
     """A recipe of `parts` parts can resume at `from_part` only from what its earlier parts left: the
     model, or the tower alone where those parts trained no decoder (`vlm.steps: 0`)."""
@@ -128,15 +150,17 @@ def train(
     stages: tuple[str, ...] = STAGES,
     init_tower: Path | None = None,
     init_model: Path | None = None,
-    from_part: int = 0,
+    from_part: int | None = None,
 ) -> Path:
     """Run the recipe's parts (its stages, then its continuations) into out_dir, keeping to `stages`.
     Without the tower stage, `init_tower` (a stage-1 checkpoint or a saved model) provides the
     tower; `init_model` (a saved model directory) warm-starts every weight. `from_part` N resumes
     the recipe at continuation N from `init_model`, the model its parts before N left, or from
-    `init_tower` when they trained the tower only. A part whose `vlm.steps` is 0 trains no decoder."""
+    `init_tower` when they trained the tower only. Where none of the three is given, the recipe's
+    `start` gives them. A part whose `vlm.steps` is 0 trains no decoder."""
     from collab.training.tower import train_tower
 
+    from_part, init_tower, init_model = starting_point(recipe, from_part, init_tower, init_model)
     unknown = set(stages) - set(STAGES)
     if unknown or not stages:
         raise ValueError(f"stages must be a non-empty subset of {STAGES}, got {stages}")
@@ -149,7 +173,7 @@ def train(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(VOCABULARY)
-    model = build_tiny_llava(tokenizer, recipe.model.spec(), seed=recipe.seed)
+    model = initial_model(tokenizer, recipe)
     model.set_attn_implementation("sdpa")  # fast training; the served model is loaded with eager
     log = JsonlLog(log_path)
     log(
