@@ -3,7 +3,8 @@
     python scripts/compare_runs.py runs/A runs/B
 
 Compares the runs' training logs record by record, leaving out what measures time (the keys that
-end in _s: elapsed, data wait and evaluation seconds; the run's minutes), and the weights they saved tensor by tensor
+end in _s: elapsed, data wait and evaluation seconds; the run's minutes) and the paths a run
+started from (init_tower, init_model, the recipe's start), and the weights they saved tensor by tensor
 (model.safetensors and the stage-1 tower checkpoint, where both runs have them). Prints the first
 record that differs, how many agree, and for weights the largest absolute difference; exits 0 only
 where everything both runs hold is identical. It also prints the library versions each log
@@ -21,12 +22,17 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+PATHS = ("init_tower", "init_model")  # where a run read its start from: another checkout, another path
+
 
 def _records(log: Path) -> list[dict]:
     out = []
     for line in log.read_text().splitlines():
         record = json.loads(line)
-        out.append({k: v for k, v in record.items() if not (k.endswith("_s") or k in ("minutes", "software"))})
+        kept = {k: v for k, v in record.items() if not (k.endswith("_s") or k in ("minutes", "software", *PATHS))}
+        if isinstance(kept.get("recipe"), dict):
+            kept["recipe"] = {k: v for k, v in kept["recipe"].items() if k != "start"}
+        out.append(kept)
     return out
 
 

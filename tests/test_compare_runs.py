@@ -46,3 +46,11 @@ def test_other_library_versions_are_named_and_other_weights_fail(tmp_path):
     assert "software differs, so the weights may too: pillow 13.0.0 / 12.1.0" in out
     assert "1 of 3 records equal" in out and "first difference: record 1 (step 500): loss_ema" in out
     assert "largest absolute difference 0.25" in out
+
+
+def test_other_software_alone_is_named_but_equal_weights_still_pass(tmp_path):
+    make_run(tmp_path / "a", 100.0, SOFTWARE, 0.5)
+    make_run(tmp_path / "b", 100.0, {**SOFTWARE, "torch": "2.14.1"}, 0.5)
+    code, out = compare(tmp_path / "a", tmp_path / "b")
+    assert code == 0, out
+    assert "software differs, so the weights may too: torch 2.13.0+cpu / 2.14.1" in out

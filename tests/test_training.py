@@ -169,7 +169,8 @@ def test_recipe_errors_name_the_field_and_the_cli_exits_2(tmp_path, capsys):
     for args, message in (
         (["--set", "vlm.batch=1"], "vlm.batch"),
         (["--stages", "vlm"], "needs --init-tower"),
-        (["--init-model", str(tmp_path / "absent")], "does not exist"),
+        (["--init-model", str(tmp_path / "absent")], "--init-model: "),
+        (["--set", f"start.tower={tmp_path / 'absent'}", "--set", "start.part=1"], "start.tower: "),
         (["--stages", "decoder"], "--stages must be"),
         (["--set", "nokey"], "KEY=VALUE"),
         (["--recipe", str(tmp_path / "missing.yaml")], "not found"),
@@ -742,5 +743,15 @@ def test_a_recipe_file_can_start_from_a_saved_tower_with_its_own_decoder_seed(tm
     for key, value in model.items():
         assert torch.equal(value, (at0 if ".vision_tower." in key else at5)[key]), key
     assert not torch.equal(at0["lm_head.weight"], at5["lm_head.weight"])
-    with pytest.raises(ValueError, match="cannot change in a continuation"):
-        Recipe.model_validate({**raw, "continuations": [{"start": {"part": 1}}]})
+    for change in ({"start": {"part": 1}}, {"decoder_seed": 1}):
+        with pytest.raises(ValueError, match="cannot change in a continuation"):
+            Recipe.model_validate({**raw, "continuations": [change]})
+    # the decoder's seed draws nothing else: stage 1 of a whole-recipe run trains the same tower
+    towers = []
+    for seed in (None, 5):
+        run = train(Recipe.model_validate({**raw, "decoder_seed": seed}), tmp_path / f"whole{seed}")
+        towers.append(load_file(str(run / "model.safetensors")))
+    tower_keys = [k for k in towers[0] if "vision_tower." in k]
+    (head,) = [k for k in towers[0] if "lm_head" in k]
+    assert tower_keys and all(torch.equal(towers[0][k], towers[1][k]) for k in tower_keys)
+    assert not torch.equal(towers[0][head], towers[1][head])

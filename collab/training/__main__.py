@@ -67,6 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         recipe = load_recipe(args.recipe, parse_sets(args.set) or None)
         if set(stages) - set(STAGES) or not stages:
             raise ConfigError(f"--stages must be a subset of {','.join(STAGES)}")
+        flags = args.from_part is not None or args.init_tower is not None or args.init_model is not None
         args.from_part, args.init_tower, args.init_model = starting_point(
             recipe, args.from_part, args.init_tower, args.init_model
         )
@@ -76,8 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name in ("init_tower", "init_model"):
             path = getattr(args, name)
             if path is not None and not path.exists():
-                flag = "--" + name.replace("_", "-")
-                key = f"start.{name[5:]}" if getattr(recipe.start, name[5:]) == str(path) else flag
+                key = "--" + name.replace("_", "-") if flags else f"start.{name[5:]}"
                 raise ConfigError(f"{key}: {path} does not exist")
         from collab.training.loop import resolve_device
 

@@ -200,8 +200,9 @@ class Runtime(_Strict):
 
 
 class Start(_Strict):
-    """Where a plain run of the recipe begins; the CLI's --from-part, --init-tower and --init-model
-    override it. A path is relative to the file that states it (the loader makes it absolute)."""
+    """Where a plain run of the recipe begins. Any of the CLI's --from-part, --init-tower and
+    --init-model replaces all of it. A path in a file is relative to that file (the loader makes it
+    absolute), one given with --set relative to the working directory."""
 
     part: int = Field(0, ge=0, description="the first part to run (0: the whole recipe), as --from-part")
     tower: str | None = Field(None, description="a saved model directory or stage-1 checkpoint: its tower")

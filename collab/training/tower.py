@@ -389,8 +389,8 @@ def train_tower(model, spec: BatchSpec, recipe: Recipe, log, part: int = 0) -> i
                 log(row)
                 row = None
     finally:
-        bar.close()
         curriculum.close()
+        bar.close()
     if row is not None:  # the last step, unless it was just logged
         log(row)
     log({"stage_done": 1, **tag, "steps": step + 1})

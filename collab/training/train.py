@@ -126,8 +126,13 @@ def initial_model(tokenizer, recipe: Recipe):
     (as a model built at that seed draws them)."""
     model = build_tiny_llava(tokenizer, recipe.model.spec(), seed=recipe.seed)
     if recipe.decoder_seed is not None and recipe.decoder_seed != recipe.seed:
-        drawn = build_tiny_llava(tokenizer, recipe.model.spec(), seed=recipe.decoder_seed).state_dict()
-        model.load_state_dict({k: v for k, v in drawn.items() if not k.startswith(TOWER_KEYS)}, strict=False)
+        with torch.random.fork_rng(devices=[]):  # the rest of the run draws as it would without it
+            drawn = build_tiny_llava(tokenizer, recipe.model.spec(), seed=recipe.decoder_seed).state_dict()
+        missing, unexpected = model.load_state_dict(
+            {k: v for k, v in drawn.items() if not k.startswith(TOWER_KEYS)}, strict=False
+        )
+        if unexpected or not missing or any(not k.startswith(TOWER_KEYS) for k in missing):
+            raise RuntimeError(f"the tower's weights are not under {TOWER_KEYS!r} in this transformers version")
     return model
 
 
@@ -156,8 +161,9 @@ def train(
     Without the tower stage, `init_tower` (a stage-1 checkpoint or a saved model) provides the
     tower; `init_model` (a saved model directory) warm-starts every weight. `from_part` N resumes
     the recipe at continuation N from `init_model`, the model its parts before N left, or from
-    `init_tower` when they trained the tower only. Where none of the three is given, the recipe's
-    `start` gives them. A part whose `vlm.steps` is 0 trains no decoder."""
+    `init_tower` when they trained the tower only. Where none of the three is given (None), the
+    recipe's `start` gives them; any one given replaces all of it (from_part=0: the whole recipe).
+    A part whose `vlm.steps` is 0 trains no decoder."""
     from collab.training.tower import train_tower
 
     from_part, init_tower, init_model = starting_point(recipe, from_part, init_tower, init_model)
