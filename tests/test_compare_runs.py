@@ -1,4 +1,4 @@
-"""scripts/compare_runs.py: whether two training runs gave the same model, and with what software."""
+"""The reproducibility scripts: compare_runs (same model? same software?) and stage2_first_losses."""
 
 import json
 import subprocess
@@ -54,3 +54,31 @@ def test_other_software_alone_is_named_but_equal_weights_still_pass(tmp_path):
     code, out = compare(tmp_path / "a", tmp_path / "b")
     assert code == 0, out
     assert "software differs, so the weights may too: torch 2.13.0+cpu / 2.14.1" in out
+
+
+def test_stage2_first_losses_are_the_same_whatever_torchs_seed(tmp_path):
+    """scripts/stage2_first_losses.py prints a part's first batches and the fresh model's losses;
+    the stream seeds its own generators, so torch's global seed must not change the printout, and
+    the decoder's seed must."""
+    import yaml
+
+    from collab.training.recipe import Recipe
+    from collab.training.train import train
+    from tests.test_training import TOY
+
+    raw = json.loads(json.dumps(TOY))
+    raw["vlm"]["steps"] = 0
+    tower = train(Recipe.model_validate(raw), tmp_path / "tower")
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(raw))
+    script = str(REPO_ROOT / "scripts" / "stage2_first_losses.py")
+
+    def printout(*extra):
+        args = [sys.executable, script, "--recipe", str(tmp_path / "recipe.yaml"), "--tower", str(tower), *extra]
+        done = subprocess.run(args, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return [line for line in done.stdout.splitlines() if line.startswith("batch ")]
+
+    first = printout("--batches", "2")
+    assert len(first) == 2 and "loss" in first[0]
+    assert printout("--batches", "2", "--torch-seed", "7") == first
+    assert printout("--batches", "2", "--decoder-seed", "3") != first
