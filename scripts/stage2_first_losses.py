@@ -31,13 +31,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--part", type=int, default=0, help="the recipe part (0: the first)")
     p.add_argument("--tower", type=Path, required=True, help="a saved model directory or stage-1 checkpoint")
     p.add_argument("--batches", type=int, default=3)
-    p.add_argument("--decoder-seed", type=int, help="seed the fresh decoder is drawn at (default: the recipe's seed)")
+    p.add_argument(
+        "--decoder-seed",
+        type=int,
+        help="seed the fresh decoder is drawn at (default: the recipe's decoder_seed, or seed)",
+    )
     p.add_argument("--torch-seed", type=int, default=0, help="torch's global seed before the loader starts")
     args = p.parse_args(argv)
     recipe = load_recipe(args.recipe)
     part = recipe.parts()[args.part].recipe
     tokenizer = build_tokenizer(VOCABULARY)
-    seed = recipe.seed if args.decoder_seed is None else args.decoder_seed
+    # The stream and the model are built here with what the code of older commits also has (not
+    # train.initial_model or train_vlm's stream), so that the script runs under them: a model built
+    # at the decoder's seed, its tower replaced, is the fresh model initial_model makes.
+    seed = args.decoder_seed
+    if seed is None:
+        seed = getattr(recipe, "decoder_seed", None)
+    if seed is None:
+        seed = recipe.seed
     model = build_tiny_llava(tokenizer, recipe.model.spec(), seed=seed)
     model.set_attn_implementation("sdpa")  # as training runs it
     model.model.vision_tower.load_state_dict(tower_state(args.tower))
@@ -52,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         [list(c) for c in part.vlm.curriculum],
         part.vlm.local_fraction,
         scene_reuse=part.runtime.scene_reuse,
+        global_objects=part.vlm.global_objects,
     )
     loader = make_loader(stream, 1, torch.device("cpu"))
     for step, batch in zip(range(args.batches), loader):

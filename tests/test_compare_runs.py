@@ -81,4 +81,7 @@ def test_stage2_first_losses_are_the_same_whatever_torchs_seed(tmp_path):
     first = printout("--batches", "2")
     assert len(first) == 2 and "loss" in first[0]
     assert printout("--batches", "2", "--torch-seed", "7") == first
-    assert printout("--batches", "2", "--decoder-seed", "3") != first
+    drawn_at_3 = printout("--batches", "2", "--decoder-seed", "3")
+    assert drawn_at_3 != first
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump({**raw, "decoder_seed": 3}))
+    assert printout("--batches", "2") == drawn_at_3  # the recipe's own decoder_seed by default
