@@ -635,6 +635,42 @@ def test_continuations_run_in_one_go_and_count_on_in_the_plots(tmp_path):
         train(recipe, tmp_path / "m2", from_part=3, init_model=out)
 
 
+def test_stage_2_parts_in_one_go_equal_the_same_parts_one_at_a_time(tmp_path):
+    """A recipe's stage-2 parts run in one process give, tensor by tensor, what they give run one at a
+    time, each from the weights the part before saved (--from-part N --init-model DIR): a model made
+    part by part is what its recipe file makes in one command."""
+    from safetensors.torch import load_file
+
+    raw = json.loads(json.dumps(TOY))
+    raw["vlm"]["steps"] = 2
+    raw["continuations"] = [{"seed": 1, "vlm": {"steps": 2, "caption_fraction": 0.3}}, {"seed": 2, "vlm": {"steps": 2}}]
+    whole = train(Recipe.model_validate(raw), tmp_path / "whole", tmp_path / "whole.jsonl")
+    first = train(Recipe.model_validate({**raw, "continuations": []}), tmp_path / "p0")
+    second = train(
+        Recipe.model_validate({**raw, "continuations": raw["continuations"][:1]}),
+        tmp_path / "p1",
+        stages=("vlm",),
+        from_part=1,
+        init_model=first,
+    )
+    third = train(
+        Recipe.model_validate(raw),
+        tmp_path / "p2",
+        tmp_path / "p2.jsonl",
+        stages=("vlm",),
+        from_part=2,
+        init_model=second,
+    )
+    a, b = load_file(str(whole / "model.safetensors")), load_file(str(third / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    last = [r for r in rows_of(tmp_path / "whole.jsonl") if r.get("part") == 2 and "loss_ema" in r]
+    alone = [r for r in rows_of(tmp_path / "p2.jsonl") if "loss_ema" in r]
+    assert last and [r["loss_ema"] for r in last] == [r["loss_ema"] for r in alone]
+    one_part = load_file(str(first / "model.safetensors"))
+    (head,) = [k for k in a if "lm_head" in k]
+    assert not torch.equal(one_part[head], a[head])  # the later parts did train
+
+
 def test_tower_only_parts_then_a_fresh_decoder_resumable_from_the_tower(tmp_path):
     """Parts with vlm.steps 0 train the tower only; the recipe's stage 2 then starts on a decoder no
     part has trained, so it can be resumed from the tower alone (--from-part with --init-tower)."""
